@@ -1,0 +1,185 @@
+"""The one functional op of fastrnn: the Elman recurrence over a whole sequence.
+
+    y, h_n = recurrence(x_proj, h0, w_hh, nonlinearity="tanh", reverse=False, lengths=None)
+
+``x_proj (T, B, H)`` is the input projection with both biases already added
+(``x @ w_ih.T + b_ih + b_hh``, one matrix product for all steps); ``h0 (B, H)`` or None (zeros);
+``w_hh (H, H)``. Returns every hidden state ``y (T, B, H)`` and the final state ``h_n (B, H)``:
+    h_t = act(x_proj[t] + h_{t-1} @ w_hh.T)
+``reverse`` walks time backwards (the reverse direction of a bidirectional layer). ``lengths (B,)``
+(int64, on the CPU) gives each sequence's length for packed input: sequence ``b`` updates only while
+``t < lengths[b]``, ``y`` is zero past its end and ``h_n[b]`` is its last valid state.
+
+Backends (``FASTRNN_BACKEND``): ``torch``, the plain PyTorch loop below; ``triton``, the fused
+kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``); ``auto`` (default),
+``triton`` for CUDA tensors and ``torch`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+NONLINEARITIES = ("tanh", "relu")
+
+
+def get_backend(device: torch.device) -> str:
+    """The backend a tensor on ``device`` runs on, from ``FASTRNN_BACKEND``."""
+    backend = os.environ.get("FASTRNN_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"FASTRNN_BACKEND must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("FASTRNN_BACKEND=triton but triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"FASTRNN_BACKEND=triton on {device.type} tensors needs "
+                               "TRITON_INTERPRET=1 (set before importing fastrnn), or CUDA tensors")
+    return backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference: a plain loop over time (the CPU path)
+# --------------------------------------------------------------------------------------------------
+
+
+def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
+                         nonlinearity: str = "tanh", reverse: bool = False,
+                         lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence one step at a time in PyTorch; autograd provides the backward."""
+    T, B, H = x_proj.shape
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    h = h0 if h0 is not None else x_proj.new_zeros(B, H)
+    if lengths is not None:  # (T, B, 1): step t is part of sequence b
+        valid = (torch.arange(T)[:, None] < lengths[None, :]).to(x_proj.device).unsqueeze(-1)
+    ys: list[torch.Tensor | None] = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h_new = act(torch.addmm(x_proj[t], h, w_hh.t()))  # (B, H)
+        if lengths is None:
+            h = ys[t] = h_new
+        else:
+            h = torch.where(valid[t], h_new, h)
+            ys[t] = torch.where(valid[t], h_new, torch.zeros_like(h_new))
+    y = torch.stack(ys) if T > 0 else x_proj.new_empty(0, B, H)
+    return y, h
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused path: one autograd Function around the Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+def _last_step(T: int, reverse: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
+    """Index of the step whose state is h_n: per sequence with lengths, else one int."""
+    if reverse:
+        return 0
+    if lengths is None:
+        return T - 1
+    return (lengths - 1).to(device)
+
+
+def _first_step(T: int, reverse: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
+    """Index of the step that reads h0."""
+    if not reverse:
+        return 0
+    if lengths is None:
+        return T - 1
+    return (lengths - 1).to(device)
+
+
+def _at_step(x: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
+    """``x[step[b], b]`` for each b: (T, B, H) -> (B, H)."""
+    if isinstance(step, int):
+        return x[step]
+    return x[step, torch.arange(x.shape[1], device=x.device)]
+
+
+class RecurrenceFunction(torch.autograd.Function):
+    """Forward and backward recurrence in Triton; the products over all steps in cuBLAS.
+
+    Saves ``y``, ``h0`` and ``w_hh`` only: ``y`` gives every ``h_{t-1}`` and the activation's
+    derivative (``1 - y**2`` for tanh)."""
+
+    @staticmethod
+    def forward(ctx, x_proj, h0, w_hh, nonlinearity, reverse, lengths):
+        from fastrnn.kernels import recurrence_fwd
+
+        lengths_dev = lengths.to(x_proj.device) if lengths is not None else None
+        y = recurrence_fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths_dev)  # (T, B, H)
+        h_n = _at_step(y, _last_step(y.shape[0], reverse, lengths, y.device)).clone()  # (B, H)
+        ctx.save_for_backward(y, h0, w_hh, lengths_dev)
+        ctx.nonlinearity, ctx.reverse = nonlinearity, reverse
+        return y, h_n
+
+    @staticmethod
+    def backward(ctx, dy, dh_n):
+        from fastrnn.kernels import recurrence_bwd
+
+        y, h0, w_hh, lengths = ctx.saved_tensors
+        T, B, H = y.shape
+        dy = torch.zeros_like(y) if dy is None else dy
+        dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n
+        d_pre = recurrence_bwd(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths)  # (T, B, H)
+
+        dx_proj = d_pre if ctx.needs_input_grad[0] else None
+        d_first = _at_step(d_pre, _first_step(T, ctx.reverse, lengths, y.device))  # (B, H)
+        dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
+        dw_hh = None
+        if ctx.needs_input_grad[2]:
+            # dw_hh = sum_t d_pre[t].T @ h_{t-1}: h_{t-1} = y[t -+ 1], or h0 at the first step
+            if ctx.reverse:
+                d_mid, h_mid = d_pre[:-1], y[1:]
+            else:
+                d_mid, h_mid = d_pre[1:], y[:-1]
+            dw_hh = d_mid.reshape(-1, H).T @ h_mid.reshape(-1, H)  # (H, H)
+            if h0 is not None:
+                dw_hh = dw_hh + d_first.T @ h0
+        return dx_proj, dh0, dw_hh, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------------------
+
+
+def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
+               nonlinearity: str = "tanh", reverse: bool = False,
+               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y (T, B, H), h_n (B, H)`` of the Elman recurrence; see the module docstring."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    if x_proj.dim() != 3:
+        raise ValueError(f"x_proj must be 3-D (T, B, H), got {x_proj.dim()}-D")
+    T, B, H = x_proj.shape
+    if tuple(w_hh.shape) != (H, H):
+        raise RuntimeError(f"w_hh must be ({H}, {H}), got {tuple(w_hh.shape)}")
+    if h0 is not None and tuple(h0.shape) != (B, H):
+        raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
+    for name, t in (("w_hh", w_hh), ("h0", h0)):
+        if t is None:
+            continue
+        if t.dtype != x_proj.dtype:
+            raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({x_proj.dtype})")
+        if t.device != x_proj.device:
+            raise RuntimeError(f"Input and {name} tensors are not at the same device, found input "
+                               f"tensor at {x_proj.device} and {name} tensor at {t.device}")
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        if B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"lengths must lie in [1, {T}]")
+    if get_backend(x_proj.device) == "triton":
+        return RecurrenceFunction.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
+    return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths)

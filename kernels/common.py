@@ -1,0 +1,75 @@
+"""Device helpers shared by the forward and backward recurrence kernels.
+
+Nothing here touches memory except ``grid_barrier``; everything works both compiled for a GPU and
+under ``TRITON_INTERPRET=1`` (where a grid's programs run one after another).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+# The interpreter's tl.dot reads 16-bit float operands as integers (Triton 3.9): widen them there.
+INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+# Activation codes, passed to the kernels as a constexpr.
+TANH: tl.constexpr = tl.constexpr(0)
+RELU: tl.constexpr = tl.constexpr(1)
+
+
+@triton.jit
+def tanh(z):
+    """tanh without libdevice (which the interpreter lacks): sign(z) (1 - e) / (1 + e), e = exp(-2|z|),
+    with a Taylor series near 0 where 1 - e would cancel. Exact at +-inf, NaN in, NaN out."""
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    z2 = z * z
+    near = a * (1.0 + z2 * (-1.0 / 3.0 + z2 * (2.0 / 15.0 + z2 * (-17.0 / 315.0 + z2 * (
+        62.0 / 2835.0 + z2 * (-1382.0 / 155925.0))))))
+    t = tl.where(a < 0.125, near, far)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def activation(z, ACTIVATION: tl.constexpr):
+    """h = tanh(z) or relu(z)."""
+    if ACTIVATION == 0:
+        return tanh(z)
+    else:
+        return tl.maximum(z, 0.0)
+
+
+@triton.jit
+def activation_grad(h, ACTIVATION: tl.constexpr):
+    """d h / d z written with the output h: 1 - h^2 for tanh, [h > 0] for relu."""
+    if ACTIVATION == 0:
+        return 1.0 - h * h
+    else:
+        return tl.where(h > 0, 1.0, 0.0).to(h.dtype)
+
+
+@triton.jit
+def matmul(a, b, PRECISION: tl.constexpr):
+    """(M, K) @ (K, N) -> (M, N) accumulated in fp32 (fp64 for fp64 operands).
+
+    tl.dot for every dtype but float64, which not every Triton can feed to tl.dot: there, multiply
+    and reduce (fp64 is the exact-parity path, not a fast one)."""
+    if a.dtype == tl.float64:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif INTERPRETED and a.dtype != tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def grid_barrier(sync_ptr, target):
+    """Wait until ``target`` arrivals were counted at ``sync_ptr`` (this program's included).
+
+    The counter only grows: at step s each of the n programs of a group adds one, and waits for
+    (s + 1) * n. Every program of the group must be resident at once (the launcher ensures it)."""
+    tl.debug_barrier()  # all threads of this program have stored their part of the step
+    tl.atomic_add(sync_ptr, 1, sem="release")
+    while tl.atomic_add(sync_ptr, 0, sem="acquire") < target:
+        pass

@@ -1,0 +1,193 @@
+"""Forward recurrence: ``h_t = act(x_proj[t] + h_{t-1} @ w_hh.T)`` for every step, in one launch.
+
+``x_proj (T, B, H)`` already holds ``x_t @ w_ih.T + b_ih + b_hh`` (one cuBLAS product outside).
+The kernels write every hidden state ``y (T, B, H)``; ``h_n`` is read off ``y`` by the caller.
+
+Two kernels, picked by ``config.pick_config``:
+- ``_fwd_resident_kernel``: one program per batch block holds all of ``w_hh`` and its rows of ``h``
+  on chip for the whole sequence. No program waits on another. For small H.
+- ``_fwd_tiled_kernel``: programs own ``(BLOCK_B, BLOCK_N)`` tiles of ``h``; each step reads the
+  whole ``h_{t-1}`` of its batch rows back from ``y`` and multiplies it by its ``BLOCK_N`` rows of
+  ``w_hh``. With ``SYNC`` the programs of a batch block meet at a grid barrier after each step
+  (one launch for the sequence); without it the launcher runs one step per launch.
+
+Packed sequences: with ``HAS_LENGTHS``, sequence ``b`` only updates while ``t < lengths[b]``; ``y`` is
+zero past its end. ``REVERSE`` walks time backwards (the reverse direction of a bidirectional layer):
+sequence ``b`` then starts from ``h0`` at ``t = lengths[b] - 1``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import activation, grid_barrier, matmul
+from .config import dtype_flags, pick_config
+
+
+@triton.jit(do_not_specialize=["T"])
+def _fwd_resident_kernel(
+    x_proj_ptr,  # (T, B, H) input projection plus both biases
+    h0_ptr,  # (B, H) initial state (unused unless HAS_H0)
+    w_hh_ptr,  # (H, H) recurrent weights
+    lengths_ptr,  # (B,) int64 sequence lengths (unused unless HAS_LENGTHS)
+    y_ptr,  # (T, B, H) out: every hidden state
+    T, B, H,
+    stride_xt, stride_xb,  # x_proj and y share strides; the last dim is contiguous
+    stride_h0b, stride_w,
+    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program per block of BLOCK_B sequences; BLOCK_H >= H covers the whole hidden state."""
+    pid_b = tl.program_id(0)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_h = tl.arange(0, BLOCK_H).to(tl.int64)
+    m_bh = (o_b[:, None] < B) & (o_h[None, :] < H)
+
+    # w_hh.T on chip for the whole sequence: b_wt[k, n] = w_hh[n, k], (BLOCK_H, BLOCK_H)
+    b_wt = tl.load(w_hh_ptr + o_h[None, :] * stride_w + o_h[:, None],
+                   mask=(o_h[:, None] < H) & (o_h[None, :] < H), other=0.0)
+    if HAS_LENGTHS:
+        b_len = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)  # (BLOCK_B, 1)
+    else:
+        b_len = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
+    # the state h stays in registers between steps, (BLOCK_B, BLOCK_H), in ACC_DTYPE
+    if HAS_H0:
+        b_h = tl.load(h0_ptr + o_b[:, None] * stride_h0b + o_h[None, :], mask=m_bh, other=0.0)
+        b_h = b_h.to(ACC_DTYPE)
+    else:
+        b_h = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC_DTYPE)
+
+    p_x = x_proj_ptr + o_b[:, None] * stride_xb + o_h[None, :]
+    p_y = y_ptr + o_b[:, None] * stride_xb + o_h[None, :]
+    for s in range(0, T):
+        if REVERSE:
+            t = (T - 1 - s).to(tl.int64)
+        else:
+            t = tl.full([], s, tl.int64)
+        b_x = tl.load(p_x + t * stride_xt, mask=m_bh, other=0.0).to(ACC_DTYPE)
+        b_z = b_x + matmul(b_h.to(b_wt.dtype), b_wt, PRECISION).to(ACC_DTYPE)
+        b_h_new = activation(b_z, ACTIVATION)
+        m_valid = t < b_len  # (BLOCK_B, 1): this sequence has not ended
+        b_h = tl.where(m_valid, b_h_new, b_h)
+        b_y = tl.where(m_valid, b_h_new, 0.0)
+        tl.store(p_y + t * stride_xt, b_y.to(y_ptr.dtype.element_ty), mask=m_bh)
+
+
+@triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
+def _fwd_tiled_kernel(
+    x_proj_ptr,  # (T, B, H)
+    h0_ptr,  # (B, H) (unused unless HAS_H0)
+    w_hh_ptr,  # (H, H)
+    lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    y_ptr,  # (T, B, H) out; also where h_{t-1} is read back from
+    sync_ptr,  # (num batch blocks,) int32 arrival counters, zero at launch (unused unless SYNC)
+    step_begin, n_steps,  # this launch runs steps [step_begin, step_begin + n_steps)
+    T, B, H,
+    stride_xt, stride_xb, stride_h0b, stride_w,
+    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_N)): program (i, j) writes y[:, i-th rows, j-th cols]."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
+    if HAS_LENGTHS:
+        b_len = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)  # (BLOCK_B, 1)
+    else:
+        b_len = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
+
+    for s in range(step_begin, step_begin + n_steps):
+        if REVERSE:
+            t = (T - 1 - s).to(tl.int64)
+            t_prev = t + 1
+        else:
+            t = tl.full([], s, tl.int64)
+            t_prev = t - 1
+        # h_{t-1} comes from y[t_prev] where that step was valid for the sequence, else from h0
+        t_prev_b = t_prev + tl.zeros_like(b_len)  # (BLOCK_B, 1): masks stay tensors of bool
+        m_prev = (t_prev_b >= 0) & (t_prev_b < b_len)
+        m_first = (t_prev_b < 0) | (t_prev_b >= b_len)
+        b_z = tl.load(x_proj_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
+                      mask=m_bn, other=0.0).to(ACC_DTYPE)
+        for k in range(0, H, BLOCK_K):
+            o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
+            m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
+            # (BLOCK_B, BLOCK_K); .cg: read through L2, where the other programs' stores landed
+            b_h = tl.load(y_ptr + t_prev * stride_xt + o_b[:, None] * stride_xb + o_k[None, :],
+                          mask=m_bk & m_prev, other=0.0, cache_modifier=".cg")
+            if HAS_H0:
+                b_h += tl.load(h0_ptr + o_b[:, None] * stride_h0b + o_k[None, :],
+                               mask=m_bk & m_first, other=0.0).to(b_h.dtype)
+            # w_hh.T block: b_wt[k, n] = w_hh[n, k], (BLOCK_K, BLOCK_N)
+            b_wt = tl.load(w_hh_ptr + o_n[None, :] * stride_w + o_k[:, None],
+                           mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)
+            b_z += matmul(b_h.to(b_wt.dtype), b_wt, PRECISION).to(ACC_DTYPE)
+        b_h_new = activation(b_z, ACTIVATION)
+        b_y = tl.where(t < b_len, b_h_new, 0.0)
+        tl.store(y_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
+                 b_y.to(y_ptr.dtype.element_ty), mask=m_bn)
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, (s - step_begin + 1) * tl.num_programs(1))
+
+
+def recurrence_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
+                   lengths=None, config=None):
+    """Launch the forward recurrence. ``x_proj (T, B, H)``, ``h0 (B, H)`` or None, ``w_hh (H, H)``,
+    ``lengths (B,)`` int64 on the same device or None. Returns ``y (T, B, H)`` in x_proj's dtype."""
+
+    T, B, H = x_proj.shape
+    check_operands(x_proj, h0, w_hh, lengths)
+    x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
+    h0 = h0.contiguous() if h0 is not None else None
+    y = torch.empty_like(x_proj)
+    if T == 0 or B == 0:
+        return y
+    config = config or pick_config(B, H, x_proj.dtype, x_proj.device)
+    with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
+        flags = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_H0=h0 is not None,
+                     HAS_LENGTHS=lengths is not None, **dtype_flags(x_proj.dtype, x_proj.device))
+        h0_arg = h0 if h0 is not None else x_proj  # never read unless HAS_H0
+        len_arg = lengths if lengths is not None else x_proj  # never read unless HAS_LENGTHS
+        stride_h0b = h0.stride(0) if h0 is not None else 0
+        if config.variant == "resident":
+            grid = (triton.cdiv(B, config.block_b),)
+            _fwd_resident_kernel[grid](
+                x_proj, h0_arg, w_hh, len_arg, y, T, B, H, x_proj.stride(0), x_proj.stride(1),
+                stride_h0b, w_hh.stride(0), BLOCK_B=config.block_b, BLOCK_H=config.block_n,
+                num_warps=config.num_warps, **flags)
+            return y
+        grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
+        sync = torch.zeros(grid[0], dtype=torch.int32, device=x_proj.device)
+        launches = [(0, T)] if config.variant == "tiled" else [(s, 1) for s in range(T)]
+        for step_begin, n_steps in launches:
+            _fwd_tiled_kernel[grid](
+                x_proj, h0_arg, w_hh, len_arg, y, sync, step_begin, n_steps, T, B, H,
+                x_proj.stride(0), x_proj.stride(1), stride_h0b, w_hh.stride(0),
+                SYNC=config.variant == "tiled", BLOCK_B=config.block_b, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, num_warps=config.num_warps, **flags)
+    return y
+
+
+def check_operands(x_proj, h0, w_hh, lengths) -> None:
+    """Shapes, dtypes and devices the kernels rely on; a clear error instead of a bad launch."""
+    if x_proj.dim() != 3:
+        raise ValueError(f"x_proj must be (T, B, H), got shape {tuple(x_proj.shape)}")
+    T, B, H = x_proj.shape
+    if tuple(w_hh.shape) != (H, H):
+        raise ValueError(f"w_hh must be ({H}, {H}) for x_proj {tuple(x_proj.shape)}, got {tuple(w_hh.shape)}")
+    if h0 is not None and tuple(h0.shape) != (B, H):
+        raise ValueError(f"h0 must be ({B}, {H}), got {tuple(h0.shape)}")
+    for name, t in (("w_hh", w_hh), ("h0", h0)):
+        if t is not None and t.dtype != x_proj.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match x_proj dtype {x_proj.dtype}")
+        if t is not None and t.device != x_proj.device:
+            raise ValueError(f"{name} is on {t.device} but x_proj is on {x_proj.device}")
+    if lengths is not None:
+        if tuple(lengths.shape) != (B,) or lengths.dtype.is_floating_point or lengths.device != x_proj.device:
+            raise ValueError(f"lengths must be an integer ({B},) tensor on {x_proj.device}, got "
+                             f"{lengths.dtype} {tuple(lengths.shape)} on {lengths.device}")
