@@ -264,7 +264,7 @@ def train_epoch(net, train_iter, loss, updater, device, use_random_iter: bool,
             l.backward()
             grad_clipping(net, clip_theta)
             updater(batch_size=1)  # the loss is already a mean
-        total_loss += float(l) * y.numel()
+        total_loss += float(l.detach()) * y.numel()
         total_tokens += y.numel()
     elapsed = time.perf_counter() - start
     if total_tokens == 0:

@@ -1,0 +1,134 @@
+"""The character LM and the `fastrnn` command, on CPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrnn.charlm import TrainConfig, UsageError, default_corpus, train
+from fastrnn.cli import main
+from fastrnn.scratch import Vocab
+
+SMALL = dict(steps=60, hidden=32, seq_len=16, batch_size=8, max_chars=60_000, log_every=10,
+             eval_every=30, ckpt_every=20, progress=False)
+
+
+def test_default_corpus_is_the_stdlib_and_deterministic():
+    a, b = default_corpus(50_000), default_corpus(50_000)
+    assert a == b and len(a) == 50_000 and "def " in a
+
+
+@pytest.mark.parametrize("model", ["fastrnn", "torch", "scratch"])
+def test_short_run_lowers_perplexity_well_below_vocab_size(tmp_path, model):
+    cfg = TrainConfig(out=str(tmp_path), model=model, **{**SMALL, "steps": 150})
+    last = train(cfg, log=lambda *_: None)
+    vocab_size = len(Vocab.from_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["vocab"]))
+    assert last["heldout_perplexity"] < vocab_size / 4, (last, vocab_size)
+    assert last["tokens_per_s"] > 0
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 15
+
+
+@pytest.mark.parametrize("partition,model", [("sequential", "fastrnn"), ("random", "scratch")])
+def test_resume_reaches_the_same_parameters_bit_for_bit(tmp_path, partition, model):
+    base = dict(SMALL, partition=partition, model=model, layers=1, dropout=0.0)
+    train(TrainConfig(out=str(tmp_path / "full"), **base))
+    train(TrainConfig(out=str(tmp_path / "cut"), **{**base, "steps": 20}))  # "killed" at step 20
+    train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert full["step"] == cut["step"] == 60
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+
+
+def test_resume_with_dropout_is_exact_too(tmp_path):
+    base = dict(SMALL, layers=2, dropout=0.3)
+    train(TrainConfig(out=str(tmp_path / "full"), **base))
+    train(TrainConfig(out=str(tmp_path / "cut"), **{**base, "steps": 40}))
+    train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_cli_train_then_sample(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--steps", "30", "--hidden", "32", "--seq-len", "16",
+                 "--batch-size", "8", "--max-chars", "40000", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("perplexity ") and float(lines[-1].split()[1]) > 1
+    assert (out / "checkpoint.pt").exists() and not (out / "checkpoint.pt.tmp").exists()
+    for temperature in ("0", "0.8"):
+        assert main(["sample", str(out), "--prefix", "import ", "--num-chars", "25",
+                     "--temperature", temperature, "--seed", "1"]) == 0
+        text = capsys.readouterr().out.rstrip("\n")
+        assert text.startswith("import ") and len(text) == len("import ") + 25
+
+
+def test_python_dash_m_fastrnn_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastrnn", "sample", str(tmp_path), "--prefix", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+BAD = {
+    "missing file": (["train", "--text", "/nonexistent/file.txt"], "not found"),
+    "empty file": (["train", "--text", "{empty}"], "empty"),
+    "unknown device": (["train", "--device", "tpu9"], "device"),
+    "zero steps": (["train", "--steps", "0"], "--steps must be positive"),
+    "empty prefix": (["sample", "{run}", "--prefix", ""], "prefix"),
+    "cuda absent": (["train", "--device", "cuda:7"], "CUDA"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_arguments_give_one_clear_line(tmp_path, capsys, case):
+    if case == "cuda absent" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    run = tmp_path / "run"
+    if case == "empty prefix":
+        main(["train", "--out", str(run), "--steps", "2", "--hidden", "8", "--max-chars", "20000",
+              "--no-progress", "--seq-len", "8", "--batch-size", "4"])
+        capsys.readouterr()
+    argv = [a.format(empty=empty, run=run) for a in BAD[case][0]]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "x"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and BAD[case][1] in err and "Traceback" not in err
+
+
+def test_checkpoint_from_another_vocabulary_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("abcabcabc " * 400)
+    b.write_text("xyzxyzxyz " * 400)
+    common = ["--out", str(tmp_path / "run"), "--hidden", "8", "--seq-len", "8", "--batch-size", "4",
+              "--no-progress", "--steps", "3"]
+    assert main(["train", "--text", str(a), *common]) == 0
+    assert main(["train", "--text", str(b), "--resume", *common]) == 2
+    assert "another vocabulary" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo, DDP) on the same global batch as one process."""
+    args = ["train", "--steps", "8", "--hidden", "16", "--seq-len", "8", "--batch-size", "8",
+            "--max-chars", "30000", "--no-progress", "--ckpt-every", "4", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FASTRNN_BACKEND", None)
+    one = subprocess.run([sys.executable, "-m", "fastrnn", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "fastrnn", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("perplexity") == 1  # one rank reports
+    p1 = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    p2 = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,26 @@
+"""The package as installed: fastrnn.kernels is a subpackage, and there is no top-level `kernels`."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import fastrnn
+import fastrnn.kernels
+
+
+def test_kernels_is_a_subpackage_of_fastrnn():
+    assert fastrnn.kernels.__name__ == "fastrnn.kernels"
+    assert callable(fastrnn.kernels.recurrence_fwd) and callable(fastrnn.kernels.recurrence_bwd)
+
+
+def test_no_top_level_kernels_module():
+    # run from a neutral directory: the repository root would put its own folder on sys.path
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('kernels') is not None)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert subprocess.run([sys.executable, "-c", code], cwd="/", env=env).returncode == 0
+
+
+def test_public_api():
+    assert set(fastrnn.__all__) >= {"RNN", "recurrence", "recurrence_reference"}
+    assert importlib.util.find_spec("fastrnn.scratch") is not None
