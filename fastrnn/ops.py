@@ -105,32 +105,86 @@ def _at_step(x: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
     return x[step, torch.arange(x.shape[1], device=x.device)]
 
 
+def recurrence_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=None):
+    """The forward launcher's twin in PyTorch: ``y (T, B, H)``, no autograd graph."""
+    T, B, H = x_proj.shape
+    act_ = torch.Tensor.tanh_ if activation == "tanh" else torch.Tensor.relu_
+    y = x_proj.contiguous().clone()  # y[t] starts as x_proj[t] and becomes h_t in place
+    h = h0 if h0 is not None else x_proj.new_zeros(B, H)
+    w_t = w_hh.t()
+    valid = _valid_steps(T, lengths, y.device)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h_new = act_(y[t].addmm_(h, w_t))
+        if valid is None:
+            h = h_new
+        else:
+            h = torch.where(valid[t], h_new, h)
+            h_new.masked_fill_(~valid[t], 0.0)  # zero past each sequence's end
+    return y
+
+
+def recurrence_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None):
+    """The backward launcher's twin in PyTorch: ``d_pre (T, B, H)``, walking time in reverse."""
+    T, B, H = y.shape
+    d_pre = torch.empty_like(y)
+    valid = _valid_steps(T, lengths, y.device)
+    last = _last_step(T, reverse, lengths, y.device)
+    d = None  # d_pre of the step processed last: it feeds g through w_hh
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        g = dy[t].clone() if d is None else torch.addmm(dy[t], d, w_hh)
+        if isinstance(last, int):
+            if t == last:
+                g += dh_n
+        else:
+            g += dh_n * (last == t)[:, None]
+        d = d_pre[t]
+        if activation == "tanh":
+            torch.mul(g, 1 - y[t] * y[t], out=d)
+        else:
+            torch.mul(g, y[t] > 0, out=d)
+        if valid is not None:
+            d.masked_fill_(~valid[t], 0.0)
+    return d_pre
+
+
+def _valid_steps(T, lengths, device):
+    """(T, B, 1) bool mask of the steps each sequence takes, or None for full sequences."""
+    if lengths is None:
+        return None
+    return (torch.arange(T)[:, None] < lengths.cpu()[None, :]).to(device).unsqueeze(-1)
+
+
 class RecurrenceFunction(torch.autograd.Function):
-    """Forward and backward recurrence in Triton; the products over all steps in cuBLAS.
+    """The recurrence's forward and backward loops (Triton kernels, or their PyTorch twins on the
+    ``torch`` backend); the products over all steps in one matrix product each.
 
     Saves ``y``, ``h0`` and ``w_hh`` only: ``y`` gives every ``h_{t-1}`` and the activation's
     derivative (``1 - y**2`` for tanh)."""
 
     @staticmethod
-    def forward(ctx, x_proj, h0, w_hh, nonlinearity, reverse, lengths):
-        from fastrnn.kernels import recurrence_fwd
-
+    def forward(ctx, x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend="triton"):
+        if backend == "triton":
+            from fastrnn.kernels import recurrence_fwd as fwd
+        else:
+            fwd = recurrence_fwd_torch
         lengths_dev = lengths.to(x_proj.device) if lengths is not None else None
-        y = recurrence_fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths_dev)  # (T, B, H)
+        y = fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths_dev)  # (T, B, H)
         h_n = _at_step(y, _last_step(y.shape[0], reverse, lengths, y.device)).clone()  # (B, H)
         ctx.save_for_backward(y, h0, w_hh, lengths_dev)
-        ctx.nonlinearity, ctx.reverse = nonlinearity, reverse
+        ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
         return y, h_n
 
     @staticmethod
     def backward(ctx, dy, dh_n):
-        from fastrnn.kernels import recurrence_bwd
-
+        if ctx.backend == "triton":
+            from fastrnn.kernels import recurrence_bwd as bwd
+        else:
+            bwd = recurrence_bwd_torch
         y, h0, w_hh, lengths = ctx.saved_tensors
         T, B, H = y.shape
         dy = torch.zeros_like(y) if dy is None else dy
         dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n
-        d_pre = recurrence_bwd(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths)  # (T, B, H)
+        d_pre = bwd(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths)  # (T, B, H)
 
         dx_proj = d_pre if ctx.needs_input_grad[0] else None
         d_first = _at_step(d_pre, _first_step(T, ctx.reverse, lengths, y.device))  # (B, H)
@@ -145,7 +199,7 @@ class RecurrenceFunction(torch.autograd.Function):
             dw_hh = d_mid.reshape(-1, H).T @ h_mid.reshape(-1, H)  # (H, H)
             if h0 is not None:
                 dw_hh = dw_hh + d_first.T @ h0
-        return dx_proj, dh0, dw_hh, None, None, None
+        return dx_proj, dh0, dw_hh, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +234,7 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
             raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
         if B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
             raise ValueError(f"lengths must lie in [1, {T}]")
-    if get_backend(x_proj.device) == "triton":
-        return RecurrenceFunction.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
-    return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
+    if T == 0 or B == 0 or x_proj.device.type == "meta":
+        return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
+    backend = get_backend(x_proj.device)
+    return RecurrenceFunction.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)

@@ -41,14 +41,15 @@ def forward_backward(fn, x_proj, h0, w_hh, nonlinearity, reverse, lengths, dy, d
     return [y, h_n] + [t.grad if t is not None else None for t in leaves]
 
 
-def check_against_reference(T, B, H, dtype, nonlinearity, reverse, lengths, seed=0, h0=True):
+def check_against_reference(T, B, H, dtype, nonlinearity, reverse, lengths, seed=0, h0=True,
+                            backend="triton"):
     x_proj, h_0, w_hh, lens = make_inputs(T, B, H, seed, lengths, h0)
     g = torch.Generator().manual_seed(seed + 1000)
     dy = torch.randn(T, B, H, generator=g, dtype=torch.float64)
     dh_n = torch.randn(B, H, generator=g, dtype=torch.float64)
     args = (x_proj, h_0, w_hh, nonlinearity, reverse, lens, dy, dh_n)
     ref64 = forward_backward(recurrence_reference, *args, torch.float64)
-    fused = forward_backward(RecurrenceFunction.apply, *args, dtype)
+    fused = forward_backward(lambda *a: RecurrenceFunction.apply(*a, backend), *args, dtype)
     names = ["y", "h_n", "dx_proj", "dh0", "dw_hh"]
     bound = TOL[dtype]
     if dtype != torch.float64:
@@ -82,6 +83,14 @@ def test_fused_matches_reference(T, B, H, dtype, nonlinearity, reverse, lengths,
 def test_every_kernel_variant(variant, dtype, nonlinearity, reverse, lengths, poison, monkeypatch):
     monkeypatch.setenv("FASTRNN_VARIANT", variant)
     check_against_reference(9, 19, 40, dtype, nonlinearity, reverse, lengths, seed=1)
+
+
+@pytest.mark.parametrize("T,B,H", SHAPES[:4], ids=[f"T{t}-B{b}-H{h}" for t, b, h in SHAPES[:4]])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nonlinearity,reverse,lengths", FLAGS[::2])
+def test_torch_twins_match_reference(T, B, H, dtype, nonlinearity, reverse, lengths):
+    """The CPU path's forward/backward loops (the kernels' PyTorch twins) against the autograd loop."""
+    check_against_reference(T, B, H, dtype, nonlinearity, reverse, lengths, backend="torch")
 
 
 @pytest.mark.parametrize("lengths", [False, True])

@@ -1,0 +1,77 @@
+"""The published benchmark suite (see ../shared/PERF.md) and the callables it times.
+
+Shared by the pytest-benchmark cases (``test_recurrence.py``) and the one-process table script
+(``run_suite.py``), so both time exactly the same work."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fastrnn
+
+# (B, T, I, H): the eight published shapes
+SHAPES = {
+    1: (32, 35, 28, 512),
+    2: (32, 256, 256, 256),
+    3: (64, 512, 512, 512),
+    4: (128, 1024, 1024, 1024),
+    5: (16, 1024, 2048, 2048),
+    6: (256, 256, 256, 256),
+    7: (1, 4096, 512, 512),
+    8: (8, 2048, 128, 128),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd", "fwdbwd")
+PROVIDERS = ("fastrnn", "cudnn", "scratch")
+
+
+def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device: str = "cuda"):
+    """A zero-argument callable that runs one forward (under no_grad) or forward + backward."""
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    ref = nn.RNN(I, H, device=device, dtype=dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
+    h0 = torch.randn(1, B, H, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
+    if provider == "cudnn":
+        module = ref
+    elif provider == "fastrnn":
+        module = fastrnn.RNN(I, H, device=device, dtype=dtype)
+        module.load_state_dict(ref.state_dict())
+    elif provider == "scratch":
+        module = ScratchLoop(ref)
+    else:
+        raise ValueError(provider)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return module(x, h0)
+    else:
+        def run():
+            y, h_n = module(x, h0)
+            y.sum().backward()
+            return y
+    return run
+
+
+class ScratchLoop(nn.Module):
+    """The textbook loop on the same weights: a Python loop of one matrix product per step."""
+
+    def __init__(self, ref: nn.RNN) -> None:
+        super().__init__()
+        self.ref = ref
+
+    def forward(self, x, h0):
+        r = self.ref
+        h, ys = h0[0], []
+        x_proj = x @ r.weight_ih_l0.T + r.bias_ih_l0 + r.bias_hh_l0
+        for t in range(x.shape[0]):
+            h = torch.tanh(x_proj[t] + h @ r.weight_hh_l0.T)
+            ys.append(h)
+        return torch.stack(ys), h[None]
+
+
+def flops_per_step(shape) -> float:
+    B, T, I, H = shape
+    return 2.0 * B * H * H
