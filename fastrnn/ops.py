@@ -18,6 +18,7 @@ kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -154,52 +155,79 @@ def _valid_steps(T, lengths, device):
     return (torch.arange(T)[:, None] < lengths.cpu()[None, :]).to(device).unsqueeze(-1)
 
 
-class RecurrenceFunction(torch.autograd.Function):
-    """The recurrence's forward and backward loops (Triton kernels, or their PyTorch twins on the
-    ``torch`` backend); the products over all steps in one matrix product each.
+# The recurrence is registered as two PyTorch custom ops, so that torch.compile keeps it in one graph
+# (no graph break), fake/meta tensors get shapes without running a kernel, and autograd pairs them.
+# Their loops are the Triton kernels, or their PyTorch twins above on the ``torch`` backend; the
+# products over all steps are single matrix products (cuBLAS on GPU). Only ``y``, ``h0`` and
+# ``w_hh`` are saved: ``y`` gives every ``h_{t-1}`` and the activation's derivative (1 - y**2).
 
-    Saves ``y``, ``h0`` and ``w_hh`` only: ``y`` gives every ``h_{t-1}`` and the activation's
-    derivative (``1 - y**2`` for tanh)."""
 
-    @staticmethod
-    def forward(ctx, x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend="triton"):
-        if backend == "triton":
-            from fastrnn.kernels import recurrence_fwd as fwd
-        else:
-            fwd = recurrence_fwd_torch
-        lengths_dev = lengths.to(x_proj.device) if lengths is not None else None
-        y = fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths_dev)  # (T, B, H)
-        h_n = _at_step(y, _last_step(y.shape[0], reverse, lengths, y.device)).clone()  # (B, H)
-        ctx.save_for_backward(y, h0, w_hh, lengths_dev)
-        ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
-        return y, h_n
+@torch.library.custom_op("fastrnn::recurrence_fwd", mutates_args=())
+def recurrence_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
+                      nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor],
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ``y (T, B, H)``, ``h_n (B, H)``."""
+    if backend == "triton":
+        from fastrnn.kernels import recurrence_fwd as fwd
+    else:
+        fwd = recurrence_fwd_torch
+    lengths_dev = lengths.to(x_proj.device) if lengths is not None else None
+    y = fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths_dev)
+    h_n = _at_step(y, _last_step(y.shape[0], reverse, lengths_dev, y.device)).clone()
+    return y, h_n
 
-    @staticmethod
-    def backward(ctx, dy, dh_n):
-        if ctx.backend == "triton":
-            from fastrnn.kernels import recurrence_bwd as bwd
-        else:
-            bwd = recurrence_bwd_torch
-        y, h0, w_hh, lengths = ctx.saved_tensors
-        T, B, H = y.shape
-        dy = torch.zeros_like(y) if dy is None else dy
-        dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n
-        d_pre = bwd(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths)  # (T, B, H)
 
-        dx_proj = d_pre if ctx.needs_input_grad[0] else None
-        d_first = _at_step(d_pre, _first_step(T, ctx.reverse, lengths, y.device))  # (B, H)
-        dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
-        dw_hh = None
-        if ctx.needs_input_grad[2]:
-            # dw_hh = sum_t d_pre[t].T @ h_{t-1}: h_{t-1} = y[t -+ 1], or h0 at the first step
-            if ctx.reverse:
-                d_mid, h_mid = d_pre[:-1], y[1:]
-            else:
-                d_mid, h_mid = d_pre[1:], y[:-1]
-            dw_hh = d_mid.reshape(-1, H).T @ h_mid.reshape(-1, H)  # (H, H)
-            if h0 is not None:
-                dw_hh = dw_hh + d_first.T @ h0
-        return dx_proj, dh0, dw_hh, None, None, None, None
+@recurrence_fwd_op.register_fake
+def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend):
+    return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
+
+
+@torch.library.custom_op("fastrnn::recurrence_bwd", mutates_args=())
+def recurrence_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor,
+                      nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor],
+                      backend: str) -> torch.Tensor:
+    """-> ``d_pre (T, B, H)``, the gradient of the pre-activations."""
+    if backend == "triton":
+        from fastrnn.kernels import recurrence_bwd as bwd
+    else:
+        bwd = recurrence_bwd_torch
+    lengths_dev = lengths.to(y.device) if lengths is not None else None
+    return bwd(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths_dev)
+
+
+@recurrence_bwd_op.register_fake
+def _(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend = inputs
+    ctx.save_for_backward(output[0], h0, w_hh, lengths)
+    ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
+
+
+def _backward(ctx, dy, dh_n):
+    y, h0, w_hh, lengths = ctx.saved_tensors
+    T, B, H = y.shape
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
+    d_pre = recurrence_bwd_op(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend)
+
+    lengths_dev = lengths.to(y.device) if lengths is not None else None
+    d_first = _at_step(d_pre, _first_step(T, ctx.reverse, lengths_dev, y.device))  # (B, H)
+    dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
+    dw_hh = None
+    if ctx.needs_input_grad[2]:
+        # dw_hh = sum_t d_pre[t].T @ h_{t-1}: h_{t-1} = y[t -+ 1], or h0 at the first step
+        d_mid, h_mid = (d_pre[:-1], y[1:]) if ctx.reverse else (d_pre[1:], y[:-1])
+        dw_hh = d_mid.reshape(-1, H).T @ h_mid.reshape(-1, H)  # (H, H)
+        if h0 is not None:
+            dw_hh = dw_hh + d_first.T @ h0
+    dx_proj = d_pre if ctx.needs_input_grad[0] else None
+    return dx_proj, dh0, dw_hh, None, None, None, None
+
+
+recurrence_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +262,7 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
             raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
         if B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
             raise ValueError(f"lengths must lie in [1, {T}]")
-    if T == 0 or B == 0 or x_proj.device.type == "meta":
+    if T == 0 or B == 0:
         return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
-    backend = get_backend(x_proj.device)
-    return RecurrenceFunction.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+    backend = "torch" if x_proj.device.type == "meta" else get_backend(x_proj.device)
+    return recurrence_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)

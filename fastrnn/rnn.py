@@ -97,6 +97,9 @@ class RNN(nn.RNNBase):
                 w_ih, w_hh, b = self._layer_weights(layer, direction)
                 h0 = hx[layer * num_directions + direction] if hx is not None else None
                 x_proj = F.linear(layer_input, w_ih, b)  # (T, B, H): all steps in one product
+                if x_proj.dtype != w_hh.dtype:  # autocast ran the product in low precision
+                    w_hh = w_hh.to(x_proj.dtype)
+                    h0 = h0.to(x_proj.dtype) if h0 is not None else None
                 y, h_last = recurrence(x_proj, h0, w_hh, self.nonlinearity, reverse=direction == 1,
                                        lengths=lengths)
                 outputs.append(y)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastrnn.kernels import Config, recurrence_bwd, recurrence_fwd
-from fastrnn.ops import RecurrenceFunction, recurrence_reference
+from fastrnn.ops import recurrence_fwd_op, recurrence_reference
 
 from .conftest import TOL, rel_err
 
@@ -49,7 +49,7 @@ def check_against_reference(T, B, H, dtype, nonlinearity, reverse, lengths, seed
     dh_n = torch.randn(B, H, generator=g, dtype=torch.float64)
     args = (x_proj, h_0, w_hh, nonlinearity, reverse, lens, dy, dh_n)
     ref64 = forward_backward(recurrence_reference, *args, torch.float64)
-    fused = forward_backward(lambda *a: RecurrenceFunction.apply(*a, backend), *args, dtype)
+    fused = forward_backward(lambda *a: recurrence_fwd_op(*a, backend), *args, dtype)
     names = ["y", "h_n", "dx_proj", "dh0", "dw_hh"]
     bound = TOL[dtype]
     if dtype != torch.float64:
@@ -103,7 +103,7 @@ def test_gradcheck_float64(reverse, lengths):
     x_proj, h0, w_hh, lens = make_inputs(4, 3, 5, seed=2, lengths=lengths)
     inputs = [t.to(DEVICE).detach().requires_grad_() for t in (x_proj, h0, w_hh)]
     assert torch.autograd.gradcheck(
-        lambda x, h, w: RecurrenceFunction.apply(x, h, w, "tanh", reverse, lens), inputs)
+        lambda x, h, w: recurrence_fwd_op(x, h, w, "tanh", reverse, lens, "triton"), inputs)
 
 
 @pytest.mark.parametrize("variant", ["resident", "tiled", "stepwise"])
@@ -130,7 +130,7 @@ def test_explicit_config_and_tf32_flag():
 
 def test_bitwise_deterministic():
     x_proj, h0, w_hh, lens = make_inputs(7, 5, 20, seed=5, lengths=True)
-    runs = [forward_backward(RecurrenceFunction.apply, x_proj, h0, w_hh, "tanh", False, lens,
+    runs = [forward_backward(lambda *a: recurrence_fwd_op(*a, "triton"), x_proj, h0, w_hh, "tanh", False, lens,
                              torch.ones(7, 5, 20, dtype=torch.float64), torch.ones(5, 20, dtype=torch.float64),
                              torch.float32) for _ in range(2)]
     for a, b in zip(*runs):

@@ -1,0 +1,153 @@
+"""fastrnn in the PyTorch stack: torch.compile without graph breaks, custom-op checks, meta tensors,
+autocast, determinism, and module hygiene (copy, pickle, save, .to, DDP, functional_call)."""
+
+import copy
+import io
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from fastrnn import RNN
+from fastrnn.ops import recurrence_bwd_op, recurrence_fwd_op
+
+BOTH = pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+
+
+def _grads(module, x, h0):
+    y, h_n = module(x, h0)
+    loss = y.pow(2).sum() + h_n.sum()
+    return [y, h_n, *torch.autograd.grad(loss, [x, h0, *module.parameters()])]
+
+
+@pytest.mark.parametrize("backend,compile_backend", [("torch", "inductor"), ("torch", "aot_eager"),
+                                                     ("triton", "aot_eager")], indirect=["backend"])
+def test_compile_fullgraph_matches_eager(backend, compile_backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = RNN(5, 8, 2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    h0 = torch.randn(4, 3, 8, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    got, want = _grads(compiled, x, h0), _grads(model, x, h0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_has_no_graph_break():
+    torch._dynamo.reset()
+    rnn = RNN(4, 6)
+    explanation = torch._dynamo.explain(lambda x: rnn(x)[0].sum())(torch.randn(5, 2, 4))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@BOTH
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reverse,with_lengths", [(False, False), (True, True)])
+def test_opcheck(backend, dtype, reverse, with_lengths):
+    torch.manual_seed(1)
+    T, B, H = 4, 3, 5
+    x = torch.randn(T, B, H, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=dtype, requires_grad=True)
+    w = (torch.randn(H, H, dtype=dtype) / H ** 0.5).requires_grad_()
+    lengths = torch.tensor([4, 2, 3]) if with_lengths else None
+    torch.library.opcheck(recurrence_fwd_op, (x, h0, w, "tanh", reverse, lengths, backend))
+    y = torch.randn(T, B, H, dtype=dtype).tanh()
+    torch.library.opcheck(recurrence_bwd_op, (torch.randn_like(y), torch.randn(B, H, dtype=dtype), y, w.detach(),
+                                              "tanh", reverse, lengths, backend))
+
+
+def test_meta_device_construction_and_forward():
+    ours = RNN(7, 9, 2, bidirectional=True, device="meta")
+    ref = nn.RNN(7, 9, 2, bidirectional=True, device="meta")
+    x = torch.randn(5, 3, 7, device="meta")
+    (y1, h1), (y2, h2) = ref(x), ours(x)
+    assert y2.device.type == "meta" and y2.shape == y1.shape and h2.shape == h1.shape
+    assert y2.dtype == y1.dtype
+
+
+def test_fake_tensor_mode_gives_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = RNN(4, 6, batch_first=True)
+        y, h = model(torch.randn(2, 9, 4))
+    assert y.shape == (2, 9, 6) and h.shape == (1, 2, 6)
+
+
+@BOTH
+def test_cpu_autocast_behaves_as_torch(backend):
+    torch.manual_seed(2)
+    ref = nn.RNN(6, 8, 2)
+    ours = RNN(6, 8, 2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, h1 = ref(x)
+        y2, h2 = ours(x)
+    assert y2.dtype == y1.dtype and h2.dtype == h1.dtype
+    torch.testing.assert_close(y2.float(), y1.float(), rtol=3e-2, atol=3e-2)
+    y2.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+@BOTH
+def test_deterministic_mode_and_bitwise_repeatability(backend):
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = RNN(4, 16, 2, bidirectional=True)
+        x = torch.randn(7, 5, 4, requires_grad=True)
+        h0 = torch.randn(4, 5, 16, requires_grad=True)
+        a, b = _grads(model, x, h0), _grads(model, x, h0)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_module_hygiene(tmp_path):
+    torch.manual_seed(3)
+    model = RNN(3, 5, 2, dropout=0.1)
+    x = torch.randn(4, 2, 3)
+    model.eval()
+    want = model(x)[0]
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(clone(x)[0], want)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x)[0], want)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh = RNN(3, 5, 2, dropout=0.1).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    torch.testing.assert_close(fresh(x)[0], want)
+    d = copy.deepcopy(model).to(torch.float64)
+    assert d.weight_hh_l0.dtype == torch.float64 and d(x.double())[0].dtype == torch.float64
+    assert copy.deepcopy(model).half().weight_ih_l0.dtype == torch.float16
+    b = copy.deepcopy(model).bfloat16()
+    assert b(x.bfloat16())[0].dtype == torch.bfloat16
+    model.share_memory()
+    assert all(p.is_shared() for p in model.parameters())
+    params = {n: p * 2 for n, p in model.named_parameters()}
+    out = torch.func.functional_call(model, params, (x,))[0]
+    ref = nn.RNN(3, 5, 2).eval()
+    ref.load_state_dict({n: p * 2 for n, p in model.state_dict().items()})
+    torch.testing.assert_close(out, ref(x)[0])
+
+
+def test_distributed_data_parallel_wrap(tmp_path):
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        model = RNN(3, 4)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        y, h = ddp(torch.randn(5, 2, 3))
+        y.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
