@@ -61,6 +61,7 @@ class RNN(nn.RNNBase):
         lengths = None
         if is_packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_batch_sizes(data, batch_sizes)
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
             self.check_forward_args(data, hx if hx is not None else self._zeros(data, int(batch_sizes[0])),
@@ -134,6 +135,20 @@ class RNN(nn.RNNBase):
         if hx.device != x.device:
             raise RuntimeError("Input and hidden tensors are not at the same device, found input "
                                f"tensor at {x.device} and hidden tensor at {hx.device}")
+
+
+def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
+    """A packed batch layout torch.nn.RNN would choke on gets a clear error instead."""
+    if batch_sizes.dtype != torch.int64 or batch_sizes.dim() != 1 or batch_sizes.numel() == 0:
+        raise TypeError(f"packed input: batch_sizes must be a non-empty 1-D int64 tensor, got "
+                        f"{batch_sizes.dtype} of shape {tuple(batch_sizes.shape)}")
+    batch_sizes = batch_sizes.cpu()
+    if (batch_sizes[1:] > batch_sizes[:-1]).any() or int(batch_sizes.min()) < 0:
+        raise RuntimeError(f"packed input: batch_sizes must be non-increasing and >= 0 (sequences "
+                           f"sorted by decreasing length), got {batch_sizes.tolist()}")
+    if data.dim() >= 1 and int(batch_sizes.sum()) != data.size(0):
+        raise RuntimeError(f"packed input: batch_sizes sum to {int(batch_sizes.sum())} but data has "
+                           f"{data.size(0)} rows")
 
 
 def _unpack(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
