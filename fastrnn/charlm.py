@@ -119,7 +119,7 @@ class TrainConfig:
     text: str | None = None
     out: str = "runs/charlm"
     model: str = "fastrnn"
-    steps: int = 2000
+    steps: int = 4000
     hidden: int = 256
     layers: int = 1
     dropout: float = 0.0

@@ -35,18 +35,20 @@ def tanh(z):
 def activation(z, ACTIVATION: tl.constexpr):
     """h = tanh(z) or relu(z)."""
     if ACTIVATION == 0:
-        return tanh(z)
+        h = tanh(z)
     else:
-        return tl.maximum(z, 0.0)
+        h = tl.maximum(z, 0.0)
+    return h
 
 
 @triton.jit
 def activation_grad(h, ACTIVATION: tl.constexpr):
     """d h / d z written with the output h: 1 - h^2 for tanh, [h > 0] for relu."""
     if ACTIVATION == 0:
-        return 1.0 - h * h
+        g = 1.0 - h * h
     else:
-        return tl.where(h > 0, 1.0, 0.0).to(h.dtype)
+        g = tl.where(h > 0, 1.0, 0.0).to(h.dtype)
+    return g
 
 
 @triton.jit
@@ -56,11 +58,12 @@ def matmul(a, b, PRECISION: tl.constexpr):
     tl.dot for every dtype but float64, which not every Triton can feed to tl.dot: there, multiply
     and reduce (fp64 is the exact-parity path, not a fast one)."""
     if a.dtype == tl.float64:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    elif INTERPRETED and a.dtype != tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif INTERPRETED:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PRECISION)
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
 
 
 @triton.jit

@@ -59,15 +59,26 @@ def _bwd_resident_kernel(
     b_d = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC_DTYPE)  # d_pre of the step processed last
 
     p_off = o_b[:, None] * stride_b + o_h[None, :]
+    if REVERSE:
+        t_first = tl.full([], 0, tl.int64)
+    else:
+        t_first = tl.full([], T - 1, tl.int64)
+    b_dy_next = tl.load(dy_ptr + t_first * stride_t + p_off, mask=m_bh, other=0.0)
+    b_y_next = tl.load(y_ptr + t_first * stride_t + p_off, mask=m_bh, other=0.0)
     for s in range(0, T):
         if REVERSE:
             t = tl.full([], s, tl.int64)
+            t_next = tl.minimum(t + 1, T - 1)  # clamped: the last prefetch rereads a valid row
         else:
             t = (T - 1 - s).to(tl.int64)
-        b_g = tl.load(dy_ptr + t * stride_t + p_off, mask=m_bh, other=0.0).to(ACC_DTYPE)
+            t_next = tl.maximum(t - 1, 0)
+        b_g = b_dy_next.to(ACC_DTYPE)
+        b_y = b_y_next.to(ACC_DTYPE)
+        # prefetch dy and y of the next step: their loads overlap this step's dependent chain
+        b_dy_next = tl.load(dy_ptr + t_next * stride_t + p_off, mask=m_bh, other=0.0)
+        b_y_next = tl.load(y_ptr + t_next * stride_t + p_off, mask=m_bh, other=0.0)
         b_g += tl.where(t == t_last, b_dh_n, 0.0)
         b_g += matmul(b_d.to(b_w.dtype), b_w, PRECISION).to(ACC_DTYPE)
-        b_y = tl.load(y_ptr + t * stride_t + p_off, mask=m_bh, other=0.0).to(ACC_DTYPE)
         b_d = tl.where(t < b_len, b_g * activation_grad(b_y, ACTIVATION), 0.0)
         tl.store(d_pre_ptr + t * stride_t + p_off, b_d.to(d_pre_ptr.dtype.element_ty), mask=m_bh)
 

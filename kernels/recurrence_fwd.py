@@ -60,12 +60,20 @@ def _fwd_resident_kernel(
 
     p_x = x_proj_ptr + o_b[:, None] * stride_xb + o_h[None, :]
     p_y = y_ptr + o_b[:, None] * stride_xb + o_h[None, :]
+    if REVERSE:
+        b_x_next = tl.load(p_x + tl.full([], T - 1, tl.int64) * stride_xt, mask=m_bh, other=0.0)
+    else:
+        b_x_next = tl.load(p_x, mask=m_bh, other=0.0)
     for s in range(0, T):
         if REVERSE:
             t = (T - 1 - s).to(tl.int64)
+            t_next = tl.maximum(t - 1, 0)  # clamped: the last prefetch rereads a valid row
         else:
             t = tl.full([], s, tl.int64)
-        b_x = tl.load(p_x + t * stride_xt, mask=m_bh, other=0.0).to(ACC_DTYPE)
+            t_next = tl.minimum(t + 1, T - 1)
+        b_x = b_x_next.to(ACC_DTYPE)
+        # prefetch x_proj of the next step: its load overlaps this step's dependent chain
+        b_x_next = tl.load(p_x + t_next * stride_xt, mask=m_bh, other=0.0)
         b_z = b_x + matmul(b_h.to(b_wt.dtype), b_wt, PRECISION).to(ACC_DTYPE)
         b_h_new = activation(b_z, ACTIVATION)
         m_valid = t < b_len  # (BLOCK_B, 1): this sequence has not ended
