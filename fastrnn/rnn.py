@@ -10,7 +10,6 @@ cuDNN RNN and break the graph.)
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor, nn

@@ -67,6 +67,16 @@ def matmul(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """(BLOCK_B, 1) int64: the length of each sequence of the block; T for all without lengths."""
+    if HAS_LENGTHS:
+        n = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)
+    else:
+        n = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
+    return n
+
+
+@triton.jit
 def grid_barrier(sync_ptr, target):
     """Wait until ``target`` arrivals were counted at ``sync_ptr`` (this program's included).
 

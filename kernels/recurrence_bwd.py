@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import activation_grad, grid_barrier, matmul
+from .common import activation_grad, grid_barrier, matmul, sequence_lengths
 from .config import dtype_flags, pick_config
 from .recurrence_fwd import check_operands
 
@@ -46,10 +46,7 @@ def _bwd_resident_kernel(
     # w_hh on chip, (BLOCK_H, BLOCK_H): g[:, n] gets d[:, k] * w_hh[k, n]
     b_w = tl.load(w_hh_ptr + o_h[:, None] * stride_w + o_h[None, :],
                   mask=(o_h[:, None] < H) & (o_h[None, :] < H), other=0.0)
-    if HAS_LENGTHS:
-        b_len = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)  # (BLOCK_B, 1)
-    else:
-        b_len = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     if REVERSE:
         t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n is the state after t = 0
     else:
@@ -105,10 +102,7 @@ def _bwd_tiled_kernel(
     o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
-    if HAS_LENGTHS:
-        b_len = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)  # (BLOCK_B, 1)
-    else:
-        b_len = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     if REVERSE:
         t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)
     else:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import activation, grid_barrier, matmul
+from .common import activation, grid_barrier, matmul, sequence_lengths
 from .config import dtype_flags, pick_config
 
 
@@ -47,10 +47,7 @@ def _fwd_resident_kernel(
     # w_hh.T on chip for the whole sequence: b_wt[k, n] = w_hh[n, k], (BLOCK_H, BLOCK_H)
     b_wt = tl.load(w_hh_ptr + o_h[None, :] * stride_w + o_h[:, None],
                    mask=(o_h[:, None] < H) & (o_h[None, :] < H), other=0.0)
-    if HAS_LENGTHS:
-        b_len = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)  # (BLOCK_B, 1)
-    else:
-        b_len = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     # the state h stays in registers between steps, (BLOCK_B, BLOCK_H), in ACC_DTYPE
     if HAS_H0:
         b_h = tl.load(h0_ptr + o_b[:, None] * stride_h0b + o_h[None, :], mask=m_bh, other=0.0)
@@ -104,10 +101,7 @@ def _fwd_tiled_kernel(
     o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
-    if HAS_LENGTHS:
-        b_len = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)  # (BLOCK_B, 1)
-    else:
-        b_len = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
 
     for s in range(step_begin, step_begin + n_steps):
         if REVERSE:

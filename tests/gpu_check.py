@@ -10,12 +10,14 @@ Sections (each prints a markdown table and a PASS/FAIL line; the exit status is 
 2. extremes: T*B*H past 2**31 (T=70000, B=128, H=256, bf16) checked on a slice against the loop;
    T=100000 forward and backward finite and matching; H=8192 through the fallback path.
 3. variants: every kernel variant forced on one shape.
+4. ecosystem: torch.compile(fullgraph=True) against eager, opcheck per dtype, CUDA autocast
+   (bf16, fp16) against torch.nn.RNN under autocast, bitwise repeatability.
+Sanitizers: ``bash tests/sanitize.sh`` runs compute-sanitizer memcheck and racecheck over the kernels.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -151,6 +153,52 @@ def variants(device, lines, smoke=False) -> bool:
     return ok
 
 
+def ecosystem(device, lines, smoke=False) -> bool:
+    """torch.compile fullgraph, opcheck, autocast and determinism on the fused path."""
+    from fastrnn.ops import recurrence_fwd_op
+
+    ok = True
+    torch.manual_seed(3)
+    model = fastrnn.RNN(16, 32, 2, bidirectional=True).to(device)
+    x = torch.randn(12, 4, 16, device=device, requires_grad=True)
+
+    def grads(m):
+        y, h = m(x)
+        return [y, h, *torch.autograd.grad(y.square().sum() + h.sum(), [x, *model.parameters()])]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if smoke else "inductor")
+    errs = [rel(a, b) for a, b in zip(grads(compiled), grads(model))]
+    good = max(errs) < 1e-5
+    ok &= good
+    lines.append(f"- torch.compile(fullgraph=True) vs eager: max rel err {max(errs):.1e}: {'ok' if good else 'FAIL'}")
+    for dtype in (torch.float32, torch.bfloat16) if smoke else (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        xp = torch.randn(5, 3, 24, device=device, dtype=dtype, requires_grad=True)
+        h0 = torch.randn(3, 24, device=device, dtype=dtype, requires_grad=True)
+        w = (torch.randn(24, 24, device=device) / 5).to(dtype).requires_grad_()
+        try:
+            torch.library.opcheck(recurrence_fwd_op, (xp, h0, w, "tanh", True, torch.tensor([5, 2, 4]), "triton"))
+            lines.append(f"- opcheck fastrnn::recurrence_fwd {dtype}: ok")
+        except Exception as e:  # noqa: BLE001 - reported, then the run fails
+            ok = False
+            lines.append(f"- opcheck fastrnn::recurrence_fwd {dtype}: FAIL {type(e).__name__}: {e}")
+    if device == "cuda":
+        for dtype in (torch.bfloat16, torch.float16):
+            ref = nn.RNN(16, 32, 2, bidirectional=True).to(device)
+            ref.load_state_dict(model.state_dict())
+            with torch.autocast("cuda", dtype=dtype):
+                (y1, h1), (y2, h2) = ref(x), model(x)
+            good = y1.dtype == y2.dtype and h1.dtype == h2.dtype and rel(y2, y1) < 3e-2
+            ok &= good
+            lines.append(f"- autocast {dtype}: dtypes {y2.dtype}/{y1.dtype}, rel err vs cuDNN {rel(y2, y1):.1e}: "
+                         f"{'ok' if good else 'FAIL'}")
+    a, b = grads(model), grads(model)
+    good = all(torch.equal(u, v) for u, v in zip(a, b))
+    ok &= good
+    lines.append(f"- bitwise repeatable forward and backward: {'ok' if good else 'FAIL'}")
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -170,6 +218,7 @@ def main(argv=None) -> int:
     lines.append("")
     results["extremes"] = extremes(device, lines, smoke=args.smoke)
     results["variants"] = variants(device, lines, smoke=args.smoke)
+    results["ecosystem"] = ecosystem(device, lines, smoke=args.smoke)
     lines.append("")
     lines += [f"{k}: {'PASS' if v else 'FAIL'}" for k, v in results.items()]
     text = "\n".join(lines)

@@ -3,12 +3,11 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from fastrnn.charlm import TrainConfig, UsageError, default_corpus, train
+from fastrnn.charlm import TrainConfig, default_corpus, train
 from fastrnn.cli import main
 from fastrnn.scratch import Vocab
 
