@@ -31,6 +31,9 @@ class Config:
     block_n: int  # hidden units per program (all of H for ``resident``)
     block_k: int  # reduction chunk of the tiled kernels
     num_warps: int = 4
+    # Software pipelining of the tiled kernels' K loop made them spill registers on sm_90 (static
+    # count, tests/compile_check.py); the persistent kernels run one program per SM anyway.
+    num_stages: int = 1
 
 
 def _sm_count(device: torch.device) -> int:
@@ -62,7 +65,8 @@ def _pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, force
 
     resident_limit = {8: 32, 4: 128, 2: 256}.get(itemsize, 128)
     if forced == "resident" or (not forced and block_h <= resident_limit):
-        return Config("resident", block_b, block_h, block_h, num_warps=4 if block_h <= 128 else 8)
+        return Config("resident", block_b, block_h, block_h, num_warps=4 if block_h <= 128 else 8,
+                      num_stages=3)
 
     n_sm = _sm_count(device)
     block_n_choices = (16,) if dtype == torch.float64 else (16, 32, 64, 128)
@@ -73,9 +77,12 @@ def _pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, force
                 if block_n > block_h:
                     break
                 if n_b * triton.cdiv(H, block_n) <= n_sm:
-                    return Config("tiled", block_b, block_n, min(block_k, block_h))
+                    # 8 warps for 64-row tiles: 4 spill registers on sm_90 (tests/compile_check.py)
+                    return Config("tiled", block_b, block_n, min(block_k, block_h),
+                                  num_warps=8 if block_b >= 64 else 4)
     logger.debug("fastrnn: B=%d H=%d does not fit %d resident programs: one launch per step", B, H, n_sm)
-    return Config("stepwise", 64, min(64, block_h), min(block_k, block_h))
+    return Config("stepwise", 64, min(64, block_h), min(32 if dtype != torch.float64 else 16, block_h),
+                  num_warps=8)
 
 
 def dtype_flags(dtype: torch.dtype, device: torch.device) -> dict:

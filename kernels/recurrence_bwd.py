@@ -161,7 +161,7 @@ def recurrence_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = 
             _bwd_resident_kernel[grid](
                 dy, dh_n, y, w_hh, len_arg, d_pre, T, B, H, y.stride(0), y.stride(1), dh_n.stride(0),
                 w_hh.stride(0), BLOCK_B=config.block_b, BLOCK_H=config.block_n,
-                num_warps=config.num_warps, **flags)
+                num_warps=config.num_warps, num_stages=config.num_stages, **flags)
             return d_pre
         grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
         sync = torch.zeros(grid[0], dtype=torch.int32, device=y.device)
@@ -171,5 +171,5 @@ def recurrence_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = 
                 dy, dh_n, y, w_hh, len_arg, d_pre, sync, step_begin, n_steps, T, B, H,
                 y.stride(0), y.stride(1), dh_n.stride(0), w_hh.stride(0),
                 SYNC=config.variant == "tiled", BLOCK_B=config.block_b, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, num_warps=config.num_warps, **flags)
+                BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
     return d_pre

@@ -82,7 +82,7 @@ def _fwd_resident_kernel(
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
 def _fwd_tiled_kernel(
     x_proj_ptr,  # (T, B, H)
-    h0_ptr,  # (B, H) (unused unless HAS_H0)
+    h0_proj_ptr,  # (B, H) h0 @ w_hh.T (fp32), added at each sequence's first step (unless HAS_H0 off)
     w_hh_ptr,  # (H, H)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     y_ptr,  # (T, B, H) out; also where h_{t-1} is read back from
@@ -110,21 +110,22 @@ def _fwd_tiled_kernel(
         else:
             t = tl.full([], s, tl.int64)
             t_prev = t - 1
-        # h_{t-1} comes from y[t_prev] where that step was valid for the sequence, else from h0
+        # h_{t-1} comes from y[t_prev] where that step was valid for the sequence; at a sequence's
+        # first step it is h0, whose product h0 @ w_hh.T the caller computed once (h0_proj)
         t_prev_b = t_prev + tl.zeros_like(b_len)  # (BLOCK_B, 1): masks stay tensors of bool
         m_prev = (t_prev_b >= 0) & (t_prev_b < b_len)
-        m_first = (t_prev_b < 0) | (t_prev_b >= b_len)
         b_z = tl.load(x_proj_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
                       mask=m_bn, other=0.0).to(ACC_DTYPE)
+        if HAS_H0:
+            m_first = (t_prev_b < 0) | (t_prev_b >= b_len)
+            b_z += tl.load(h0_proj_ptr + o_b[:, None] * stride_h0b + o_n[None, :],
+                           mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
         for k in range(0, H, BLOCK_K):
             o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
             m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
             # (BLOCK_B, BLOCK_K); .cg: read through L2, where the other programs' stores landed
             b_h = tl.load(y_ptr + t_prev * stride_xt + o_b[:, None] * stride_xb + o_k[None, :],
                           mask=m_bk & m_prev, other=0.0, cache_modifier=".cg")
-            if HAS_H0:
-                b_h += tl.load(h0_ptr + o_b[:, None] * stride_h0b + o_k[None, :],
-                               mask=m_bk & m_first, other=0.0).to(b_h.dtype)
             # w_hh.T block: b_wt[k, n] = w_hh[n, k], (BLOCK_K, BLOCK_N)
             b_wt = tl.load(w_hh_ptr + o_n[None, :] * stride_w + o_k[:, None],
                            mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)
@@ -161,17 +162,21 @@ def recurrence_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = F
             _fwd_resident_kernel[grid](
                 x_proj, h0_arg, w_hh, len_arg, y, T, B, H, x_proj.stride(0), x_proj.stride(1),
                 stride_h0b, w_hh.stride(0), BLOCK_B=config.block_b, BLOCK_H=config.block_n,
-                num_warps=config.num_warps, **flags)
+                num_warps=config.num_warps, num_stages=config.num_stages, **flags)
             return y
         grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
         sync = torch.zeros(grid[0], dtype=torch.int32, device=x_proj.device)
+        if h0 is not None:  # h0's product once, in the accumulator's precision: (B, H)
+            acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+            h0_arg = (h0.to(acc) @ w_hh.to(acc).T).contiguous()
+            stride_h0b = h0_arg.stride(0)
         launches = [(0, T)] if config.variant == "tiled" else [(s, 1) for s in range(T)]
         for step_begin, n_steps in launches:
             _fwd_tiled_kernel[grid](
                 x_proj, h0_arg, w_hh, len_arg, y, sync, step_begin, n_steps, T, B, H,
                 x_proj.stride(0), x_proj.stride(1), stride_h0b, w_hh.stride(0),
                 SYNC=config.variant == "tiled", BLOCK_B=config.block_b, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, num_warps=config.num_warps, **flags)
+                BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
     return y
 
 
