@@ -14,7 +14,7 @@ import random
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -139,7 +139,6 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from .charlm import TrainConfig, UsageError, load_for_sampling, resolve_device, sample, train
 
@@ -57,14 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                          "eval_every", "log_every"):
                 if getattr(args, name) <= 0:
                     raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-            cfg = TrainConfig(text=args.text, out=args.out, model=args.model, steps=args.steps,
-                              hidden=args.hidden, layers=args.layers, dropout=args.dropout,
-                              seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                              optimizer=args.optimizer, clip=args.clip, partition=args.partition,
-                              device=args.device, bf16=args.bf16, seed=args.seed,
-                              max_chars=args.max_chars, ckpt_every=args.ckpt_every,
-                              eval_every=args.eval_every, log_every=args.log_every,
-                              resume=args.resume, progress=not args.no_progress)
+            names = {f.name for f in fields(TrainConfig)}
+            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names},
+                              progress=not args.no_progress)
             last = train(cfg)
             import torch.distributed as dist
 

@@ -77,22 +77,16 @@ def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: to
 
 
 # --------------------------------------------------------------------------------------------------
-# The fused path: one autograd Function around the Triton kernels
+# The loops as the kernels run them: the forward writes every h_t, the backward every d_pre[t];
+# the Triton launchers in fastrnn.kernels and, below, their PyTorch twins (the CPU path)
 # --------------------------------------------------------------------------------------------------
 
 
-def _last_step(T: int, reverse: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
-    """Index of the step whose state is h_n: per sequence with lengths, else one int."""
-    if reverse:
-        return 0
-    if lengths is None:
-        return T - 1
-    return (lengths - 1).to(device)
-
-
-def _first_step(T: int, reverse: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
-    """Index of the step that reads h0."""
-    if not reverse:
+def _edge_step(T: int, last: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
+    """Index (in time order) of each sequence's first or last step: one int, or (B,) with lengths.
+    The state h_n is read at the last step a direction takes (``last = not reverse``); h0 enters at
+    the first one it takes (``last = reverse``)."""
+    if not last:
         return 0
     if lengths is None:
         return T - 1
@@ -129,7 +123,7 @@ def recurrence_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, le
     T, B, H = y.shape
     d_pre = torch.empty_like(y)
     valid = _valid_steps(T, lengths, y.device)
-    last = _last_step(T, reverse, lengths, y.device)
+    last = _edge_step(T, not reverse, lengths, y.device)
     d = None  # d_pre of the step processed last: it feeds g through w_hh
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         g = dy[t].clone() if d is None else torch.addmm(dy[t], d, w_hh)
@@ -155,6 +149,10 @@ def _valid_steps(T, lengths, device):
     return (torch.arange(T)[:, None] < lengths.cpu()[None, :]).to(device).unsqueeze(-1)
 
 
+# --------------------------------------------------------------------------------------------------
+# The custom ops and their autograd formula
+# --------------------------------------------------------------------------------------------------
+
 # The recurrence is registered as two PyTorch custom ops, so that torch.compile keeps it in one graph
 # (no graph break), fake/meta tensors get shapes without running a kernel, and autograd pairs them.
 # Their loops are the Triton kernels, or their PyTorch twins above on the ``torch`` backend; the
@@ -173,7 +171,7 @@ def recurrence_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: to
         fwd = recurrence_fwd_torch
     lengths_dev = lengths.to(x_proj.device) if lengths is not None else None
     y = fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths_dev)
-    h_n = _at_step(y, _last_step(y.shape[0], reverse, lengths_dev, y.device)).clone()
+    h_n = _at_step(y, _edge_step(y.shape[0], not reverse, lengths_dev, y.device)).clone()
     return y, h_n
 
 
@@ -208,13 +206,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh_n):
     y, h0, w_hh, lengths = ctx.saved_tensors
-    T, B, H = y.shape
+    T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
     d_pre = recurrence_bwd_op(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend)
 
     lengths_dev = lengths.to(y.device) if lengths is not None else None
-    d_first = _at_step(d_pre, _first_step(T, ctx.reverse, lengths_dev, y.device))  # (B, H)
+    d_first = _at_step(d_pre, _edge_step(T, ctx.reverse, lengths_dev, y.device))  # (B, H)
     dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
     dw_hh = None
     if ctx.needs_input_grad[2]:
