@@ -24,3 +24,19 @@ def test_no_top_level_kernels_module():
 def test_public_api():
     assert set(fastrnn.__all__) >= {"RNN", "recurrence", "recurrence_reference"}
     assert importlib.util.find_spec("fastrnn.scratch") is not None
+
+
+def test_plain_install_maps_kernels_under_fastrnn(tmp_path):
+    """`pip install .` (a wheel, not editable): fastrnn/kernels/*.py inside, no top-level kernels/."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fastrnn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("recurrence_fwd", "recurrence_bwd", "common", "config", "__init__"):
+        assert f"fastrnn/kernels/{module}.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]
