@@ -3,6 +3,7 @@
 - ``resident``: one program per batch block holds all of ``w_hh`` (small H); no program waits.
 - ``tiled``: hidden units split over programs, a grid barrier per step, one launch per sequence.
   Every program of the grid must be resident at once, so the grid is kept to one program per SM.
+  ``block_k >= H`` means each program's rows of ``w_hh`` stay on chip (``W_RESIDENT``).
 - ``stepwise``: the tiled kernel launched once per step (no barrier): for shapes whose grid cannot
   be resident at once (very large B and H). Slow, always correct.
 
@@ -77,9 +78,17 @@ def _pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, force
                 if block_n > block_h:
                     break
                 if n_b * triton.cdiv(H, block_n) <= n_sm:
-                    # 8 warps for 64-row tiles: 4 spill registers on sm_90 (tests/compile_check.py)
-                    return Config("tiled", block_b, block_n, min(block_k, block_h),
-                                  num_warps=8 if block_b >= 64 else 4)
+                    # Each program keeps its BLOCK_N rows of w_hh on chip (BLOCK_K = H) where the
+                    # (BLOCK_B, H) tile of h_{t-1} still fits without spilling, else it streams
+                    # w_hh through L2 in a K loop. 8 warps for the big tiles: 4 spill registers
+                    # on sm_90 (both measured statically with tests/compile_check.py).
+                    # tl.dot stages both operands in shared memory: (BLOCK_B + BLOCK_N) x H of them
+                    w_resident = (dtype != torch.float64 and block_b <= 32
+                                  and block_b * block_h <= (32768 if block_b == 16 else 16384)
+                                  and (block_b + block_n) * block_h * itemsize <= 160 * 1024)
+                    big = block_b >= 64 or (w_resident and block_b * block_h >= 16384)
+                    return Config("tiled", block_b, block_n, block_h if w_resident else min(block_k, block_h),
+                                  num_warps=8 if big else 4)
     logger.debug("fastrnn: B=%d H=%d does not fit %d resident programs: one launch per step", B, H, n_sm)
     return Config("stepwise", 64, min(64, block_h), min(32 if dtype != torch.float64 else 16, block_h),
                   num_warps=8)

@@ -95,6 +95,7 @@ def _bwd_tiled_kernel(
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's columns of w_hh stay on chip all along
 ):
     """Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_N)): program (i, j) writes d_pre[:, i-th rows, j-th cols]."""
     pid_b = tl.program_id(0)
@@ -110,6 +111,10 @@ def _bwd_tiled_kernel(
     p_bn = o_b[:, None] * stride_b + o_n[None, :]
     b_dh_n = tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_n[None, :], mask=m_bn,
                      other=0.0).to(ACC_DTYPE)
+    if W_RESIDENT:  # w_hh columns of this program, loaded once: (BLOCK_K, BLOCK_N)
+        o_k_all = tl.arange(0, BLOCK_K).to(tl.int64)
+        b_w_all = tl.load(w_hh_ptr + o_k_all[:, None] * stride_w + o_n[None, :],
+                          mask=(o_k_all[:, None] < H) & (o_n[None, :] < H), other=0.0)
 
     for s in range(step_begin, step_begin + n_steps):
         if REVERSE:
@@ -122,14 +127,20 @@ def _bwd_tiled_kernel(
         m_next = (t_next_b >= 0) & (t_next_b < T)  # d_pre is zero past a sequence's end already
         b_g = tl.load(dy_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
         b_g += tl.where(t == t_last, b_dh_n, 0.0)
-        for k in range(0, H, BLOCK_K):
-            o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
-            m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
-            b_d = tl.load(d_pre_ptr + t_next * stride_t + o_b[:, None] * stride_b + o_k[None, :],
+        if W_RESIDENT:  # the whole d_pre[t_next] of these rows against the resident columns
+            m_bk = (o_b[:, None] < B) & (o_k_all[None, :] < H)
+            b_d = tl.load(d_pre_ptr + t_next * stride_t + o_b[:, None] * stride_b + o_k_all[None, :],
                           mask=m_bk & m_next, other=0.0, cache_modifier=".cg")  # (BLOCK_B, BLOCK_K)
-            b_w = tl.load(w_hh_ptr + o_k[:, None] * stride_w + o_n[None, :],
-                          mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)  # (BLOCK_K, BLOCK_N)
-            b_g += matmul(b_d.to(b_w.dtype), b_w, PRECISION).to(ACC_DTYPE)
+            b_g += matmul(b_d.to(b_w_all.dtype), b_w_all, PRECISION).to(ACC_DTYPE)
+        else:
+            for k in range(0, H, BLOCK_K):
+                o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
+                m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
+                b_d = tl.load(d_pre_ptr + t_next * stride_t + o_b[:, None] * stride_b + o_k[None, :],
+                              mask=m_bk & m_next, other=0.0, cache_modifier=".cg")  # (BLOCK_B, BLOCK_K)
+                b_w = tl.load(w_hh_ptr + o_k[:, None] * stride_w + o_n[None, :],
+                              mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)  # (BLOCK_K, BLOCK_N)
+                b_g += matmul(b_d.to(b_w.dtype), b_w, PRECISION).to(ACC_DTYPE)
         b_y = tl.load(y_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
         b_d_new = tl.where(t < b_len, b_g * activation_grad(b_y, ACTIVATION), 0.0)
         tl.store(d_pre_ptr + t * stride_t + p_bn, b_d_new.to(d_pre_ptr.dtype.element_ty), mask=m_bn)
@@ -171,5 +182,6 @@ def recurrence_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = 
                 dy, dh_n, y, w_hh, len_arg, d_pre, sync, step_begin, n_steps, T, B, H,
                 y.stride(0), y.stride(1), dh_n.stride(0), w_hh.stride(0),
                 SYNC=config.variant == "tiled", BLOCK_B=config.block_b, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
+                BLOCK_K=config.block_k, W_RESIDENT=config.block_k >= H, num_warps=config.num_warps,
+                num_stages=config.num_stages, **flags)
     return d_pre

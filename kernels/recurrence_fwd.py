@@ -94,6 +94,7 @@ def _fwd_tiled_kernel(
     HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's rows of w_hh stay on chip all along
 ):
     """Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_N)): program (i, j) writes y[:, i-th rows, j-th cols]."""
     pid_b = tl.program_id(0)
@@ -102,6 +103,10 @@ def _fwd_tiled_kernel(
     o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
+    if W_RESIDENT:  # w_hh.T columns of this program, loaded once: b_wt_all[k, n] = w_hh[n, k]
+        o_k_all = tl.arange(0, BLOCK_K).to(tl.int64)
+        b_wt_all = tl.load(w_hh_ptr + o_n[None, :] * stride_w + o_k_all[:, None],
+                           mask=(o_k_all[:, None] < H) & (o_n[None, :] < H), other=0.0)
 
     for s in range(step_begin, step_begin + n_steps):
         if REVERSE:
@@ -120,16 +125,22 @@ def _fwd_tiled_kernel(
             m_first = (t_prev_b < 0) | (t_prev_b >= b_len)
             b_z += tl.load(h0_proj_ptr + o_b[:, None] * stride_h0b + o_n[None, :],
                            mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
-        for k in range(0, H, BLOCK_K):
-            o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
-            m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
-            # (BLOCK_B, BLOCK_K); .cg: read through L2, where the other programs' stores landed
-            b_h = tl.load(y_ptr + t_prev * stride_xt + o_b[:, None] * stride_xb + o_k[None, :],
-                          mask=m_bk & m_prev, other=0.0, cache_modifier=".cg")
-            # w_hh.T block: b_wt[k, n] = w_hh[n, k], (BLOCK_K, BLOCK_N)
-            b_wt = tl.load(w_hh_ptr + o_n[None, :] * stride_w + o_k[:, None],
-                           mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)
-            b_z += matmul(b_h.to(b_wt.dtype), b_wt, PRECISION).to(ACC_DTYPE)
+        if W_RESIDENT:  # the whole h_{t-1} of these rows against the resident w_hh.T columns
+            m_bk = (o_b[:, None] < B) & (o_k_all[None, :] < H)
+            b_h = tl.load(y_ptr + t_prev * stride_xt + o_b[:, None] * stride_xb + o_k_all[None, :],
+                          mask=m_bk & m_prev, other=0.0, cache_modifier=".cg")  # (BLOCK_B, BLOCK_K)
+            b_z += matmul(b_h.to(b_wt_all.dtype), b_wt_all, PRECISION).to(ACC_DTYPE)
+        else:
+            for k in range(0, H, BLOCK_K):
+                o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
+                m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
+                # (BLOCK_B, BLOCK_K); .cg: read through L2, where the other programs' stores landed
+                b_h = tl.load(y_ptr + t_prev * stride_xt + o_b[:, None] * stride_xb + o_k[None, :],
+                              mask=m_bk & m_prev, other=0.0, cache_modifier=".cg")
+                # w_hh.T block: b_wt[k, n] = w_hh[n, k], (BLOCK_K, BLOCK_N)
+                b_wt = tl.load(w_hh_ptr + o_n[None, :] * stride_w + o_k[:, None],
+                               mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)
+                b_z += matmul(b_h.to(b_wt.dtype), b_wt, PRECISION).to(ACC_DTYPE)
         b_h_new = activation(b_z, ACTIVATION)
         b_y = tl.where(t < b_len, b_h_new, 0.0)
         tl.store(y_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
@@ -176,7 +187,8 @@ def recurrence_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = F
                 x_proj, h0_arg, w_hh, len_arg, y, sync, step_begin, n_steps, T, B, H,
                 x_proj.stride(0), x_proj.stride(1), stride_h0b, w_hh.stride(0),
                 SYNC=config.variant == "tiled", BLOCK_B=config.block_b, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
+                BLOCK_K=config.block_k, W_RESIDENT=config.block_k >= H, num_warps=config.num_warps,
+                num_stages=config.num_stages, **flags)
     return y
 
 

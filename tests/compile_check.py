@@ -4,7 +4,8 @@
 
 Triton's NVIDIA backend and ptxas ship in the triton wheel, so the kernels are compiled all the way
 to a cubin here, on a CPU-only machine; cuobjdump reads each cubin's registers and stack (spills).
-A kernel that fails to compile, or spills more than 64 bytes of stack per thread, fails the run.
+A kernel that fails to compile, spills more than 64 bytes of stack per thread, or asks for more
+shared memory than an H100 SM has (227 KB), fails the run.
 It cannot run the kernels: that is tests/gpu_check.py, on a GPU.
 """
 
@@ -29,14 +30,16 @@ from fastrnn.kernels.recurrence_fwd import _fwd_resident_kernel, _fwd_tiled_kern
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_STACK = 64
+MAX_SHARED = 232448  # bytes of shared memory one H100 program may use
 SUITE = {1: (32, 512), 2: (32, 256), 3: (64, 512), 4: (128, 1024), 5: (16, 2048), 6: (256, 256),
          7: (1, 512), 8: (8, 128)}
 TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 POINTERS = {"lengths_ptr": "*i64", "sync_ptr": "*i32"}
 
 
-def compile_one(kernel, dtype, cfg, **flags):
-    """Compile ``kernel`` for sm_90; returns (registers, stack bytes)."""
+def compile_one(kernel, dtype, cfg, H=None, **flags):
+    """Compile ``kernel`` for sm_90 (hidden size ``H`` decides W_RESIDENT for the tiled kernels);
+    returns (registers, stack bytes, shared-memory bytes)."""
     ptr = "*" + TL[dtype]
     constexprs = dict(ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
                       PRECISION="tf32" if dtype == torch.float32 else "ieee", **flags)
@@ -45,6 +48,7 @@ def compile_one(kernel, dtype, cfg, **flags):
     else:
         constexprs.update(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                           SYNC=cfg.variant == "tiled")
+        constexprs.setdefault("W_RESIDENT", cfg.block_k >= H)
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -56,7 +60,7 @@ def compile_one(kernel, dtype, cfg, **flags):
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=TARGET,
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return resource_usage(compiled.asm["cubin"])
+    return (*resource_usage(compiled.asm["cubin"]), compiled.metadata.shared)
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -78,7 +82,7 @@ def kernels_for(cfg):
 def main() -> int:
     config._sm_count = lambda device: 132  # an H100
     ok = True
-    print("| # | B | H | dtype | variant | blocks (B, N, K) | warps | fwd regs/stack | bwd regs/stack |")
+    print("| # | B | H | dtype | variant | blocks (B, N, K) | warps | fwd regs/stack/smem KB | bwd regs/stack/smem KB |")
     print("|---|---|---|---|---|---|---|---|---|")
     cases = [(f"#{k}", B, H, dt) for k, (B, H) in SUITE.items() for dt in (torch.float32, torch.bfloat16)]
     cases += [("odd", 17, 130, dt) for dt in (torch.float16, torch.float64)]
@@ -88,18 +92,18 @@ def main() -> int:
         usage = []
         for _, kernel, extra in kernels_for(cfg):
             try:
-                regs, stack = compile_one(kernel, dtype, cfg, ACTIVATION=0, REVERSE=False,
-                                          HAS_LENGTHS=False, **extra)
+                regs, stack, shared = compile_one(kernel, dtype, cfg, H, ACTIVATION=0, REVERSE=False,
+                                                  HAS_LENGTHS=False, **extra)
             except Exception as e:  # noqa: BLE001 - reported, then the run fails
                 ok = False
                 usage.append(f"FAIL {type(e).__name__}: {str(e)[:300]}")
                 continue
-            ok &= stack <= MAX_STACK
-            usage.append(f"{regs}/{stack}")
+            ok &= stack <= MAX_STACK and shared <= MAX_SHARED
+            usage.append(f"{regs}/{stack}/{shared // 1024}")
         print(f"| {name} | {B} | {H} | {TL[dtype]} | {cfg.variant} | {cfg.block_b}, {cfg.block_n}, "
               f"{cfg.block_k} | {cfg.num_warps} | {usage[0]} | {usage[1]} |")
-    # every constexpr flag combination compiles (small blocks)
-    for variant in ("resident", "tiled"):
+    # every constexpr flag combination compiles (small blocks; w_hh resident and streamed)
+    for variant, H in (("resident", 32), ("tiled", 32), ("tiled", 100)):
         cfg = config.Config(variant, 16, 32, 32)
         for act in (0, 1):
             for reverse in (False, True):
@@ -107,11 +111,12 @@ def main() -> int:
                     for _, kernel, extra in kernels_for(cfg):
                         extra = {k: False for k in extra}  # HAS_H0 off here; on above
                         try:
-                            compile_one(kernel, torch.float32, cfg, ACTIVATION=act, REVERSE=reverse,
+                            compile_one(kernel, torch.float32, cfg, H, ACTIVATION=act, REVERSE=reverse,
                                         HAS_LENGTHS=lengths, **extra)
                         except Exception as e:  # noqa: BLE001
                             ok = False
-                            print(f"FAIL {variant} act={act} reverse={reverse} lengths={lengths}: {e}")
+                            print(f"FAIL {variant} H={H} act={act} reverse={reverse} lengths={lengths}: "
+                                  f"{str(e)[:500]}")
     print("compile check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -26,6 +26,9 @@ def test_tiled_grids_are_resident_at_once(fake_gpu, B, H, dtype):
     elif cfg.variant == "tiled":
         programs = triton.cdiv(B, cfg.block_b) * triton.cdiv(H, cfg.block_n)
         assert programs <= 132, "a grid barrier among more programs than SMs can deadlock"
+        if cfg.block_k >= H:  # w_hh rows resident: both dot operands fit the shared memory budget
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            assert (cfg.block_b + cfg.block_n) * cfg.block_k * itemsize <= 160 * 1024
     else:
         assert cfg.variant == "stepwise"
         widest = 16 if dtype == torch.float64 else min(128, triton.next_power_of_2(H))
