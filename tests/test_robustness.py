@@ -152,7 +152,8 @@ def _strided(T, B, H, stride_t, dtype=torch.bfloat16):
     return torch.as_strided(storage, (T, B, H), (stride_t, H, 1))
 
 
-@pytest.mark.parametrize("kernel", ["fwd_resident", "fwd_tiled", "bwd_resident", "bwd_tiled"])
+@pytest.mark.parametrize("kernel", ["fwd_resident", "fwd_tiled", "fwd_tiled_streamed", "bwd_resident",
+                                    "bwd_tiled", "bwd_tiled_streamed"])
 def test_index_arithmetic_past_2_31(kernel):
     """Each kernel addresses t * stride_t > 2**31 elements correctly (interpreter on CPU; the
     compiled kernels compute the same offsets in int64)."""
@@ -177,7 +178,7 @@ def test_index_arithmetic_past_2_31(kernel):
         else:
             _fwd_tiled_kernel[(1, 1)](a, a, w, a, out, torch.zeros(1, dtype=torch.int32), 0, T, T, B, H,
                                       stride_t, H, 0, H, HAS_H0=False, SYNC=True, BLOCK_B=16, BLOCK_N=16,
-                                      BLOCK_K=16, **flags)
+                                      BLOCK_K=16, W_RESIDENT=not kernel.endswith("streamed"), **flags)
         want, _ = recurrence_reference(a.double(), None, w.double())
     else:
         y = _strided(T, B, H, stride_t)
@@ -188,7 +189,8 @@ def test_index_arithmetic_past_2_31(kernel):
                                        BLOCK_B=16, BLOCK_H=16, **flags)
         else:
             _bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, out, torch.zeros(1, dtype=torch.int32), 0, T, T, B, H,
-                                      stride_t, H, H, H, SYNC=True, BLOCK_B=16, BLOCK_N=16, BLOCK_K=16, **flags)
+                                      stride_t, H, H, H, SYNC=True, BLOCK_B=16, BLOCK_N=16, BLOCK_K=16,
+                                      W_RESIDENT=not kernel.endswith("streamed"), **flags)
         want = recurrence_bwd_torch(a.double(), dh_n.double(), y.double(), w.double())
     assert not torch.isnan(out).any()
     assert rel_err(out, want) < 2e-2
