@@ -10,7 +10,8 @@ No atomics: the result is bitwise the same run to run.
 
 The two kernels mirror the forward ones: ``_bwd_resident_kernel`` keeps ``w_hh`` and the running
 ``d_pre`` on chip (small H); ``_bwd_tiled_kernel`` reads ``d_pre[t_next]`` back from memory, with a
-grid barrier per step (``SYNC``) or one step per launch.
+grid barrier per step (``SYNC``) or one step per launch, and its columns of ``w_hh`` on chip
+(``W_RESIDENT``) or streamed through L2.
 """
 
 import torch
@@ -152,7 +153,6 @@ def recurrence_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = 
                    lengths=None, config=None):
     """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)``, ``w_hh (H, H)``,
     ``lengths (B,)`` int64 or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
-
     T, B, H = y.shape
     check_operands(y, dh_n, w_hh, lengths)
     if dy.shape != y.shape:

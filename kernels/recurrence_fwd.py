@@ -8,8 +8,10 @@ Two kernels, picked by ``config.pick_config``:
   on chip for the whole sequence. No program waits on another. For small H.
 - ``_fwd_tiled_kernel``: programs own ``(BLOCK_B, BLOCK_N)`` tiles of ``h``; each step reads the
   whole ``h_{t-1}`` of its batch rows back from ``y`` and multiplies it by its ``BLOCK_N`` rows of
-  ``w_hh``. With ``SYNC`` the programs of a batch block meet at a grid barrier after each step
+  ``w_hh`` (kept on chip for the whole sequence with ``W_RESIDENT``, else streamed through L2 in
+  a K loop). With ``SYNC`` the programs of a batch block meet at a grid barrier after each step
   (one launch for the sequence); without it the launcher runs one step per launch.
+  At a sequence's first step the caller's ``h0 @ w_hh.T`` (one GEMM) stands in for ``h_{t-1}``.
 
 Packed sequences: with ``HAS_LENGTHS``, sequence ``b`` only updates while ``t < lengths[b]``; ``y`` is
 zero past its end. ``REVERSE`` walks time backwards (the reverse direction of a bidirectional layer):
@@ -153,7 +155,6 @@ def recurrence_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = F
                    lengths=None, config=None):
     """Launch the forward recurrence. ``x_proj (T, B, H)``, ``h0 (B, H)`` or None, ``w_hh (H, H)``,
     ``lengths (B,)`` int64 on the same device or None. Returns ``y (T, B, H)`` in x_proj's dtype."""
-
     T, B, H = x_proj.shape
     check_operands(x_proj, h0, w_hh, lengths)
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
