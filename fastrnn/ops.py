@@ -62,8 +62,7 @@ def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: to
     T, B, H = x_proj.shape
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
     h = h0 if h0 is not None else x_proj.new_zeros(B, H)
-    if lengths is not None:  # (T, B, 1): step t is part of sequence b
-        valid = (torch.arange(T)[:, None] < lengths[None, :]).to(x_proj.device).unsqueeze(-1)
+    valid = _valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
     ys: list[torch.Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         h_new = act(torch.addmm(x_proj[t], h, w_hh.t()))  # (B, H)

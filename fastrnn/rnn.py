@@ -65,7 +65,7 @@ class RNN(nn.RNNBase):
                 hx = self.permute_hidden(hx, sorted_indices)
             self.check_forward_args(data, hx if hx is not None else self._zeros(data, int(batch_sizes[0])),
                                     batch_sizes)
-            x, lengths = _unpack(data, batch_sizes)  # (T, B, I), (B,)
+            x, lengths, valid = _unpack(data, batch_sizes)  # (T, B, I), (B,), (T, B)
             is_batched = True
         else:
             if input.dim() not in (2, 3):
@@ -110,8 +110,7 @@ class RNN(nn.RNNBase):
         output, h_n = layer_input, torch.stack(h_n)  # (T, B, D * H), (L * D, B, H)
 
         if is_packed:
-            valid = torch.arange(output.size(0))[:, None] < lengths[None, :]  # (T, B)
-            output = PackedSequence(output[valid.to(output.device)], batch_sizes, sorted_indices,
+            output = PackedSequence(output[valid], batch_sizes, sorted_indices,
                                     unsorted_indices)
             return output, self.permute_hidden(h_n, unsorted_indices)
         if self.batch_first:
@@ -150,12 +149,13 @@ def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
                            f"{data.size(0)} rows")
 
 
-def _unpack(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """Packed ``data (sum(lengths), I)`` -> padded ``(T, B, I)`` (zeros past each end), lengths (B,)."""
+def _unpack(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed ``data (sum(lengths), I)`` -> padded ``(T, B, I)`` (zeros past each end), lengths (B,),
+    and the (T, B) mask of valid steps on data's device, whose row-major order is the packed order."""
     batch_sizes = batch_sizes.cpu()
     T, B = batch_sizes.numel(), int(batch_sizes[0])
     lengths = (batch_sizes[:, None] > torch.arange(B)[None, :]).sum(0)  # (B,): steps of sequence b
-    valid = torch.arange(T)[:, None] < lengths[None, :]  # (T, B), row-major = packed order
+    valid = (torch.arange(T)[:, None] < lengths[None, :]).to(data.device)  # (T, B)
     x = data.new_zeros(T, B, data.size(-1))
-    x[valid.to(data.device)] = data
-    return x, lengths
+    x[valid] = data
+    return x, lengths, valid

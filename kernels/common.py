@@ -67,6 +67,39 @@ def matmul(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def weight_block(w_ptr, o_k, o_n, stride_wk, stride_wn, H):
+    """Block ``W[k, n]`` of an (H, H) matrix addressed through strides, zero outside: (w_hh.T with
+    strides (1, H), w_hh with (H, 1)), shape (len(o_k), len(o_n))."""
+    return tl.load(w_ptr + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
+                   mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)
+
+
+@triton.jit
+def carried_product(acc, src_ptr, m_rows, o_b, o_n, B, H, stride_b, w_ptr, stride_wk, stride_wn,
+                    b_w_all, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, W_RESIDENT: tl.constexpr):
+    """``acc + src[o_b, :] @ W[:, o_n]``, (BLOCK_B, BLOCK_N): the product that carries one step to the
+    next in the tiled kernels. ``src_ptr`` points at one step of a (T, B, H) tensor that the other
+    programs wrote, so it is read through L2 (``.cg``); rows outside ``m_rows (BLOCK_B, 1)`` read as
+    zero. W is on chip (``b_w_all``, all of K, with W_RESIDENT) or streamed from ``w_ptr`` in
+    BLOCK_K chunks."""
+    if W_RESIDENT:
+        o_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        b_src = tl.load(src_ptr + o_b[:, None] * stride_b + o_k[None, :],
+                        mask=(o_b[:, None] < B) & (o_k[None, :] < H) & m_rows, other=0.0,
+                        cache_modifier=".cg")
+        acc += matmul(b_src.to(b_w_all.dtype), b_w_all, PRECISION).to(acc.dtype)
+    else:
+        for k in range(0, H, BLOCK_K):
+            o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
+            b_src = tl.load(src_ptr + o_b[:, None] * stride_b + o_k[None, :],
+                            mask=(o_b[:, None] < B) & (o_k[None, :] < H) & m_rows, other=0.0,
+                            cache_modifier=".cg")
+            b_w = weight_block(w_ptr, o_k, o_n, stride_wk, stride_wn, H)  # (BLOCK_K, BLOCK_N)
+            acc += matmul(b_src.to(b_w.dtype), b_w, PRECISION).to(acc.dtype)
+    return acc
+
+
+@triton.jit
 def sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """(BLOCK_B, 1) int64: the length of each sequence of the block; T for all without lengths."""
     if HAS_LENGTHS:

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import activation_grad, grid_barrier, matmul, sequence_lengths
+from .common import (activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
+                     weight_block)
 from .config import dtype_flags, pick_config
 from .recurrence_fwd import check_operands
 
@@ -45,8 +46,7 @@ def _bwd_resident_kernel(
     m_bh = (o_b[:, None] < B) & (o_h[None, :] < H)
 
     # w_hh on chip, (BLOCK_H, BLOCK_H): g[:, n] gets d[:, k] * w_hh[k, n]
-    b_w = tl.load(w_hh_ptr + o_h[:, None] * stride_w + o_h[None, :],
-                  mask=(o_h[:, None] < H) & (o_h[None, :] < H), other=0.0)
+    b_w = weight_block(w_hh_ptr, o_h, o_h, stride_w, 1, H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     if REVERSE:
         t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n is the state after t = 0
@@ -113,9 +113,9 @@ def _bwd_tiled_kernel(
     b_dh_n = tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_n[None, :], mask=m_bn,
                      other=0.0).to(ACC_DTYPE)
     if W_RESIDENT:  # w_hh columns of this program, loaded once: (BLOCK_K, BLOCK_N)
-        o_k_all = tl.arange(0, BLOCK_K).to(tl.int64)
-        b_w_all = tl.load(w_hh_ptr + o_k_all[:, None] * stride_w + o_n[None, :],
-                          mask=(o_k_all[:, None] < H) & (o_n[None, :] < H), other=0.0)
+        b_w_all = weight_block(w_hh_ptr, tl.arange(0, BLOCK_K).to(tl.int64), o_n, stride_w, 1, H)
+    else:
+        b_w_all = 0.0  # unused: carried_product streams w_hh
 
     for s in range(step_begin, step_begin + n_steps):
         if REVERSE:
@@ -128,20 +128,8 @@ def _bwd_tiled_kernel(
         m_next = (t_next_b >= 0) & (t_next_b < T)  # d_pre is zero past a sequence's end already
         b_g = tl.load(dy_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
         b_g += tl.where(t == t_last, b_dh_n, 0.0)
-        if W_RESIDENT:  # the whole d_pre[t_next] of these rows against the resident columns
-            m_bk = (o_b[:, None] < B) & (o_k_all[None, :] < H)
-            b_d = tl.load(d_pre_ptr + t_next * stride_t + o_b[:, None] * stride_b + o_k_all[None, :],
-                          mask=m_bk & m_next, other=0.0, cache_modifier=".cg")  # (BLOCK_B, BLOCK_K)
-            b_g += matmul(b_d.to(b_w_all.dtype), b_w_all, PRECISION).to(ACC_DTYPE)
-        else:
-            for k in range(0, H, BLOCK_K):
-                o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
-                m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
-                b_d = tl.load(d_pre_ptr + t_next * stride_t + o_b[:, None] * stride_b + o_k[None, :],
-                              mask=m_bk & m_next, other=0.0, cache_modifier=".cg")  # (BLOCK_B, BLOCK_K)
-                b_w = tl.load(w_hh_ptr + o_k[:, None] * stride_w + o_n[None, :],
-                              mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)  # (BLOCK_K, BLOCK_N)
-                b_g += matmul(b_d.to(b_w.dtype), b_w, PRECISION).to(ACC_DTYPE)
+        b_g = carried_product(b_g, d_pre_ptr + t_next * stride_t, m_next, o_b, o_n, B, H, stride_b,
+                              w_hh_ptr, stride_w, 1, b_w_all, PRECISION, BLOCK_K, W_RESIDENT)
         b_y = tl.load(y_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
         b_d_new = tl.where(t < b_len, b_g * activation_grad(b_y, ACTIVATION), 0.0)
         tl.store(d_pre_ptr + t * stride_t + p_bn, b_d_new.to(d_pre_ptr.dtype.element_ty), mask=m_bn)

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import activation, grid_barrier, matmul, sequence_lengths
+from .common import (activation, carried_product, grid_barrier, matmul, sequence_lengths,
+                     weight_block)
 from .config import dtype_flags, pick_config
 
 
@@ -47,8 +48,7 @@ def _fwd_resident_kernel(
     m_bh = (o_b[:, None] < B) & (o_h[None, :] < H)
 
     # w_hh.T on chip for the whole sequence: b_wt[k, n] = w_hh[n, k], (BLOCK_H, BLOCK_H)
-    b_wt = tl.load(w_hh_ptr + o_h[None, :] * stride_w + o_h[:, None],
-                   mask=(o_h[:, None] < H) & (o_h[None, :] < H), other=0.0)
+    b_wt = weight_block(w_hh_ptr, o_h, o_h, 1, stride_w, H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     # the state h stays in registers between steps, (BLOCK_B, BLOCK_H), in ACC_DTYPE
     if HAS_H0:
@@ -106,9 +106,9 @@ def _fwd_tiled_kernel(
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     if W_RESIDENT:  # w_hh.T columns of this program, loaded once: b_wt_all[k, n] = w_hh[n, k]
-        o_k_all = tl.arange(0, BLOCK_K).to(tl.int64)
-        b_wt_all = tl.load(w_hh_ptr + o_n[None, :] * stride_w + o_k_all[:, None],
-                           mask=(o_k_all[:, None] < H) & (o_n[None, :] < H), other=0.0)
+        b_wt_all = weight_block(w_hh_ptr, tl.arange(0, BLOCK_K).to(tl.int64), o_n, 1, stride_w, H)
+    else:
+        b_wt_all = 0.0  # unused: carried_product streams w_hh
 
     for s in range(step_begin, step_begin + n_steps):
         if REVERSE:
@@ -127,22 +127,8 @@ def _fwd_tiled_kernel(
             m_first = (t_prev_b < 0) | (t_prev_b >= b_len)
             b_z += tl.load(h0_proj_ptr + o_b[:, None] * stride_h0b + o_n[None, :],
                            mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
-        if W_RESIDENT:  # the whole h_{t-1} of these rows against the resident w_hh.T columns
-            m_bk = (o_b[:, None] < B) & (o_k_all[None, :] < H)
-            b_h = tl.load(y_ptr + t_prev * stride_xt + o_b[:, None] * stride_xb + o_k_all[None, :],
-                          mask=m_bk & m_prev, other=0.0, cache_modifier=".cg")  # (BLOCK_B, BLOCK_K)
-            b_z += matmul(b_h.to(b_wt_all.dtype), b_wt_all, PRECISION).to(ACC_DTYPE)
-        else:
-            for k in range(0, H, BLOCK_K):
-                o_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
-                m_bk = (o_b[:, None] < B) & (o_k[None, :] < H)
-                # (BLOCK_B, BLOCK_K); .cg: read through L2, where the other programs' stores landed
-                b_h = tl.load(y_ptr + t_prev * stride_xt + o_b[:, None] * stride_xb + o_k[None, :],
-                              mask=m_bk & m_prev, other=0.0, cache_modifier=".cg")
-                # w_hh.T block: b_wt[k, n] = w_hh[n, k], (BLOCK_K, BLOCK_N)
-                b_wt = tl.load(w_hh_ptr + o_n[None, :] * stride_w + o_k[:, None],
-                               mask=(o_k[:, None] < H) & (o_n[None, :] < H), other=0.0)
-                b_z += matmul(b_h.to(b_wt.dtype), b_wt, PRECISION).to(ACC_DTYPE)
+        b_z = carried_product(b_z, y_ptr + t_prev * stride_xt, m_prev, o_b, o_n, B, H, stride_xb,
+                              w_hh_ptr, 1, stride_w, b_wt_all, PRECISION, BLOCK_K, W_RESIDENT)
         b_h_new = activation(b_z, ACTIVATION)
         b_y = tl.where(t < b_len, b_h_new, 0.0)
         tl.store(y_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
