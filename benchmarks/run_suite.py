@@ -1,9 +1,9 @@
 """Run the published suite in one process and print the README table.
 
-    python benchmarks/run_suite.py [--rounds 3] [--png speedups.png] [--json results.json]
+    python benchmarks/run_suite.py [--cell rnn|lstm|gru|all] [--rounds 3] [--png speedups.png] [--json results.json]
 
-Each cell is timed for cuDNN (``torch.nn.RNN``) and fastrnn in interleaved rounds (cuDNN against
-itself varies 0.8-1.2x between back-to-back timings), median of ``triton.testing.do_bench`` per
+Each cell is timed for cuDNN (``torch.nn.RNN``, ``LSTM`` or ``GRU``) and fastrnn in interleaved
+rounds (cuDNN against itself varies 0.8-1.2x between back-to-back timings), median of ``triton.testing.do_bench`` per
 round, then the median over rounds. Prints ``| B | T | H | dtype | mode | cuDNN ms | fastrnn ms |
 speedup |``, the geometric mean and the worst cell, and peak memory of fwd+bwd for both."""
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.suite import DTYPES, MODES, SHAPES, make_case  # noqa: E402
+from benchmarks.suite import CELLS, DTYPES, MODES, SHAPES, make_case  # noqa: E402
 
 
 def peak_memory_mb(run) -> float:
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", default=",".join(map(str, SHAPES)))
+    p.add_argument("--cell", default="rnn", choices=[*CELLS, "all"], help="the published table is rnn's")
     p.add_argument("--png", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -45,17 +46,18 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     rows = []
-    for shape_id in map(int, args.shapes.split(",")):
+    cells = list(CELLS) if args.cell == "all" else [args.cell]
+    for cell, shape_id in ((c, s) for c in cells for s in map(int, args.shapes.split(","))):
         shape = SHAPES[shape_id]
         for dtype in DTYPES:
             for mode in MODES:
-                runs = {prov: make_case(prov, shape, DTYPES[dtype], mode)
+                runs = {prov: make_case(prov, shape, DTYPES[dtype], mode, cell=cell)
                         for prov in ("cudnn", "fastrnn")}
                 times = {prov: [] for prov in runs}
                 for _ in range(args.rounds):
                     for prov, run in runs.items():
                         times[prov].append(do_bench(run, warmup=5, rep=50, return_mode="median"))
-                row = dict(id=shape_id, B=shape[0], T=shape[1], I=shape[2], H=shape[3], dtype=dtype,
+                row = dict(cell=cell, id=shape_id, B=shape[0], T=shape[1], I=shape[2], H=shape[3], dtype=dtype,
                            mode=mode, cudnn_ms=statistics.median(times["cudnn"]),
                            fastrnn_ms=statistics.median(times["fastrnn"]))
                 row["speedup"] = row["cudnn_ms"] / row["fastrnn_ms"]
@@ -67,18 +69,18 @@ def main(argv=None) -> int:
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"cuDNN {torch.backends.cudnn.version()}; fp32 with TF32 = {torch.backends.cudnn.allow_tf32}")
-    print("| # | B | T | H | dtype | mode | cuDNN ms | fastrnn ms | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| cell | # | B | T | H | dtype | mode | cuDNN ms | fastrnn ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['id']} | {r['B']} | {r['T']} | {r['H']} | {r['dtype']} | {r['mode']} | "
+        print(f"| {r['cell']} | {r['id']} | {r['B']} | {r['T']} | {r['H']} | {r['dtype']} | {r['mode']} | "
               f"{r['cudnn_ms']:.3f} | {r['fastrnn_ms']:.3f} | {r['speedup']:.2f}x |")
     geomean = math.exp(sum(math.log(r["speedup"]) for r in rows) / len(rows))
     worst = min(rows, key=lambda r: r["speedup"])
     print(f"\ngeometric-mean speedup {geomean:.2f}x over {len(rows)} cells; worst "
-          f"#{worst['id']} {worst['dtype']} {worst['mode']} {worst['speedup']:.2f}x")
+          f"{worst['cell']} #{worst['id']} {worst['dtype']} {worst['mode']} {worst['speedup']:.2f}x")
     for r in rows:
         if "cudnn_mb" in r and r["fastrnn_mb"] > r["cudnn_mb"]:
-            print(f"memory: #{r['id']} {r['dtype']} fwd+bwd fastrnn {r['fastrnn_mb']:.0f} MB > "
+            print(f"memory: {r['cell']} #{r['id']} {r['dtype']} fwd+bwd fastrnn {r['fastrnn_mb']:.0f} MB > "
                   f"cuDNN {r['cudnn_mb']:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(12, 4))
-        labels = [f"#{r['id']} {r['dtype']}\n{r['mode']}" for r in rows]
+        labels = [f"{r['cell']} #{r['id']} {r['dtype']}\n{r['mode']}" for r in rows]
         ax.bar(range(len(rows)), [r["speedup"] for r in rows])
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(rows)), labels, fontsize=6)

@@ -26,30 +26,37 @@ MODES = ("fwd", "fwdbwd")
 PROVIDERS = ("fastrnn", "cudnn", "scratch")
 
 
-def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device: str = "cuda"):
-    """A zero-argument callable that runs one forward (under no_grad) or forward + backward."""
+CELLS = {"rnn": (nn.RNN, fastrnn.RNN), "lstm": (nn.LSTM, fastrnn.LSTM), "gru": (nn.GRU, fastrnn.GRU)}
+
+
+def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device: str = "cuda",
+              cell: str = "rnn"):
+    """A zero-argument callable that runs one forward (under no_grad) or forward + backward of one
+    layer of ``cell`` (rnn, lstm or gru) from a random initial state."""
     B, T, I, H = shape
     torch.manual_seed(0)
-    ref = nn.RNN(I, H, device=device, dtype=dtype)
+    torch_cls, fastrnn_cls = CELLS[cell]
+    ref = torch_cls(I, H, device=device, dtype=dtype)
     x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
     h0 = torch.randn(1, B, H, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
+    hx = (h0, torch.randn_like(h0).requires_grad_(mode == "fwdbwd")) if cell == "lstm" else h0
     if provider == "cudnn":
         module = ref
     elif provider == "fastrnn":
-        module = fastrnn.RNN(I, H, device=device, dtype=dtype)
+        module = fastrnn_cls(I, H, device=device, dtype=dtype)
         module.load_state_dict(ref.state_dict())
-    elif provider == "scratch":
+    elif provider == "scratch" and cell == "rnn":
         module = ScratchLoop(ref)
     else:
-        raise ValueError(provider)
+        raise ValueError(f"no {provider} provider of {cell}")
 
     if mode == "fwd":
         def run():
             with torch.no_grad():
-                return module(x, h0)
+                return module(x, hx)
     else:
         def run():
-            y, h_n = module(x, h0)
+            y, _ = module(x, hx)
             y.sum().backward()
             return y
     return run

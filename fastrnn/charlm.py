@@ -1,7 +1,7 @@
 """The character language model: corpus, model, training loop, checkpoints, sampling.
 
-The same loop trains ``fastrnn.RNN``, ``torch.nn.RNN`` or the textbook scratch model, so the three
-can be compared. Runs on a laptop CPU with no download (the default corpus is the Python standard
+The same loop trains fastrnn's modules (``--cell rnn|lstm|gru``), their torch twins or the textbook
+scratch model, so they can be compared. Runs on a laptop CPU with no download (the default corpus is the Python standard
 library's own source) and on several GPUs under ``torchrun`` (DistributedDataParallel).
 """
 
@@ -11,10 +11,12 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import sysconfig
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import scratch
-from .rnn import RNN
+from .rnn import GRU, LSTM, RNN
 from .scratch import Vocab, grad_clipping
 
 
@@ -99,13 +101,19 @@ class ScratchLM(nn.Module):
         return scratch.init_rnn_state(batch_size, self.num_hiddens, device)
 
 
-def build_model(kind: str, vocab_size: int, hidden: int, layers: int, dropout: float) -> nn.Module:
+LAYERS = {"fastrnn": {"rnn": RNN, "lstm": LSTM, "gru": GRU},
+          "torch": {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}}
+
+
+def build_model(kind: str, vocab_size: int, hidden: int, layers: int, dropout: float,
+                cell: str = "rnn") -> nn.Module:
     if kind == "scratch":
         if layers != 1:
             raise UsageError("--model scratch has one layer; use --layers 1")
+        if cell != "rnn":
+            raise UsageError("--model scratch is the textbook Elman RNN; use --cell rnn")
         return ScratchLM(vocab_size, hidden)
-    layer_cls = {"fastrnn": RNN, "torch": nn.RNN}[kind]
-    layer = layer_cls(vocab_size, hidden, layers, dropout=dropout if layers > 1 else 0.0)
+    layer = LAYERS[kind][cell](vocab_size, hidden, layers, dropout=dropout if layers > 1 else 0.0)
     return scratch.RNNModel(layer, vocab_size)
 
 
@@ -119,6 +127,7 @@ class TrainConfig:
     text: str | None = None
     out: str = "runs/charlm"
     model: str = "fastrnn"
+    cell: str = "rnn"
     steps: int = 4000
     hidden: int = 256
     layers: int = 1
@@ -127,6 +136,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float | None = None
     optimizer: str = "sgd"
+    lr_schedule: str = "cosine"
     clip: float = 1.0
     partition: str = "sequential"
     device: str = "auto"
@@ -138,7 +148,23 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 10
     resume: bool = False
+    force: bool = False
     progress: bool = True
+
+
+RESUMABLE = {"steps", "device", "ckpt_every", "eval_every", "log_every", "progress", "out", "resume", "force"}
+"""The options that may differ from the checkpoint's on --resume; every other one shapes the model,
+the data or the optimisation, and must match."""
+
+RESUMABLE_FLAGS = "--steps, --device, --ckpt-every, --eval-every, --log-every and --no-progress"
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped training at the end of a step, and a checkpoint was written there."""
+
+    def __init__(self, step: int, out: Path) -> None:
+        super().__init__(f"interrupted at step {step}, checkpoint written to {out / 'checkpoint.pt'}")
+        self.step, self.out = step, out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,6 +181,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _check_config(cfg: TrainConfig) -> None:
+    for name in ("steps", "hidden", "layers", "seq_len", "batch_size", "ckpt_every", "eval_every",
+                 "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.model not in ("fastrnn", "torch", "scratch"):
+        raise UsageError(f"unknown --model {cfg.model!r}")
+    if cfg.cell not in ("rnn", "lstm", "gru"):
+        raise UsageError(f"unknown --cell {cfg.cell!r}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise UsageError(f"unknown --lr-schedule {cfg.lr_schedule!r}")
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise UsageError(f"unknown --optimizer {cfg.optimizer!r}")
+    if cfg.resume and cfg.force:
+        raise UsageError("--resume continues the run in --out and --force overwrites it: give one")
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size), initialising the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -163,6 +206,70 @@ def _distributed() -> tuple[int, int]:
         torch.distributed.init_process_group(backend)
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world
+
+
+def _setup_processes(cfg: TrainConfig) -> tuple[torch.device, int, int]:
+    """(device, rank, world size): this process's device, one GPU per process under torchrun."""
+    device = resolve_device(cfg.device)
+    if cfg.bf16 and device.type != "cuda":
+        raise UsageError(f"--bf16 is CUDA autocast; this run is on {device.type}")
+    rank, world = _distributed()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    return device, rank, world
+
+
+# Checkpoints and the run folder
+
+
+def read_checkpoint(out: str | Path) -> dict:
+    path = Path(out) / "checkpoint.pt"
+    if not path.exists():
+        raise UsageError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume_config(out: str, given: dict) -> TrainConfig:
+    """The configuration saved in OUT/checkpoint.pt with ``given`` (the options set on the command
+    line) applied; an option outside RESUMABLE that differs from the saved one is a UsageError."""
+    saved = read_checkpoint(out)["config"]
+    _check_resumable(saved, given, Path(out))
+    known = {f.name for f in fields(TrainConfig)}
+    this_call = {"resume": True, "force": False, "progress": True}  # never taken from the checkpoint
+    return TrainConfig(**{k: v for k, v in {**saved, **this_call, **given}.items() if k in known})
+
+
+def _check_resumable(saved: dict, given: dict, out: Path) -> None:
+    differ = [k for k, v in given.items() if k not in RESUMABLE and k in saved and v != saved[k]]
+    if differ:
+        def flags(config):
+            return ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in differ)
+
+        raise UsageError(f"--resume: the run in {out} has {flags(saved)}, not {flags(given)}; "
+                         f"only {RESUMABLE_FLAGS} may change on resume")
+
+
+def _refuse_existing_run(out: Path) -> None:
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        if (out / name).exists():
+            raise UsageError(f"{out} already holds a run ({name}): --resume continues it, --force "
+                             "overwrites it, --out DIR trains elsewhere")
+
+
+def _prepare_out(out: Path, resume: bool, step: int) -> None:
+    """A new run starts from an empty run folder; a resumed one keeps the metrics rows up to its
+    checkpoint's step, so that the steps it trains again are not logged twice."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    if not resume:
+        for name in ("checkpoint.pt", "metrics.jsonl", "curve.png"):
+            (out / name).unlink(missing_ok=True)
+    elif metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        metrics.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -185,6 +292,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(o) for o in obj)
+    return obj
+
+
+# The run
+
+
 def evaluate(model, corpus: list[int], cfg: TrainConfig, device) -> float:
     """Perplexity on held-out tokens, sequential batches, state carried."""
     model.eval()
@@ -202,144 +320,202 @@ def evaluate(model, corpus: list[int], cfg: TrainConfig, device) -> float:
     return math.exp(total / count) if count else float("nan")
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Train; returns the final metrics. Writes checkpoints, metrics.jsonl and curve.png in cfg.out."""
-    if cfg.steps <= 0:
-        raise UsageError(f"--steps must be positive, got {cfg.steps}")
-    if cfg.model not in ("fastrnn", "torch", "scratch"):
-        raise UsageError(f"unknown --model {cfg.model!r}")
-    device = resolve_device(cfg.device)
-    rank, world = _distributed()
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
+def _lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0, 1, ...) as a fraction of --lr: 1 throughout, or half a
+    cosine period, from 1 at the first step down towards 0 at the last of cfg.steps."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
 
+
+def _load_data(cfg: TrainConfig, checkpoint: dict | None) -> tuple[Vocab, list[int], list[int]]:
+    """The vocabulary and the token ids of the first 90 % of the text (training) and the rest."""
     text = load_corpus(cfg.text, cfg.max_chars)
     split = int(len(text) * 0.9)
     if split < cfg.seq_len * 2 + 2 or len(text) - split < cfg.seq_len + 2:
         raise UsageError(f"the text ({len(text)} characters) is too short for --seq-len {cfg.seq_len}")
-    checkpoint = None
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        vocab = Vocab.from_state_dict(checkpoint["vocab"])
-        if vocab.idx_to_token != Vocab(text, min_freq=cfg.min_freq).idx_to_token:
-            raise UsageError(f"{ckpt_path} was trained on a text with another vocabulary")
-    else:
-        vocab = Vocab(text, min_freq=cfg.min_freq)
-    train_ids, heldout_ids = vocab[list(text[:split])], vocab[list(text[split:])]
+    vocab = Vocab(text, min_freq=cfg.min_freq)
+    if checkpoint is not None and checkpoint["vocab"]["idx_to_token"] != vocab.idx_to_token:
+        raise UsageError(f"{Path(cfg.out) / 'checkpoint.pt'} was trained on a text with another vocabulary")
+    return vocab, vocab[list(text[:split])], vocab[list(text[split:])]
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(vocab), cfg.hidden, cfg.layers, cfg.dropout).to(device)
-    lr = cfg.lr if cfg.lr is not None else (1.0 if cfg.optimizer == "sgd" else 2e-3)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    elif cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    else:
-        raise UsageError(f"unknown --optimizer {cfg.optimizer!r}")
-    step, state, epoch, batch_in_epoch = 0, None, 0, 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, epoch, batch_in_epoch = checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"]
-        state = checkpoint["state"][rank] if checkpoint["state"] is not None else None
-        if state is not None:
-            state = tuple(s.to(device) for s in state) if isinstance(state, tuple) else state.to(device)
+
+class _Trainer:
+    """One run's model, optimizer and data, and where it stands: step, epoch, batch, carried state."""
+
+    def __init__(self, cfg: TrainConfig, checkpoint: dict | None, device, rank: int, world: int) -> None:
+        self.cfg, self.device, self.rank, self.world, self.out = cfg, device, rank, world, Path(cfg.out)
+        self.vocab, self.train_ids, self.heldout_ids = _load_data(cfg, checkpoint)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, len(self.vocab), cfg.hidden, cfg.layers, cfg.dropout,
+                                 cfg.cell).to(device)
+        lr = cfg.lr if cfg.lr is not None else (1.0 if cfg.optimizer == "sgd" else 2e-3)
+        optimizer = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam
+        self.optimizer, self.lr = optimizer(self.model.parameters(), lr=lr), lr
+        self.step, self.epoch, self.batch_in_epoch, self.state = 0, 0, 0, None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.ddp_model = self.model
+        if world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        local_batch = cfg.batch_size // world
+        self.rows = slice(rank * local_batch, (rank + 1) * local_batch)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16)
+        self.epoch_batches = self._batches()
+        if not self.epoch_batches:
+            raise UsageError("the text is too short for one batch; lower --batch-size or --seq-len")
+
+    def _batches(self):
+        cfg = self.cfg
+        return batches(self.train_ids, cfg.batch_size, cfg.seq_len, cfg.partition, self.epoch, cfg.seed)
+
+    def _restore(self, checkpoint: dict) -> None:
+        if len(checkpoint["state"]) != self.world:
+            raise UsageError(f"{self.out} was trained by {len(checkpoint['state'])} processes; "
+                             f"resume it with as many, not {self.world}")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.step, self.epoch = checkpoint["step"], checkpoint["epoch"]
+        self.batch_in_epoch = checkpoint["batch_in_epoch"]
+        state = checkpoint["state"][self.rank]  # a tensor, a tuple of them (scratch) or None
+        if isinstance(state, tuple):
+            self.state = tuple(s.to(self.device) for s in state)
+        else:
+            self.state = state.to(self.device) if state is not None else None
         _set_rng_state(checkpoint["rng"])
-    ddp_model = model
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    local_batch = cfg.batch_size // world
-    rows = slice(rank * local_batch, (rank + 1) * local_batch)
-    metrics_file = out / "metrics.jsonl"
+    def save(self) -> None:
+        states = [self.state]
+        if self.world > 1:
+            states = [None] * self.world
+            torch.distributed.all_gather_object(states, self.state)
+        if self.rank == 0:
+            _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                          "vocab": self.vocab.state_dict(), "step": self.step, "epoch": self.epoch,
+                          "batch_in_epoch": self.batch_in_epoch, "state": _cpu(states),
+                          "rng": _rng_state(), "config": asdict(self.cfg)}, self.out / "checkpoint.pt")
+
+    def train_step(self) -> float:
+        """One optimizer step on the next batch; returns its mean loss."""
+        if self.batch_in_epoch >= len(self.epoch_batches):
+            self.epoch, self.batch_in_epoch, self.state = self.epoch + 1, 0, None
+            self.epoch_batches = self._batches()
+        X, Y = self.epoch_batches[self.batch_in_epoch]
+        X, Y = X[self.rows].to(self.device), Y[self.rows].to(self.device)
+        if self.state is None or self.cfg.partition == "random":
+            self.state = self.model.begin_state(X.shape[0], self.device)
+        else:
+            self.state = scratch.detach_state(self.state)  # truncated BPTT
+        with self.autocast:
+            logits, self.state = self.ddp_model(X, self.state)
+            loss = F.cross_entropy(logits.float(), Y.T.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_clipping(self.model, self.cfg.clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * _lr_factor(self.cfg, self.step)
+        self.optimizer.step()
+        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+        return float(loss.detach())
+
+    def run(self, stop: _StopOnCtrlC, progress) -> dict:
+        """Train up to cfg.steps: the last metrics logged, and this call's steps, tokens and seconds."""
+        cfg, tokens_per_step = self.cfg, self.cfg.batch_size * self.cfg.seq_len
+        first_step, start = self.step, time.perf_counter()
+        window_loss, window_steps, window_start, last = 0.0, 0, start, {}
+        while self.step < cfg.steps:
+            window_loss, window_steps = window_loss + self.train_step(), window_steps + 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                last = {"step": self.step, "train_perplexity": math.exp(window_loss / window_steps),
+                        "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last["heldout_perplexity"] = evaluate(self.model, self.heldout_ids, cfg, self.device)
+                self._log(last, progress)
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if progress is not None:
+                progress.update(1)
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop.requested:
+                self.save()
+            if stop.requested:
+                raise Interrupted(self.step, self.out)
+        steps = self.step - first_step
+        return {**last, "run_steps": steps, "run_tokens": steps * tokens_per_step,
+                "run_seconds": time.perf_counter() - start}
+
+    def _log(self, metrics: dict, progress) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if progress is not None:
+            progress.set_postfix(ppl=f"{metrics['train_perplexity']:.2f}",
+                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+
+class _StopOnCtrlC:
+    """Inside ``with``, a first Ctrl-C (SIGINT) sets ``requested``, for the loop to stop at the end of
+    its step; a second one interrupts at once. Only where enabled, in the main thread, and where
+    SIGINT has a Python handler (not where it is ignored, as in a background job)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) not in (None, signal.SIG_IGN))
+        self.requested, self.previous = False, None
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train; returns the last metrics logged, with this call's ``run_steps``, ``run_tokens`` and
+    ``run_seconds``. Writes checkpoint.pt, metrics.jsonl and curve.png in cfg.out. In one process,
+    Ctrl-C stops at the end of the current step, writes a checkpoint there and raises Interrupted."""
+    _check_config(cfg)
+    device, rank, world = _setup_processes(cfg)
+    out = Path(cfg.out)
+    checkpoint = read_checkpoint(out) if cfg.resume else None
+    if checkpoint is not None:
+        _check_resumable(checkpoint["config"], asdict(cfg), out)
+    elif not cfg.force:
+        _refuse_existing_run(out)
+    trainer = _Trainer(cfg, checkpoint, device, rank, world)
+    if world > 1:
+        torch.distributed.barrier()  # every process has looked at OUT before process 0 changes it
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and metrics_file.exists():
-            metrics_file.unlink()
+        _prepare_out(out, cfg.resume, trainer.step)
+    if trainer.step >= cfg.steps:
+        log(f"{out} is at step {trainer.step} already: nothing to train (a larger --steps trains on)")
+        return {"step": trainer.step, "run_steps": 0,
+                "heldout_perplexity": evaluate(trainer.model, trainer.heldout_ids, cfg, device)}
     progress = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step",
+        progress = tqdm(total=cfg.steps, initial=trainer.step, desc=f"train {cfg.model}", unit="step",
                         dynamic_ncols=True, file=sys.stderr)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-
-    def save():
-        states = [state]
-        if world > 1:
-            states = [None] * world
-            torch.distributed.all_gather_object(states, state)
-        if rank == 0:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "vocab": vocab.state_dict(), "step": step, "epoch": epoch,
-                          "batch_in_epoch": batch_in_epoch, "state": _cpu(states), "rng": _rng_state(),
-                          "config": asdict(cfg)}, ckpt_path)
-
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    epoch_batches = batches(train_ids, cfg.batch_size, cfg.seq_len, cfg.partition, epoch, cfg.seed)
-    if not epoch_batches:
-        raise UsageError("the text is too short for one batch; lower --batch-size or --seq-len")
-    last = {}
-    while step < cfg.steps:
-        if batch_in_epoch >= len(epoch_batches):
-            epoch, batch_in_epoch, state = epoch + 1, 0, None
-            epoch_batches = batches(train_ids, cfg.batch_size, cfg.seq_len, cfg.partition, epoch, cfg.seed)
-        X, Y = epoch_batches[batch_in_epoch]
-        X, Y = X[rows].to(device), Y[rows].to(device)
-        if state is None or cfg.partition == "random":
-            state = model.begin_state(X.shape[0], device)
-        else:
-            state = scratch.detach_state(state)  # truncated BPTT
-        with autocast:
-            logits, state = ddp_model(X, state)
-            loss = F.cross_entropy(logits.float(), Y.T.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_clipping(model, cfg.clip)
-        optimizer.step()
-        step, batch_in_epoch = step + 1, batch_in_epoch + 1
-        window_loss += float(loss.detach()) * Y.numel()
-        window_tokens += Y.numel() * world
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            ppl = math.exp(window_loss * world / max(window_tokens, 1))
-            last = {"step": step, "train_perplexity": ppl, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                last["heldout_perplexity"] = evaluate(model, heldout_ids, cfg, device)
-            if rank == 0:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if progress is not None:
-                    progress.set_postfix(ppl=f"{ppl:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    try:
+        with _StopOnCtrlC(enabled=world == 1) as stop:
+            result = trainer.run(stop, progress)
+    finally:
         if progress is not None:
-            progress.update(1)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save()
-    if progress is not None:
-        progress.close()
+            progress.close()
     if rank == 0:
-        plot_curve(metrics_file, out / "curve.png", log)
+        plot_curve(out / "metrics.jsonl", out / "curve.png", log)
     if world > 1:
         torch.distributed.barrier()
-    return last
-
-
-def _cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(o) for o in obj)
-    return obj
+    return result
 
 
 def plot_curve(metrics_file: Path, png: Path, log=print) -> bool:
@@ -370,13 +546,11 @@ def plot_curve(metrics_file: Path, png: Path, log=print) -> bool:
 
 
 def load_for_sampling(run_dir: str, device):
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.exists():
-        raise UsageError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir)
     cfg = ckpt["config"]
     vocab = Vocab.from_state_dict(ckpt["vocab"])
-    model = build_model(cfg["model"], len(vocab), cfg["hidden"], cfg["layers"], cfg["dropout"])
+    model = build_model(cfg["model"], len(vocab), cfg["hidden"], cfg["layers"], cfg["dropout"],
+                        cfg.get("cell", "rnn"))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), vocab
 

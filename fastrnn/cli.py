@@ -2,6 +2,8 @@
 
     fastrnn train                       # a small char-LM on the stdlib source, on CPU in minutes
     fastrnn sample runs/charlm --prefix "def " --num-chars 200
+
+Exit codes: 0 done, 2 a usage error (one line on stderr), 130 interrupted by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,63 +12,104 @@ import argparse
 import sys
 from dataclasses import fields
 
-from .charlm import TrainConfig, UsageError, load_for_sampling, resolve_device, sample, train
+from . import __version__
+from .charlm import (RESUMABLE_FLAGS, Interrupted, TrainConfig, UsageError, load_for_sampling,
+                     resolve_device, resume_config, sample, train)
+
+CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastrnn", description="Character-level RNN language model.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _train_parser(sub) -> argparse.ArgumentParser:
+    """``fastrnn train``. Every option defaults to None, "not given", so that ``--resume`` can tell
+    the options set on the command line from the run's saved ones; help shows the real defaults."""
     d = TrainConfig()
-    t = sub.add_parser("train", help="train a character language model")
-    t.add_argument("--text", default=None, help="UTF-8 text file (default: the Python stdlib source)")
-    t.add_argument("--out", default=d.out, help="run directory (checkpoint, metrics, curve)")
-    t.add_argument("--model", choices=["fastrnn", "torch", "scratch"], default=d.model)
-    t.add_argument("--steps", type=int, default=d.steps)
-    t.add_argument("--hidden", type=int, default=d.hidden)
-    t.add_argument("--layers", type=int, default=d.layers)
-    t.add_argument("--dropout", type=float, default=d.dropout)
-    t.add_argument("--seq-len", type=int, default=d.seq_len)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=None, help="default: 1.0 for sgd, 2e-3 for adam")
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
-    t.add_argument("--clip", type=float, default=d.clip, help="gradient clipping by global norm")
-    t.add_argument("--partition", choices=["sequential", "random"], default=d.partition)
-    t.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--max-chars", type=int, default=d.max_chars)
-    t.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    t.add_argument("--eval-every", type=int, default=d.eval_every)
-    t.add_argument("--log-every", type=int, default=d.log_every)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t = sub.add_parser("train", help="train a character language model",
+                       description="Train a character language model. Exit codes: 0 done, 2 a usage "
+                       "error, 130 interrupted (Ctrl-C writes a checkpoint that --resume continues).")
+
+    def opt(flag: str, help: str, default=None, **kw) -> None:
+        default = getattr(d, flag[2:].replace("-", "_")) if default is None else default
+        t.add_argument(flag, default=None, help=f"{help} (default: {default})", **kw)
+
+    opt("--text", "UTF-8 text file", "the Python standard library's source", metavar="FILE")
+    opt("--out", "run folder: checkpoint.pt, metrics.jsonl, curve.png", metavar="DIR")
+    opt("--model", "which implementation the same loop trains", choices=["fastrnn", "torch", "scratch"])
+    opt("--cell", "the recurrent cell: Elman RNN, LSTM or GRU", choices=["rnn", "lstm", "gru"])
+    opt("--steps", "optimizer steps in all (may change on --resume)", type=int)
+    opt("--hidden", "hidden units", type=int)
+    opt("--layers", "RNN layers", type=int)
+    opt("--dropout", "dropout between layers", type=float)
+    opt("--seq-len", "time steps per sequence (truncated BPTT)", type=int)
+    opt("--batch-size", "sequences per batch, over all processes", type=int)
+    opt("--lr", "learning rate", "1.0 for sgd, 2e-3 for adam", type=float)
+    opt("--optimizer", "optimizer", choices=["sgd", "adam"])
+    opt("--lr-schedule", "learning rate: constant, or a cosine from --lr to 0 over --steps",
+        choices=["constant", "cosine"])
+    opt("--clip", "gradient clipping by global norm", type=float)
+    opt("--partition", "batches of adjacent (state carried) or random sequences",
+        choices=["sequential", "random"])
+    opt("--device", "auto, cpu, cuda or cuda:N")
+    opt("--seed", "seed of the initialisation and the batches", type=int)
+    opt("--max-chars", "characters of the text used", type=int)
+    opt("--ckpt-every", "steps between checkpoints", type=int)
+    opt("--eval-every", "steps between held-out evaluations", type=int)
+    opt("--log-every", "steps between rows of metrics.jsonl", type=int)
+    t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (CUDA only)")
+    t.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out with its saved configuration; only "
+                        f"{RESUMABLE_FLAGS} may change")
+    t.add_argument("--force", action="store_true", default=None,
+                   help="overwrite the run already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s = sub.add_parser("sample", help="generate text from a trained run")
-    s.add_argument("run_dir")
-    s.add_argument("--prefix", required=True)
-    s.add_argument("--num-chars", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--device", default="auto")
-    return p
+    return t
+
+
+def _sample_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("sample", help="generate text from a trained run",
+                       description="Generate text from the checkpoint of a trained run.")
+    s.add_argument("run_dir", help="the --out folder of a `fastrnn train` run")
+    s.add_argument("--prefix", required=True, help="text the model warms up on; the sample continues it")
+    s.add_argument("--num-chars", type=int, default=200, help="characters to generate (default: 200)")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature: 1 draws from the model's own distribution, 0 is "
+                        "greedy (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: none)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    return s
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    p = argparse.ArgumentParser(prog="fastrnn", description="Character-level RNN language model.")
+    p.add_argument("--version", action="version", version=f"fastrnn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    return p, {"train": _train_parser(sub), "sample": _sample_parser(sub)}
+
+
+def _train(args: argparse.Namespace) -> None:
+    given = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS and v is not None}
+    if args.no_progress:
+        given["progress"] = False
+    cfg = resume_config(given.get("out", TrainConfig.out), given) if args.resume else TrainConfig(**given)
+    result = train(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    if result["run_steps"]:
+        tokens, seconds = result["run_tokens"], result["run_seconds"]
+        print(f"tokens/s {tokens / seconds:.0f} (whole run: {result['run_steps']} steps, {tokens} tokens "
+              f"in {seconds:.1f} s)")
+    print(f"perplexity {result['heldout_perplexity']:.4f} (held-out, step {result['step']})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, commands = _parsers()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top-level one
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "train":
-            for name in ("steps", "hidden", "layers", "seq_len", "batch_size", "ckpt_every",
-                         "eval_every", "log_every"):
-                if getattr(args, name) <= 0:
-                    raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-            names = {f.name for f in fields(TrainConfig)}
-            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names},
-                              progress=not args.no_progress)
-            last = train(cfg)
-            import torch.distributed as dist
-
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print(f"tokens/s {last['tokens_per_s']:.0f}")
-                print(f"perplexity {last['heldout_perplexity']:.4f}")
+            _train(args)
         else:
             device = resolve_device(args.device)
             model, vocab = load_for_sampling(args.run_dir, device)
@@ -74,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"fastrnn: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"fastrnn: {e}; `fastrnn train --out {e.out} --resume` continues it", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        hint = "; `fastrnn train --resume` continues from the last checkpoint, if any"
+        print(f"fastrnn: interrupted{hint if args.command == 'train' else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,8 +7,10 @@
 ``w_hh (H, H)``. Returns every hidden state ``y (T, B, H)`` and the final state ``h_n (B, H)``:
     h_t = act(x_proj[t] + h_{t-1} @ w_hh.T)
 ``reverse`` walks time backwards (the reverse direction of a bidirectional layer). ``lengths (B,)``
-(int64, on the CPU) gives each sequence's length for packed input: sequence ``b`` updates only while
-``t < lengths[b]``, ``y`` is zero past its end and ``h_n[b]`` is its last valid state.
+gives each sequence's length for packed input: sequence ``b`` updates only while ``t < lengths[b]``,
+``y`` is zero past its end and ``h_n[b]`` is its last valid state. Lengths on the CPU are checked
+(each in [1, T]) and copied to x_proj's device once; lengths already there are taken as they are
+(checking them would make the host wait for the GPU).
 
 Backends (``FASTRNN_BACKEND``): ``torch``, the plain PyTorch loop below; ``triton``, the fused
 kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``); ``auto`` (default),
@@ -145,7 +147,70 @@ def _valid_steps(T, lengths, device):
     """(T, B, 1) bool mask of the steps each sequence takes, or None for full sequences."""
     if lengths is None:
         return None
-    return (torch.arange(T)[:, None] < lengths.cpu()[None, :]).to(device).unsqueeze(-1)
+    lengths = lengths.to(device)
+    return (torch.arange(T, device=device)[:, None] < lengths[None, :]).unsqueeze(-1)
+
+
+# Helpers the LSTM and GRU ops share (fastrnn/lstm.py, fastrnn/gru.py)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of states and sums: fp64 for fp64, else fp32 (as the kernels accumulate)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _add_at_step(out: torch.Tensor, x: torch.Tensor, step: torch.Tensor | int, t: int) -> None:
+    """``out += x`` for the sequences whose ``step`` (from ``_edge_step``: one int, or (B,)) is t."""
+    if isinstance(step, int):
+        if step == t:
+            out += x
+    else:
+        out += x * (step == t)[:, None]
+
+
+def _previous_states(y: torch.Tensor, h0: torch.Tensor | None, reverse: bool,
+                     lengths: torch.Tensor | None) -> torch.Tensor:
+    """``h_{t-1}`` of every step t, (T, B, N): ``y`` one step back along the walk, ``h0`` (or zeros)
+    at each sequence's first step. ``y`` must be zero past each sequence's end (a reverse walk's
+    first step ``lengths[b] - 1`` then reads zeros before h0 is put there)."""
+    T, B = y.shape[:2]
+    h_prev = torch.zeros_like(y)
+    if reverse:
+        h_prev[:-1] = y[1:]
+    else:
+        h_prev[1:] = y[:-1]
+    if h0 is not None:
+        first = _edge_step(T, reverse, lengths, y.device)
+        h_prev[first if isinstance(first, int) else (first, torch.arange(B, device=y.device))] = h0
+    return h_prev
+
+
+def _check_operands(x_proj: torch.Tensor, **operands: torch.Tensor | None) -> None:
+    """Each operand given (None skipped) has x_proj's dtype and device."""
+    for name, t in operands.items():
+        if t is None:
+            continue
+        if t.dtype != x_proj.dtype:
+            raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({x_proj.dtype})")
+        if t.device != x_proj.device:
+            raise RuntimeError(f"Input and {name} tensors are not at the same device, found input "
+                               f"tensor at {x_proj.device} and {name} tensor at {t.device}")
+
+
+def _lengths_on_device(lengths, T: int, B: int, device: torch.device) -> torch.Tensor:
+    """``lengths (B,)`` as int64 on ``device``. Host lengths (a CPU tensor or a list) are checked to
+    lie in [1, T] and moved once; a tensor already on an accelerator ``device`` is taken unchecked,
+    without a host sync."""
+    on_device = isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu"
+    if on_device and lengths.device != device:
+        raise RuntimeError(f"lengths must be on the CPU or on the input's device ({device}), "
+                           f"found {lengths.device}")
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=lengths.device if on_device else "cpu")
+    if tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+    if not on_device and B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise ValueError(f"lengths must lie in [1, {T}]")
+    return lengths.to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,9 +233,8 @@ def recurrence_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: to
         from fastrnn.kernels import recurrence_fwd as fwd
     else:
         fwd = recurrence_fwd_torch
-    lengths_dev = lengths.to(x_proj.device) if lengths is not None else None
-    y = fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths_dev)
-    h_n = _at_step(y, _edge_step(y.shape[0], not reverse, lengths_dev, y.device)).clone()
+    y = fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
+    h_n = _at_step(y, _edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
     return y, h_n
 
 
@@ -188,8 +252,7 @@ def recurrence_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_h
         from fastrnn.kernels import recurrence_bwd as bwd
     else:
         bwd = recurrence_bwd_torch
-    lengths_dev = lengths.to(y.device) if lengths is not None else None
-    return bwd(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths_dev)
+    return bwd(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths)
 
 
 @recurrence_bwd_op.register_fake
@@ -208,10 +271,10 @@ def _backward(ctx, dy, dh_n):
     T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
-    d_pre = recurrence_bwd_op(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend)
+    d_pre = RecurrenceBackward.apply(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths,
+                                     ctx.backend)
 
-    lengths_dev = lengths.to(y.device) if lengths is not None else None
-    d_first = _at_step(d_pre, _edge_step(T, ctx.reverse, lengths_dev, y.device))  # (B, H)
+    d_first = _at_step(d_pre, _edge_step(T, ctx.reverse, lengths, y.device))  # (B, H)
     dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
     dw_hh = None
     if ctx.needs_input_grad[2]:
@@ -225,6 +288,155 @@ def _backward(ctx, dy, dh_n):
 
 
 recurrence_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The backward's own derivative (double backward: gradient penalties, Hessian-vector products).
+# The backward is linear in (dy, dh_n): with a_t = act'(y_t) and t_next the step that consumed h_t,
+#     g_t = dy[t] + [t last] dh_n + d[t_next] @ w_hh,    d[t] = a_t * g_t.
+# For an upstream gradient e of d, its adjoint runs the other way in time through w_hh.T:
+#     G_t = a_t * (e[t] + G[t_prev] @ w_hh.T)       (G = dL/dg: the same backward op, reversed)
+# and then dL/d(dy) = G, dL/d(dh_n) = G at the last step, dL/dw_hh = sum_t d[t_next].T @ G[t],
+# dL/dy[t] = (e[t] + G[t_prev] @ w_hh.T) * g_t * da_t/dy_t (-2 y for tanh, 0 for relu).
+
+
+def _setup_context_bwd(ctx, inputs, output):
+    dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend = inputs
+    ctx.save_for_backward(dy, dh_n, y, w_hh, lengths, output)
+    ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
+
+
+def _shifted(x: torch.Tensor, later: bool) -> torch.Tensor:
+    """``x`` moved one step along time, zero at the edge: ``out[t] = x[t + 1]`` if ``later`` else
+    ``x[t - 1]``. (T, B, H) -> (T, B, H)."""
+    edge = torch.zeros_like(x[:1])
+    return torch.cat((x[1:], edge)) if later else torch.cat((edge, x[:-1]))
+
+
+def _backward_of_backward(ctx, e):
+    dy, dh_n, y, w_hh, lengths, d_pre = ctx.saved_tensors
+    T, B, H = y.shape
+    reverse = ctx.reverse  # the forward's direction; the backward walked the other way
+    G = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(dh_n), y, w_hh.t(), ctx.nonlinearity,
+                                 not reverse, lengths, ctx.backend)  # (T, B, H) = dL/dg
+    last = _edge_step(T, not reverse, lengths, y.device)
+    d_dy = G if ctx.needs_input_grad[0] else None
+    d_dh_n = _at_step(G, last) if ctx.needs_input_grad[1] else None
+    d_w = None
+    if ctx.needs_input_grad[3]:  # g_t holds d[t_next] @ w_hh: t_next = t + 1 (t - 1 with reverse)
+        d_next, G_now = (d_pre[:-1], G[1:]) if reverse else (d_pre[1:], G[:-1])
+        d_w = d_next.reshape(-1, H).T @ G_now.reshape(-1, H)  # (H, H)
+    d_y = None
+    if ctx.needs_input_grad[2] and ctx.nonlinearity == "tanh":
+        D = e + _shifted(G, later=reverse) @ w_hh.T  # dL/dd, (T, B, H)
+        g = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths)
+        d_y = D * g * (-2.0 * y)  # zero past each sequence's end, where y is zero
+    return d_dy, d_dh_n, d_y, d_w, None, None, None, None
+
+
+def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths):
+    """The backward's ``g_t = dy[t] + [t last] dh_n + d_pre[t_next] @ w_hh``, all steps at once."""
+    T, B, _ = dy.shape
+    g = dy + _shifted(d_pre, later=not reverse) @ w_hh
+    return _add_at(g, _edge_step(T, not reverse, lengths, dy.device), dh_n)
+
+
+def _add_at(x: torch.Tensor, step, v: torch.Tensor) -> torch.Tensor:
+    """``x`` (T, B, H) with ``v`` (B, H) added at ``x[step[b], b]`` (``step`` from ``_edge_step``)."""
+    B = x.shape[1]
+    if isinstance(step, int):
+        step = torch.full((B,), step, dtype=torch.int64, device=x.device)
+    return x.index_put((step, torch.arange(B, device=x.device)), v, accumulate=True)
+
+
+# Forward-mode derivatives (torch.func.jvp, jacfwd, hessian). The tangent of the forward is the
+# same linear recurrence as G above, fed with e_t = dx[t] + h_{t-1} @ dw.T (+ dh0 @ w_hh.T at each
+# sequence's first step). The tangent of the backward, with s_t = g_t * da_t (da: the tangent of
+# act'(y_t)), is s + u, where u is the backward op run on dy' + s[t_next] @ w_hh + d[t_next] @ dw.
+
+
+def _jvp(ctx, dx, dh0, dw, *_):
+    y, h0, w_hh, lengths = ctx.saved_tensors
+    T, B, _ = y.shape
+    e = dx if dx is not None else torch.zeros_like(y)
+    if dw is not None:
+        e = e + _previous_states(y, h0, ctx.reverse, lengths) @ dw.T
+    if dh0 is not None:
+        e = _add_at(e, _edge_step(T, ctx.reverse, lengths, y.device), dh0 @ w_hh.T)
+    dy = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(y[0]), y, w_hh.t(), ctx.nonlinearity,
+                                  not ctx.reverse, lengths, ctx.backend)
+    return dy, _at_step(dy, _edge_step(T, not ctx.reverse, lengths, y.device))
+
+
+def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
+    dy, dh_n, y, w_hh, lengths, d_pre = ctx.saved_tensors
+    reverse = ctx.reverse
+    s = torch.zeros_like(y)
+    if d_y is not None and ctx.nonlinearity == "tanh":  # relu's act' is flat: no tangent
+        s = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths) * (-2.0 * y * d_y)
+    e = (d_dy if d_dy is not None else torch.zeros_like(y)) + _shifted(s, later=not reverse) @ w_hh
+    if d_w is not None:
+        e = e + _shifted(d_pre, later=not reverse) @ d_w
+    d_dh_n = d_dh_n if d_dh_n is not None else torch.zeros_like(dh_n)
+    u = RecurrenceBackward.apply(e.contiguous(), d_dh_n.contiguous(), y, w_hh, ctx.nonlinearity,
+                                 reverse, lengths, ctx.backend)
+    return u + s
+
+
+recurrence_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
+
+
+def _vmap_by_loop(fn, info, in_dims, *args):
+    """A vmap rule for the autograd.Functions below (torch.func.jacrev, vmap of grad): ``fn`` once
+    per batch element, outputs stacked along dim 0."""
+    def element(i):
+        return [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+
+    outs = [fn(*element(i)) for i in range(info.batch_size)]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+
+class Recurrence(torch.autograd.Function):
+    """The forward op and its formulas as an autograd.Function, which torch.func transforms (grad of
+    grad, jacrev, jvp, hessian) accept where a custom op's registered formula is refused. Eager calls
+    go through it; under torch.compile the custom op itself is called (Dynamo refuses a custom jvp)."""
+
+    @staticmethod
+    def forward(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend):
+        return recurrence_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output[0], inputs[1], inputs[2], inputs[5])
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(Recurrence.apply, info, in_dims, *args)
+
+
+class RecurrenceBackward(torch.autograd.Function):
+    """The backward op, differentiable again (``_backward_of_backward``)."""
+
+    @staticmethod
+    def forward(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend):
+        return recurrence_bwd_op(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend)
+
+    backward = staticmethod(_backward_of_backward)
+    jvp = staticmethod(_jvp_of_backward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context_bwd(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4], inputs[6], output)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(RecurrenceBackward.apply, info, in_dims, *args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,21 +457,12 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
         raise RuntimeError(f"w_hh must be ({H}, {H}), got {tuple(w_hh.shape)}")
     if h0 is not None and tuple(h0.shape) != (B, H):
         raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
-    for name, t in (("w_hh", w_hh), ("h0", h0)):
-        if t is None:
-            continue
-        if t.dtype != x_proj.dtype:
-            raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({x_proj.dtype})")
-        if t.device != x_proj.device:
-            raise RuntimeError(f"Input and {name} tensors are not at the same device, found input "
-                               f"tensor at {x_proj.device} and {name} tensor at {t.device}")
+    _check_operands(x_proj, w_hh=w_hh, h0=h0)
     if lengths is not None:
-        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
-        if tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        if B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
-            raise ValueError(f"lengths must lie in [1, {T}]")
+        lengths = _lengths_on_device(lengths, T, B, x_proj.device)
     if T == 0 or B == 0:
         return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
     backend = "torch" if x_proj.device.type == "meta" else get_backend(x_proj.device)
-    return recurrence_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+    if torch.compiler.is_compiling():  # the custom op: Dynamo keeps it in the graph
+        return recurrence_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+    return Recurrence.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)

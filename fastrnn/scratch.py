@@ -287,7 +287,8 @@ def perplexity(net, data_iter, device) -> float:
 
 
 class RNNModel(nn.Module):
-    """The same model around a library RNN layer (``torch.nn.RNN`` or ``fastrnn.RNN``)."""
+    """The same model around a library recurrent layer (``torch.nn.RNN``/``LSTM``/``GRU`` or fastrnn's
+    twins of them)."""
 
     def __init__(self, rnn_layer: nn.Module, vocab_size: int) -> None:
         super().__init__()
@@ -302,5 +303,7 @@ class RNNModel(nn.Module):
         return self.linear(Y.reshape(-1, Y.shape[-1])), state
 
     def begin_state(self, batch_size: int, device):
-        return torch.zeros(self.num_directions * self.rnn.num_layers, batch_size, self.num_hiddens,
-                           device=device, dtype=self.linear.weight.dtype)
+        """Zeros: ``(layers * directions, B, H)``, or the LSTM's tuple of two such tensors."""
+        h = torch.zeros(self.num_directions * self.rnn.num_layers, batch_size, self.num_hiddens,
+                        device=device, dtype=self.linear.weight.dtype)
+        return (h, torch.zeros_like(h)) if self.rnn.mode == "LSTM" else h

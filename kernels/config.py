@@ -32,6 +32,7 @@ class Config:
     block_n: int  # hidden units per program (all of H for ``resident``)
     block_k: int  # reduction chunk of the tiled kernels
     num_warps: int = 4
+    split_k: int = 1  # the tiled product's reduction cut into this many chunks, a warp's each
     # Software pipelining of the tiled kernels' K loop made them spill registers on sm_90 (static
     # count, tests/compile_check.py); the persistent kernels run one program per SM anyway.
     num_stages: int = 1
@@ -41,64 +42,98 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device) -> Config:
+def pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1) -> Config:
+    """The variant and blocks for ``B`` sequences of ``H`` units of a cell with ``gates`` gates per
+    unit (Elman 1, GRU 3, LSTM 4)."""
     forced = os.environ.get("FASTRNN_VARIANT", "")
     if forced and forced not in VARIANTS:
         raise ValueError(f"FASTRNN_VARIANT must be one of {', '.join(VARIANTS)}; got {forced!r}")
-    config = _pick_config(B, H, dtype, torch.device(device), forced)
-    logger.debug("fastrnn: B=%d H=%d %s on %s -> %s", B, H, dtype, device, config)
+    device = torch.device(device)
+    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    config = _pick_config(B, H, dtype, device, forced, gates, tf32)
+    logger.debug("fastrnn: B=%d H=%d gates=%d %s on %s -> %s", B, H, gates, dtype, device, config)
     return config
 
 
-@functools.lru_cache(maxsize=256)
-def _pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, forced: str) -> Config:
+# Shared memory a tiled program may fill with its w_hh rows and the (BLOCK_B, H) read of h_{t-1}
+# (an H100 program may have 227 KB; the rest stays for the products' staging and reductions).
+RESIDENT_W_BYTES = 192 * 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def _pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, forced: str, gates: int = 1,
+                 tf32: bool = True) -> Config:
     block_h = max(16, triton.next_power_of_2(H))
-    block_b = 16
     itemsize = torch.empty((), dtype=dtype).element_size()
-    block_k = 16 if dtype == torch.float64 else (64 if itemsize >= 4 else 128)
-
-    if device.type != "cuda":  # the interpreter: programs of one batch block must not wait on others
-        if forced == "stepwise":
-            return Config("stepwise", block_b, 16, 16)
-        if forced == "tiled":
-            return Config("tiled", block_b, block_h, min(block_k, block_h))
-        return Config("resident", block_b, block_h, block_h)
-
-    resident_limit = {8: 32, 4: 128, 2: 256}.get(itemsize, 128)
+    block_k = 128 if itemsize == 2 else 64  # a streamed chunk of the reduction
+    if device.type != "cuda":
+        return _interpreter_config(block_h, block_k, forced, gates)
+    # all of w_hh.T in one program, h in registers (Elman only): fp32 with 3xTF32 products and fp64
+    # take more registers per product
+    resident_limit = {8: 32, 4: 128, 2: 256}[itemsize] if gates == 1 else 0
     if forced == "resident" or (not forced and block_h <= resident_limit):
-        return Config("resident", block_b, block_h, block_h, num_warps=4 if block_h <= 128 else 8,
-                      num_stages=3)
-
-    n_sm = _sm_count(device)
-    block_n_choices = (16,) if dtype == torch.float64 else (16, 32, 64, 128)
+        return Config("resident", 16, block_h, block_h, num_warps=4 if block_h <= 64 else 8, num_stages=3)
+    block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
     if forced != "stepwise":
-        for block_b in (min(64, max(16, triton.next_power_of_2(B))), 128):
-            n_b = triton.cdiv(B, block_b)
-            for block_n in block_n_choices:
-                if block_n > block_h:
-                    break
-                if n_b * triton.cdiv(H, block_n) <= n_sm:
-                    # Each program keeps its BLOCK_N rows of w_hh on chip (BLOCK_K = H) where the
-                    # (BLOCK_B, H) tile of h_{t-1} still fits without spilling, else it streams
-                    # w_hh through L2 in a K loop. 8 warps for the big tiles: 4 spill registers
-                    # on sm_90 (both measured statically with tests/compile_check.py).
-                    # tl.dot stages both operands in shared memory: (BLOCK_B + BLOCK_N) x H of them
-                    w_resident = (dtype != torch.float64 and block_b <= 32
-                                  and block_b * block_h <= (32768 if block_b == 16 else 16384)
-                                  and (block_b + block_n) * block_h * itemsize <= 160 * 1024)
-                    big = block_b >= 64 or (w_resident and block_b * block_h >= 16384)
-                    return Config("tiled", block_b, block_n, block_h if w_resident else min(block_k, block_h),
-                                  num_warps=8 if big else 4)
-    logger.debug("fastrnn: B=%d H=%d does not fit %d resident programs: one launch per step", B, H, n_sm)
-    return Config("stepwise", 64, min(64, block_h), min(32 if dtype != torch.float64 else 16, block_h),
-                  num_warps=8)
+        for block_n in (16, 32, 64):
+            if block_n <= block_h and triton.cdiv(B, block_b) * triton.cdiv(H, block_n) <= _sm_count(device):
+                return _tiled("tiled", block_b, block_n, block_h, block_k, itemsize, gates)
+    logger.debug("fastrnn: B=%d H=%d does not fit one program per SM: one launch per step", B, H)
+    return _tiled("stepwise", min(block_b, 32), 32, block_h, block_k, itemsize, gates)
 
 
-def dtype_flags(dtype: torch.dtype, device: torch.device) -> dict:
+def _tiled(variant: str, block_b: int, block_n: int, block_h: int, block_k: int, itemsize: int,
+           gates: int) -> Config:
+    """A tiled configuration: w_hh on chip (BLOCK_K covers H) where the backward's product, over all
+    gates' H, fits RESIDENT_W_BYTES with its (BLOCK_B, gates x H) read, else streamed in BLOCK_K
+    chunks; the reduction cut over the warps (SPLIT_K) while each chunk keeps 16 or more and the
+    chunks' (BLOCK_B, BLOCK_N) sums stay small (16 KB of fp32)."""
+    block_n = min(block_n, block_h)
+    if variant == "tiled" and gates * (block_b + block_n) * block_h * itemsize <= RESIDENT_W_BYTES:
+        block_k = block_h
+    block_k = min(block_k, block_h)
+    num_warps = 8 if block_b * block_n >= 1024 or block_b * block_k >= 16384 else 4
+    split_k = max(1, min(num_warps, block_k // 16, 4096 // (block_b * block_n)))
+    return Config(variant, block_b, block_n, block_k, num_warps=num_warps, split_k=split_k)
+
+
+def gated_tile_kwargs(config: Config, H: int, K: int) -> dict:
+    """The block constexprs of a gated cell's tiled kernel whose product reduces over K (H in the
+    forward; all gates' H in the backward): ``config.block_k`` chunks H, and where it covers H,
+    w_hh stays on chip, all K of it."""
+    resident = config.block_k >= H
+    return dict(BLOCK_B=config.block_b, BLOCK_N=config.block_n, SPLIT_K=config.split_k,
+                BLOCK_K=triton.next_power_of_2(K) if resident else config.block_k, W_RESIDENT=resident,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# Triton's largest block (TRITON_MAX_TENSOR_NUMEL): the interpreter refuses any bigger tensor.
+MAX_NUMEL = 1 << 20
+
+
+def _interpreter_config(block_h: int, block_k: int, forced: str, gates: int = 1) -> Config:
+    """The configuration for CPU tensors under ``TRITON_INTERPRET=1``. Its programs run one after
+    another, so no program may wait on another: one program covers all of H per batch block. Every
+    block stays within MAX_NUMEL; the largest is the (BLOCK_K, BLOCK_N) tile of w_hh. ``resident``
+    (BLOCK_K = H) where that fits, else ``tiled`` with a K loop."""
+    if forced == "stepwise":
+        return Config("stepwise", 16, 16, 16)
+    fits = gates * block_h * block_h <= MAX_NUMEL  # the backward's (gates x H, H) block of w_hh
+    if gates == 1 and (forced == "resident" or (not forced and fits)):
+        return Config("resident", 16, block_h, block_h)
+    return Config("tiled", 16, block_h, block_h if fits else min(block_k, MAX_NUMEL // block_h))
+
+
+def dtype_flags(dtype: torch.dtype, device: torch.device, fast: bool = False) -> dict:
     """Accumulator dtype and tl.dot precision: fp32 products use TF32 exactly when
-    ``torch.backends.cudnn.allow_tf32`` is on, as ``torch.nn.RNN`` (cuDNN) does."""
+    ``torch.backends.cudnn.allow_tf32`` is on, as ``torch.nn.RNN`` (cuDNN) does, and else 3xTF32
+    (fp32's precision from the tensor cores). With ``fast``, FAST: the hardware's approximate tanh
+    on the paths whose products are TF32, bf16 or fp16 anyway."""
     import triton.language as tl
 
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    return {"ACC_DTYPE": acc, "PRECISION": "tf32" if tf32 else "ieee"}
+    flags = {"ACC_DTYPE": acc, "PRECISION": "tf32" if tf32 else "tf32x3"}
+    if fast:
+        flags["FAST"] = tf32 or dtype in (torch.float16, torch.bfloat16)
+    return flags

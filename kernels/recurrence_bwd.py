@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
-                     weight_block)
+from .common import (activation_grad, carried_product, grid_barrier, matmul, sequence_lengths, walk_step,
+                     weight_block, weight_chunks)
 from .config import dtype_flags, pick_config
+from .launch import run_sequence
 from .recurrence_fwd import check_operands
 
 
@@ -46,7 +47,7 @@ def _bwd_resident_kernel(
     m_bh = (o_b[:, None] < B) & (o_h[None, :] < H)
 
     # w_hh on chip, (BLOCK_H, BLOCK_H): g[:, n] gets d[:, k] * w_hh[k, n]
-    b_w = weight_block(w_hh_ptr, o_h, o_h, stride_w, 1, H)
+    b_w = weight_block(w_hh_ptr, o_h, o_h, stride_w, 1, H, H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     if REVERSE:
         t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n is the state after t = 0
@@ -89,13 +90,13 @@ def _bwd_tiled_kernel(
     w_hh_ptr,  # (H, H)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     d_pre_ptr,  # (T, B, H) out; also where d_pre[t_next] is read back from
-    sync_ptr,  # (num batch blocks,) int32 arrival counters, zero at launch (unused unless SYNC)
-    step_begin, n_steps,  # this launch runs backward steps [step_begin, step_begin + n_steps)
     T, B, H,
     stride_t, stride_b, stride_hnb, stride_w,
+    sync_ptr,  # (num batch blocks,) int32 arrival counters (unused unless SYNC)
+    step_begin, n_steps,  # this launch runs backward steps [step_begin, step_begin + n_steps)
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's columns of w_hh stay on chip all along
 ):
     """Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_N)): program (i, j) writes d_pre[:, i-th rows, j-th cols]."""
@@ -113,28 +114,22 @@ def _bwd_tiled_kernel(
     b_dh_n = tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_n[None, :], mask=m_bn,
                      other=0.0).to(ACC_DTYPE)
     if W_RESIDENT:  # w_hh columns of this program, loaded once: (BLOCK_K, BLOCK_N)
-        b_w_all = weight_block(w_hh_ptr, tl.arange(0, BLOCK_K).to(tl.int64), o_n, stride_w, 1, H)
+        b_w_all = weight_chunks(w_hh_ptr, 0, o_n, stride_w, 1, H, H, SPLIT_K, BLOCK_K // SPLIT_K)
     else:
         b_w_all = 0.0  # unused: carried_product streams w_hh
 
     for s in range(step_begin, step_begin + n_steps):
-        if REVERSE:
-            t = tl.full([], s, tl.int64)
-            t_next = t - 1
-        else:
-            t = (T - 1 - s).to(tl.int64)
-            t_next = t + 1
-        t_next_b = t_next + tl.zeros_like(b_len)  # (BLOCK_B, 1): masks stay tensors of bool
-        m_next = (t_next_b >= 0) & (t_next_b < T)  # d_pre is zero past a sequence's end already
+        # walking the forward's steps last to first, from t_next, the step that consumed h_t
+        t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
         b_g = tl.load(dy_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
         b_g += tl.where(t == t_last, b_dh_n, 0.0)
-        b_g = carried_product(b_g, d_pre_ptr + t_next * stride_t, m_next, o_b, o_n, B, H, stride_b,
-                              w_hh_ptr, stride_w, 1, b_w_all, PRECISION, BLOCK_K, W_RESIDENT)
+        b_g = carried_product(b_g, d_pre_ptr + t_next * stride_t, m_next, o_b, o_n, B, H, H, stride_b,
+                              w_hh_ptr, stride_w, 1, b_w_all, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
         b_y = tl.load(y_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
         b_d_new = tl.where(t < b_len, b_g * activation_grad(b_y, ACTIVATION), 0.0)
         tl.store(d_pre_ptr + t * stride_t + p_bn, b_d_new.to(d_pre_ptr.dtype.element_ty), mask=m_bn)
         if SYNC:
-            grid_barrier(sync_ptr + pid_b, (s - step_begin + 1) * tl.num_programs(1))
+            grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
 
 
 def recurrence_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False,
@@ -152,24 +147,25 @@ def recurrence_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = 
         return d_pre
     config = config or pick_config(B, H, y.dtype, y.device)
     with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
-        flags = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse,
-                     HAS_LENGTHS=lengths is not None, **dtype_flags(y.dtype, y.device))
-        len_arg = lengths if lengths is not None else y  # never read unless HAS_LENGTHS
-        if config.variant == "resident":
-            grid = (triton.cdiv(B, config.block_b),)
-            _bwd_resident_kernel[grid](
-                dy, dh_n, y, w_hh, len_arg, d_pre, T, B, H, y.stride(0), y.stride(1), dh_n.stride(0),
-                w_hh.stride(0), BLOCK_B=config.block_b, BLOCK_H=config.block_n,
-                num_warps=config.num_warps, num_stages=config.num_stages, **flags)
-            return d_pre
-        grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
-        sync = torch.zeros(grid[0], dtype=torch.int32, device=y.device)
-        launches = [(0, T)] if config.variant == "tiled" else [(s, 1) for s in range(T)]
-        for step_begin, n_steps in launches:
-            _bwd_tiled_kernel[grid](
-                dy, dh_n, y, w_hh, len_arg, d_pre, sync, step_begin, n_steps, T, B, H,
-                y.stride(0), y.stride(1), dh_n.stride(0), w_hh.stride(0),
-                SYNC=config.variant == "tiled", BLOCK_B=config.block_b, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, W_RESIDENT=config.block_k >= H, num_warps=config.num_warps,
-                num_stages=config.num_stages, **flags)
+        kernel, grid, args, kwargs = bwd_launch(dy, dh_n, y, w_hh, lengths, d_pre, activation, reverse,
+                                                config)
+        run_sequence(kernel, grid, args, kwargs, config.variant, T, y.device)
     return d_pre
+
+
+def bwd_launch(dy, dh_n, y, w_hh, lengths, d_pre, activation, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the backward for ``config`` (contiguous operands); what
+    ``run_sequence`` launches and ``tests/compile_check.py`` compiles."""
+    T, B, H = y.shape
+    kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse,
+                  HAS_LENGTHS=lengths is not None, num_warps=config.num_warps,
+                  num_stages=config.num_stages, **dtype_flags(y.dtype, y.device))
+    len_arg = lengths if lengths is not None else y  # never read unless HAS_LENGTHS
+    args = (dy, dh_n, y, w_hh, len_arg, d_pre, T, B, H, y.stride(0), y.stride(1), dh_n.stride(0),
+            w_hh.stride(0))
+    if config.variant == "resident":
+        kwargs.update(BLOCK_B=config.block_b, BLOCK_H=config.block_n)
+        return _bwd_resident_kernel, (triton.cdiv(B, config.block_b),), args, kwargs
+    kwargs.update(BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                  SPLIT_K=config.split_k, W_RESIDENT=config.block_k >= H)
+    return _bwd_tiled_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs

@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (activation, carried_product, grid_barrier, matmul, sequence_lengths,
-                     weight_block)
+from .common import (activation, carried_product, grid_barrier, matmul, sequence_lengths, walk_step,
+                     weight_block, weight_chunks)
 from .config import dtype_flags, pick_config
+from .launch import run_sequence
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -39,7 +40,7 @@ def _fwd_resident_kernel(
     stride_h0b, stride_w,
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One program per block of BLOCK_B sequences; BLOCK_H >= H covers the whole hidden state."""
     pid_b = tl.program_id(0)
@@ -48,7 +49,7 @@ def _fwd_resident_kernel(
     m_bh = (o_b[:, None] < B) & (o_h[None, :] < H)
 
     # w_hh.T on chip for the whole sequence: b_wt[k, n] = w_hh[n, k], (BLOCK_H, BLOCK_H)
-    b_wt = weight_block(w_hh_ptr, o_h, o_h, 1, stride_w, H)
+    b_wt = weight_block(w_hh_ptr, o_h, o_h, 1, stride_w, H, H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     # the state h stays in registers between steps, (BLOCK_B, BLOCK_H), in ACC_DTYPE
     if HAS_H0:
@@ -74,7 +75,7 @@ def _fwd_resident_kernel(
         # prefetch x_proj of the next step: its load overlaps this step's dependent chain
         b_x_next = tl.load(p_x + t_next * stride_xt, mask=m_bh, other=0.0)
         b_z = b_x + matmul(b_h.to(b_wt.dtype), b_wt, PRECISION).to(ACC_DTYPE)
-        b_h_new = activation(b_z, ACTIVATION)
+        b_h_new = activation(b_z, ACTIVATION, FAST)
         m_valid = t < b_len  # (BLOCK_B, 1): this sequence has not ended
         b_h = tl.where(m_valid, b_h_new, b_h)
         b_y = tl.where(m_valid, b_h_new, 0.0)
@@ -88,14 +89,14 @@ def _fwd_tiled_kernel(
     w_hh_ptr,  # (H, H)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     y_ptr,  # (T, B, H) out; also where h_{t-1} is read back from
-    sync_ptr,  # (num batch blocks,) int32 arrival counters, zero at launch (unused unless SYNC)
-    step_begin, n_steps,  # this launch runs steps [step_begin, step_begin + n_steps)
     T, B, H,
     stride_xt, stride_xb, stride_h0b, stride_w,
+    sync_ptr,  # (num batch blocks,) int32 arrival counters (unused unless SYNC)
+    step_begin, n_steps,  # this launch runs steps [step_begin, step_begin + n_steps)
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's rows of w_hh stay on chip all along
 ):
     """Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_N)): program (i, j) writes y[:, i-th rows, j-th cols]."""
@@ -106,35 +107,27 @@ def _fwd_tiled_kernel(
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     if W_RESIDENT:  # w_hh.T columns of this program, loaded once: b_wt_all[k, n] = w_hh[n, k]
-        b_wt_all = weight_block(w_hh_ptr, tl.arange(0, BLOCK_K).to(tl.int64), o_n, 1, stride_w, H)
+        b_wt_all = weight_chunks(w_hh_ptr, 0, o_n, 1, stride_w, H, H, SPLIT_K, BLOCK_K // SPLIT_K)
     else:
         b_wt_all = 0.0  # unused: carried_product streams w_hh
 
     for s in range(step_begin, step_begin + n_steps):
-        if REVERSE:
-            t = (T - 1 - s).to(tl.int64)
-            t_prev = t + 1
-        else:
-            t = tl.full([], s, tl.int64)
-            t_prev = t - 1
         # h_{t-1} comes from y[t_prev] where that step was valid for the sequence; at a sequence's
         # first step it is h0, whose product h0 @ w_hh.T the caller computed once (h0_proj)
-        t_prev_b = t_prev + tl.zeros_like(b_len)  # (BLOCK_B, 1): masks stay tensors of bool
-        m_prev = (t_prev_b >= 0) & (t_prev_b < b_len)
+        t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
         b_z = tl.load(x_proj_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
                       mask=m_bn, other=0.0).to(ACC_DTYPE)
         if HAS_H0:
-            m_first = (t_prev_b < 0) | (t_prev_b >= b_len)
             b_z += tl.load(h0_proj_ptr + o_b[:, None] * stride_h0b + o_n[None, :],
                            mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
-        b_z = carried_product(b_z, y_ptr + t_prev * stride_xt, m_prev, o_b, o_n, B, H, stride_xb,
-                              w_hh_ptr, 1, stride_w, b_wt_all, PRECISION, BLOCK_K, W_RESIDENT)
-        b_h_new = activation(b_z, ACTIVATION)
+        b_z = carried_product(b_z, y_ptr + t_prev * stride_xt, m_prev, o_b, o_n, B, H, H, stride_xb,
+                              w_hh_ptr, 1, stride_w, b_wt_all, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
+        b_h_new = activation(b_z, ACTIVATION, FAST)
         b_y = tl.where(t < b_len, b_h_new, 0.0)
         tl.store(y_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
                  b_y.to(y_ptr.dtype.element_ty), mask=m_bn)
         if SYNC:
-            grid_barrier(sync_ptr + pid_b, (s - step_begin + 1) * tl.num_programs(1))
+            grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
 
 
 def recurrence_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
@@ -150,33 +143,34 @@ def recurrence_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = F
         return y
     config = config or pick_config(B, H, x_proj.dtype, x_proj.device)
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
-        flags = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_H0=h0 is not None,
-                     HAS_LENGTHS=lengths is not None, **dtype_flags(x_proj.dtype, x_proj.device))
-        h0_arg = h0 if h0 is not None else x_proj  # never read unless HAS_H0
-        len_arg = lengths if lengths is not None else x_proj  # never read unless HAS_LENGTHS
-        stride_h0b = h0.stride(0) if h0 is not None else 0
-        if config.variant == "resident":
-            grid = (triton.cdiv(B, config.block_b),)
-            _fwd_resident_kernel[grid](
-                x_proj, h0_arg, w_hh, len_arg, y, T, B, H, x_proj.stride(0), x_proj.stride(1),
-                stride_h0b, w_hh.stride(0), BLOCK_B=config.block_b, BLOCK_H=config.block_n,
-                num_warps=config.num_warps, num_stages=config.num_stages, **flags)
-            return y
-        grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
-        sync = torch.zeros(grid[0], dtype=torch.int32, device=x_proj.device)
-        if h0 is not None:  # h0's product once, in the accumulator's precision: (B, H)
-            acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
-            h0_arg = (h0.to(acc) @ w_hh.to(acc).T).contiguous()
-            stride_h0b = h0_arg.stride(0)
-        launches = [(0, T)] if config.variant == "tiled" else [(s, 1) for s in range(T)]
-        for step_begin, n_steps in launches:
-            _fwd_tiled_kernel[grid](
-                x_proj, h0_arg, w_hh, len_arg, y, sync, step_begin, n_steps, T, B, H,
-                x_proj.stride(0), x_proj.stride(1), stride_h0b, w_hh.stride(0),
-                SYNC=config.variant == "tiled", BLOCK_B=config.block_b, BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k, W_RESIDENT=config.block_k >= H, num_warps=config.num_warps,
-                num_stages=config.num_stages, **flags)
+        kernel, grid, args, kwargs = fwd_launch(x_proj, h0, w_hh, lengths, y, activation, reverse, config)
+        run_sequence(kernel, grid, args, kwargs, config.variant, T, x_proj.device)
     return y
+
+
+def fwd_launch(x_proj, h0, w_hh, lengths, y, activation, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the forward for ``config`` (contiguous operands); what
+    ``run_sequence`` launches and ``tests/compile_check.py`` compiles."""
+    T, B, H = x_proj.shape
+    kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_H0=h0 is not None,
+                  HAS_LENGTHS=lengths is not None, num_warps=config.num_warps,
+                  num_stages=config.num_stages, **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
+    len_arg = lengths if lengths is not None else x_proj  # never read unless HAS_LENGTHS
+    if config.variant == "resident":
+        h0_arg = h0 if h0 is not None else x_proj  # never read unless HAS_H0
+        args = (x_proj, h0_arg, w_hh, len_arg, y, T, B, H, x_proj.stride(0), x_proj.stride(1),
+                h0.stride(0) if h0 is not None else 0, w_hh.stride(0))
+        kwargs.update(BLOCK_B=config.block_b, BLOCK_H=config.block_n)
+        return _fwd_resident_kernel, (triton.cdiv(B, config.block_b),), args, kwargs
+    h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
+    if h0 is not None:
+        acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+        h0_proj = (h0.to(acc) @ w_hh.to(acc).T).contiguous()  # (B, H)
+    args = (x_proj, h0_proj, w_hh, len_arg, y, T, B, H, x_proj.stride(0), x_proj.stride(1),
+            h0_proj.stride(0) if h0 is not None else 0, w_hh.stride(0))
+    kwargs.update(BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                  SPLIT_K=config.split_k, W_RESIDENT=config.block_k >= H)
+    return _fwd_tiled_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
 def check_operands(x_proj, h0, w_hh, lengths) -> None:

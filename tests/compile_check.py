@@ -1,124 +1,307 @@
-"""Compile every fused kernel for Hopper (sm_90) without a GPU and report its register use.
+"""Compile every fused kernel exactly as a launch compiles it, for Hopper (sm_90), without a GPU.
 
-    python tests/compile_check.py            # the suite's configs on a 132-SM H100, and every flag set
+    python tests/compile_check.py              # the whole sweep (hours on 2 cores); last line "compile check: PASS|FAIL"
+    python tests/compile_check.py --ci         # its representative part (minutes): what CI runs
+    python tests/compile_check.py --table      # also the published suite's figures, as a markdown table
 
-Triton's NVIDIA backend and ptxas ship in the triton wheel, so the kernels are compiled all the way
-to a cubin here, on a CPU-only machine; cuobjdump reads each cubin's registers and stack (spills).
-A kernel that fails to compile, spills more than 64 bytes of stack per thread, or asks for more
-shared memory than an H100 SM has (227 KB), fails the run.
-It cannot run the kernels: that is tests/gpu_check.py, on a GPU.
+For each shape ``pick_config`` can be asked about (B from 1 to 4096, H from 1 to 8192, multiples of 16
+and not), each dtype (fp32 with IEEE and with TF32 products, bf16, fp16, fp64), forward and backward,
+with and without h0 / lengths / reverse, the launchers' own ``*_launch`` functions build the kernel,
+grid and arguments (on meta tensors) and the JIT's own binder specialises and compiles them
+(``kernel.warmup`` with the driver swapped for an sm_90 target: pointer and integer divisibility,
+B == 1 or H == 1 as constants, do_not_specialize, num_warps, num_stages, the cooperative flag). A tiled
+configuration is compiled both as its cooperative launch and as its stepwise fallback.
+
+The run fails on a compile error, on a register spill inside a loop (the step loop) or more than
+64 bytes of stack outside one, on more shared memory than an H100 program may have (227 KB), or on a tiled grid the GPU
+cannot hold at once (occupancy x 132 SMs). Registers and stack are read from the cubin with the
+wheel's cuobjdump. It cannot run the kernels: that is tests/gpu_check.py, on a GPU.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import itertools
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real (decided when the kernels are imported)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns while the default is implicit
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
 
 import fastrnn.kernels.config as config  # noqa: E402
-from fastrnn.kernels.recurrence_bwd import _bwd_resident_kernel, _bwd_tiled_kernel  # noqa: E402
-from fastrnn.kernels.recurrence_fwd import _fwd_resident_kernel, _fwd_tiled_kernel  # noqa: E402
+from fastrnn.kernels.gru import gru_bwd_launch, gru_fwd_launch  # noqa: E402
+from fastrnn.kernels.launch import programs_per_sm, tiled_arguments  # noqa: E402
+from fastrnn.kernels.lstm import lstm_bwd_launch, lstm_fwd_launch  # noqa: E402
+from fastrnn.kernels.recurrence_bwd import bwd_launch  # noqa: E402
+from fastrnn.kernels.recurrence_fwd import fwd_launch  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-MAX_STACK = 64
+TARGET, N_SM = GPUTarget("cuda", 90, 32), 132
 MAX_SHARED = 232448  # bytes of shared memory one H100 program may use
+MAX_STACK = 64  # bytes per thread, spilled outside the step loop (a one-time cost at most)
+SWEEP_B = (1, 2, 3, 8, 16, 17, 32, 33, 64, 100, 128, 256, 1000, 1024, 4096)
+SWEEP_H = (1, 2, 15, 16, 17, 32, 64, 100, 128, 130, 200, 256, 257, 500, 512, 640, 1000, 1024, 1500,
+           2048, 3000, 4096, 8192)
 SUITE = {1: (32, 512), 2: (32, 256), 3: (64, 512), 4: (128, 1024), 5: (16, 2048), 6: (256, 256),
          7: (1, 512), 8: (8, 128)}
-TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-POINTERS = {"lengths_ptr": "*i64", "sync_ptr": "*i32"}
+DTYPES = {"fp32": (torch.float32, "tf32x3"), "tf32": (torch.float32, "tf32"), "bf16": (torch.bfloat16, None),
+          "fp16": (torch.float16, None), "fp64": (torch.float64, None)}
+ALL_ON = dict(h0=True, lengths=True, reverse=True)
+ALL_OFF = dict(h0=False, lengths=False, reverse=False)
 
 
-def compile_one(kernel, dtype, cfg, H=None, **flags):
-    """Compile ``kernel`` for sm_90 (hidden size ``H`` decides W_RESIDENT for the tiled kernels);
-    returns (registers, stack bytes, shared-memory bytes)."""
-    ptr = "*" + TL[dtype]
-    constexprs = dict(ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-                      PRECISION="tf32" if dtype == torch.float32 else "ieee", **flags)
+class _CompileOnlyDriver:
+    """Enough of a driver for ``JITFunction.warmup``: a target, a device key, a stream."""
+
+    def __init__(self, target):
+        self.target, self.device = target, f"compile-only:{target.arch}"
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"the compile path asked the driver for {name!r}")
+
+
+@contextlib.contextmanager
+def compile_only(target=TARGET):
+    saved = driver._active  # driver.active would look for a GPU
+    driver.set_active(_CompileOnlyDriver(target))
+    try:
+        yield
+    finally:
+        driver._active = saved
+
+
+GATES = {"rnn": 1, "lstm": 4, "lstm-proj": 4, "gru": 3}
+
+
+def pick(cell: str, B: int, H: int, dtype_name: str):
+    dtype, precision = DTYPES[dtype_name]
+    return config._pick_config(B, H, dtype, torch.device("cuda"), "", GATES[cell], precision == "tf32")
+
+
+def operands(cell: str, direction: str, B: int, H: int, dtype, flags: dict, cfg):
+    """``(kernel, grid, args, kwargs)`` of one launcher on meta tensors (T = 2; T is never
+    specialised), through the launchers' own ``*_launch`` functions."""
+    T, P = 2, (H // 2 or 1) if cell == "lstm-proj" else H
+    G = GATES[cell]
+
+    def empty(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device="meta")
+
+    lengths = empty(B, dt=torch.int64) if flags["lengths"] else None
+    h0 = empty(B, P) if flags["h0"] else None
+    reverse = flags["reverse"]
+    if cell == "rnn" and direction == "fwd":
+        return fwd_launch(empty(T, B, H), h0, empty(H, H), lengths, empty(T, B, H), "tanh", reverse, cfg)
+    if cell == "rnn":
+        return bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), empty(H, H), lengths,
+                          empty(T, B, H), "tanh", reverse, cfg)
+    w_hh, gates = empty(G * H, P), empty(T, B, 4 * H)
+    if cell == "gru" and direction == "fwd":
+        return gru_fwd_launch(empty(T, B, 3 * H), h0, w_hh, empty(H), lengths, empty(T, B, H), gates,
+                              reverse, cfg)
+    if cell == "gru":
+        return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, h0, w_hh, lengths,
+                              empty(T, B, 3 * H), empty(B, H), reverse, cfg)
+    w_hr = empty(P, H) if cell == "lstm-proj" else None
+    c0 = empty(B, H) if flags["h0"] else None
+    if direction == "fwd":
+        return lstm_fwd_launch(empty(T, B, 4 * H), h0, c0, w_hh, w_hr, lengths, empty(T, B, P),
+                               empty(T, B, H), gates, reverse, cfg)
+    return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates, c0, w_hh, w_hr,
+                           lengths, empty(T, B, 4 * H), empty(B, H), reverse, cfg)
+
+
+def launches(cell: str, direction: str, B: int, H: int, dtype_name: str, flags: dict):
+    """The config and [(variant, kernel, grid, args, kwargs)] the launcher runs for this case."""
+    dtype, precision = DTYPES[dtype_name]
+    cfg = pick(cell, B, H, dtype_name)
+    kernel, grid, args, kwargs = operands(cell, direction, B, H, dtype, flags, cfg)
+    if precision is not None:
+        kwargs["PRECISION"] = precision
     if cfg.variant == "resident":
-        constexprs.update(BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_n)
-    else:
-        constexprs.update(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                          SYNC=cfg.variant == "tiled")
-        constexprs.setdefault("W_RESIDENT", cfg.block_k >= H)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = POINTERS.get(name, ptr)
-        else:
-            signature[name] = "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=TARGET,
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return (*resource_usage(compiled.asm["cubin"]), compiled.metadata.shared)
+        return cfg, [(cfg.variant, kernel, grid, args, kwargs)]
+    sync = torch.empty(grid[0], dtype=torch.int32, device="meta")
+    cooperative = cfg.variant == "tiled"  # else stepwise (a tiled one's fallback is the same kernel,
+    a, kw = tiled_arguments(args, kwargs, sync, 0, 2, cooperative)  # less the barrier)
+    if cell == "lstm-proj" and not cooperative:  # one launch per part of the step
+        return cfg, [(cfg.variant, kernel, grid, a, dict(kw, PHASE=phase)) for phase in (1, 2)]
+    return cfg, [(cfg.variant, kernel, grid, a, kw)]
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int]:
+def specialisation_key(cell, direction, B, H, dtype_name, flags):
+    """What the JIT's binder sees of a case: cases with the same key compile to the same kernel."""
+    return (cell, direction, pick(cell, B, H, dtype_name), dtype_name, tuple(sorted(flags.items())), B == 1,
+            H == 1, H % 16 == 0, (B * H) % 16 == 0)
+
+
+def resource_usage(compiled) -> tuple[int, int, int]:
+    """(registers per thread, stack bytes per thread, local-memory accesses inside a loop) of a
+    compiled kernel, read from its cubin: a spill inside the step loop costs every step."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    fields = dict(tok.split(":") for tok in out.split() if tok.startswith(("REG:", "STACK:")))
-    return int(fields["REG"]), int(fields["STACK"])
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    fields = dict(tok.split(":", 1) for tok in usage.split() if tok.startswith(("REG:", "STACK:")))
+    return int(fields["REG"]), int(fields["STACK"]), spills_in_loops(sass)
 
 
-def kernels_for(cfg):
-    if cfg.variant == "resident":
-        return [("fwd", _fwd_resident_kernel, {"HAS_H0": True}), ("bwd", _bwd_resident_kernel, {})]
-    return [("fwd", _fwd_tiled_kernel, {"HAS_H0": True}), ("bwd", _bwd_tiled_kernel, {})]
+def spills_in_loops(sass: str) -> int:
+    """How many local-memory loads and stores (LDL, STL) lie inside a loop: between a backward
+    branch and its target."""
+    addressed = [(int(m.group(1), 16), line) for line in sass.splitlines()
+                 if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/", line))]
+    loops = [(int(m.group(1), 16), at) for at, line in addressed
+             if (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", line)) and int(m.group(1), 16) < at]
+    return sum(1 for at, line in addressed if re.search(r"\b(LDL|STL)\b", line)
+               and any(start <= at <= end for start, end in loops))
+
+
+def check_case(case) -> list[dict]:
+    """Compile one case's launches; a row per kernel with its figures and what is wrong with it."""
+    _fake_h100()
+    rows = []
+    try:
+        cfg, plans = launches(*case)
+    except Exception as e:  # noqa: BLE001 - reported as a failure
+        return [dict(case=case, variant="?", error=f"{type(e).__name__}: {e}"[:300])]
+    for variant, kernel, grid, args, kwargs in plans:
+        row = dict(case=case, variant=variant, cfg=cfg)
+        try:
+            with compile_only():
+                compiled = kernel.warmup(*args, grid=grid, **kwargs)
+            row["regs"], row["stack"], row["loop_spills"] = resource_usage(compiled)
+            row["shared"] = compiled.metadata.shared
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            continue
+        problems = []
+        if row["loop_spills"] or row["stack"] > MAX_STACK:
+            problems.append(f"{row['stack']} B of stack, {row['loop_spills']} spills in the step loop")
+        if row["shared"] > MAX_SHARED:
+            problems.append(f"{row['shared']} B of shared memory")
+        room = programs_per_sm(row["regs"], cfg.num_warps, row["shared"]) * N_SM
+        if variant == "tiled" and math.prod(grid) > room:
+            problems.append(f"{math.prod(grid)} programs, room for {room}")
+        row["error"] = "; ".join(problems)
+        rows.append(row)
+    return rows
+
+
+def _fake_h100():
+    config._sm_count = lambda device: N_SM
+
+
+def sweep_cases():
+    """The Elman cell on every shape of the sweep, the gated cells on a coarser one, with h0, lengths
+    and reverse all on; all off on the suite's shapes. One case per distinct compiled kernel."""
+    _fake_h100()
+    cases, seen = [], set()
+    shapes = [("rnn", B, H, ALL_ON) for B in SWEEP_B for H in SWEEP_H]
+    shapes += [(cell, B, H, ALL_ON) for cell in ("lstm", "lstm-proj", "gru") for B in SWEEP_B[::2]
+               for H in SWEEP_H[::2]]
+    shapes += [(cell, B, H, ALL_OFF) for cell in GATES for B, H in SUITE.values()]
+    for (cell, B, H, flags), direction, dtype_name in itertools.product(shapes, ("fwd", "bwd"), DTYPES):
+        key = specialisation_key(cell, direction, B, H, dtype_name, flags)
+        if key not in seen:
+            seen.add(key)
+            cases.append((cell, direction, B, H, dtype_name, flags))
+    return cases
+
+
+def representative_cases(cases):
+    """The CI sweep: of every group of cases that share a cell, direction, dtype, variant and whether
+    w_hh stays on chip, the configurations that hold the most per thread (the whole tile and the
+    accumulator, each over the warps: where spills would come first), plus what the benchmark suite
+    launches. The
+    whole sweep takes hours on two cores; this one minutes."""
+    groups: dict[tuple, dict] = {}
+    for case in cases:
+        cell, direction, B, H, dtype_name, flags = case
+        cfg = pick(cell, B, H, dtype_name)
+        groups.setdefault((cell, direction, dtype_name, cfg.variant, cfg.block_k >= H), {}).setdefault(cfg, case)
+    picked = []
+    for by_cfg in groups.values():
+        def tile(c):
+            return c.block_b * c.block_n * c.block_k / c.num_warps
+
+        def accumulator(c):
+            return c.block_b * c.block_n / c.num_warps
+
+        top = sorted(by_cfg, key=tile, reverse=True)[:2] + [max(by_cfg, key=accumulator)]
+        picked += [by_cfg[c] for c in dict.fromkeys(top)]
+    published = {(cell, B, H, dtype_name, ()) for cell in GATES for B, H in SUITE.values()
+                 for dtype_name in ("tf32", "bf16")}  # what the benchmark suite launches
+    return picked + [c for c in cases if c not in picked and
+                     (c[0], c[2], c[3], c[4], tuple(k for k, v in c[5].items() if v)) in published]
+
+
+def suite_table(rows) -> list[str]:
+    """The published suite's figures: the kernel each cell launches (its cooperative launch where tiled)."""
+    launched = {r["case"][:5]: r for r in rows if r["variant"] == r["cfg"].variant}
+    lines = ["| cell | # | B | H | dtype | variant | blocks (B, N, K), split | warps | fwd regs/stack/smem KB | "
+             "bwd regs/stack/smem KB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for cell, (number, (B, H)), dtype_name in itertools.product(("rnn", "lstm", "gru"), SUITE.items(),
+                                                                 ("tf32", "bf16")):
+        fwd, bwd = launched[(cell, "fwd", B, H, dtype_name)], launched[(cell, "bwd", B, H, dtype_name)]
+        cfg = fwd["cfg"]
+        cells = [f"{r['regs']}/{r['stack']}/{r['shared'] // 1024}" for r in (fwd, bwd)]
+        lines.append(f"| {cell} | {number} | {B} | {H} | {dtype_name} | {cfg.variant} | {cfg.block_b}, "
+                     f"{cfg.block_n}, {cfg.block_k}, {cfg.split_k} | {cfg.num_warps} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def main() -> int:
-    config._sm_count = lambda device: 132  # an H100
-    ok = True
-    print("| # | B | H | dtype | variant | blocks (B, N, K) | warps | fwd regs/stack/smem KB | bwd regs/stack/smem KB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    cases = [(f"#{k}", B, H, dt) for k, (B, H) in SUITE.items() for dt in (torch.float32, torch.bfloat16)]
-    cases += [("odd", 17, 130, dt) for dt in (torch.float16, torch.float64)]
-    cases += [("big", 4096, 8192, torch.float32)]
-    for name, B, H, dtype in cases:
-        cfg = config._pick_config(B, H, dtype, torch.device("cuda"), "")
-        usage = []
-        for _, kernel, extra in kernels_for(cfg):
-            try:
-                regs, stack, shared = compile_one(kernel, dtype, cfg, H, ACTIVATION=0, REVERSE=False,
-                                                  HAS_LENGTHS=False, **extra)
-            except Exception as e:  # noqa: BLE001 - reported, then the run fails
-                ok = False
-                usage.append(f"FAIL {type(e).__name__}: {str(e)[:300]}")
-                continue
-            ok &= stack <= MAX_STACK and shared <= MAX_SHARED
-            usage.append(f"{regs}/{stack}/{shared // 1024}")
-        print(f"| {name} | {B} | {H} | {TL[dtype]} | {cfg.variant} | {cfg.block_b}, {cfg.block_n}, "
-              f"{cfg.block_k} | {cfg.num_warps} | {usage[0]} | {usage[1]} |")
-    # every constexpr flag combination compiles (small blocks; w_hh resident and streamed)
-    for variant, H in (("resident", 32), ("tiled", 32), ("tiled", 100)):
-        cfg = config.Config(variant, 16, 32, 32)
-        for act in (0, 1):
-            for reverse in (False, True):
-                for lengths in (False, True):
-                    for _, kernel, extra in kernels_for(cfg):
-                        extra = {k: False for k in extra}  # HAS_H0 off here; on above
-                        try:
-                            compile_one(kernel, torch.float32, cfg, H, ACTIVATION=act, REVERSE=reverse,
-                                        HAS_LENGTHS=lengths, **extra)
-                        except Exception as e:  # noqa: BLE001
-                            ok = False
-                            print(f"FAIL {variant} H={H} act={act} reverse={reverse} lengths={lengths}: "
-                                  f"{str(e)[:500]}")
-    print("compile check:", "PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="print the suite's figures")
+    parser.add_argument("--ci", action="store_true",
+                        help="the representative sweep CI runs (see representative_cases), not all of it")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    opts = parser.parse_args()
+    start = time.time()
+    cases = sweep_cases()
+    if opts.ci:
+        cases = representative_cases(cases)
+    suite = [(cell, d, B, H, n, ALL_OFF) for cell in ("rnn", "lstm", "gru") for B, H in SUITE.values()
+             for d in ("fwd", "bwd") for n in ("tf32", "bf16")]
+    with ProcessPoolExecutor(opts.workers) as pool:
+        rows = [r for rs in pool.map(check_case, cases, chunksize=4) for r in rs]
+        suite_rows = [r for rs in pool.map(check_case, suite) for r in rs] if opts.table else []
+    bad = [r for r in rows if r.get("error")]
+    for r in bad:
+        print(f"FAIL {r['case']} {r['variant']} {r.get('cfg')}: {r['error']}")
+    compiled = [r for r in rows if "regs" in r]
+    print(f"triton {triton.__version__}: {'representative' if opts.ci else 'whole'} sweep, {len(cases)} cases, "
+          f"{len(compiled)} kernels compiled for sm_90 in "
+          f"{time.time() - start:.0f} s; most registers {max(r['regs'] for r in compiled)}, most stack "
+          f"{max(r['stack'] for r in compiled)} B, most shared memory "
+          f"{max(r['shared'] for r in compiled) // 1024} KB")
+    if opts.table:
+        print("\n".join(suite_table(suite_rows)))
+    print("compile check:", "FAIL" if bad else "PASS")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

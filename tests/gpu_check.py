@@ -11,7 +11,11 @@ Sections (each prints a markdown table and a PASS/FAIL line; the exit status is 
    T=100000 forward and backward finite and matching; H=8192 through the fallback path.
 3. variants: every kernel variant forced on one shape.
 4. ecosystem: torch.compile(fullgraph=True) against eager, opcheck per dtype, CUDA autocast
-   (bf16, fp16) against torch.nn.RNN under autocast, bitwise repeatability.
+   (bf16, fp16) against torch.nn.RNN under autocast, bitwise repeatability, packed forward and
+   backward of every module under ``torch.cuda.set_sync_debug_mode("error")`` (no host sync),
+   double backward on the fused path against the torch path.
+5. LSTM and GRU parity: ``fastrnn.LSTM`` / ``fastrnn.GRU`` per dtype against float64, every output
+   and gradient, with cuDNN's own error in the same dtype beside it.
 Sanitizers: ``bash tests/sanitize.sh`` runs compute-sanitizer memcheck and racecheck over the kernels.
 """
 
@@ -81,6 +85,53 @@ def run(mod, ref, x, h0, dy):
     (y * dy).sum().add(h_n.float().sum()).backward()
     b = mod.bias_ih_l0.grad
     return [y, h_n, x.grad, h0.grad, mod.weight_ih_l0.grad, mod.weight_hh_l0.grad, b]
+
+
+GATED = {"lstm": (nn.LSTM, "LSTM"), "gru": (nn.GRU, "GRU")}
+
+
+def gated_parity(cell, shapes, dtypes, device, lines) -> bool:
+    """fastrnn.LSTM / GRU (fused) per dtype against the float64 oracle (the same module on the
+    torch path), with cuDNN's own error in that dtype beside it: outputs, final states, every
+    gradient (input, initial states, all parameters), max relative error over them."""
+    torch_cls, name = GATED[cell]
+    ok = True
+    lines += [f"| {cell} B | T | I | H | dtype | fastrnn max rel err | cuDNN max rel err | status |",
+              "|---|---|---|---|---|---|---|---|"]
+    for B, T, I, H in shapes:
+        torch.manual_seed(0)
+        ref = torch_cls(I, H, dtype=torch.float64, device=device)
+        x64 = torch.randn(T, B, I, dtype=torch.float64, device=device)
+        hx64 = [torch.randn(1, B, H, dtype=torch.float64, device=device) for _ in range(2 if cell == "lstm" else 1)]
+        os.environ["FASTRNN_BACKEND"] = "torch"
+        want = run_cell(getattr(fastrnn, name)(I, H, dtype=torch.float64, device=device), ref, x64, hx64)
+        os.environ["FASTRNN_BACKEND"] = "triton"
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            torch.backends.cudnn.allow_tf32 = dname == "tf32"
+            got = run_cell(getattr(fastrnn, name)(I, H, dtype=dtype, device=device), ref, x64, hx64, dtype)
+            cudnn = run_cell(torch_cls(I, H, dtype=dtype, device=device), ref, x64, hx64, dtype) \
+                if device == "cuda" and dname != "fp64" else None
+            err = max(rel(g, w) for g, w in zip(got, want))
+            cudnn_err = max(rel(g, w) for g, w in zip(cudnn, want)) if cudnn else float("nan")
+            good = err <= TOL[dname] and all(torch.isfinite(g).all() for g in got)
+            ok &= good
+            lines.append(f"| {B} | {T} | {I} | {H} | {dname} | {err:.1e} | {cudnn_err:.1e} | {'ok' if good else 'FAIL'} |")
+    torch.backends.cudnn.allow_tf32 = True
+    return ok
+
+
+def run_cell(mod, ref, x, hx, dtype=torch.float64):
+    """Outputs, final states and all gradients of ``mod`` with ``ref``'s weights, in ``dtype``."""
+    mod.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
+    x = x.to(dtype).requires_grad_()
+    hx = [h.to(dtype).requires_grad_() for h in hx]
+    y, h_n = mod(x, tuple(hx) if len(hx) == 2 else hx[0])
+    h_n = list(h_n) if isinstance(h_n, tuple) else [h_n]
+    g = torch.Generator(device=x.device).manual_seed(1)
+    loss = (y.float() * torch.randn(y.shape, generator=g, device=x.device)).sum() + sum(h.float().sum() for h in h_n)
+    grads = torch.autograd.grad(loss, [x, *hx, *mod.parameters()])
+    return [y, *h_n, *grads]
 
 
 def extremes(device, lines, smoke=False) -> bool:
@@ -196,7 +247,56 @@ def ecosystem(device, lines, smoke=False) -> bool:
     good = all(torch.equal(u, v) for u, v in zip(a, b))
     ok &= good
     lines.append(f"- bitwise repeatable forward and backward: {'ok' if good else 'FAIL'}")
+    ok &= no_host_sync(device, lines)
+    ok &= double_backward(device, lines)
     return ok
+
+
+def no_host_sync(device, lines) -> bool:
+    """A packed forward and backward of each module makes the host wait for the GPU nowhere."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ok = True
+    lengths = torch.tensor([9, 4, 7, 1])
+    for name in ("RNN", "LSTM", "GRU"):
+        mod = getattr(fastrnn, name)(8, 16, 2, bidirectional=True).to(device)
+        x = torch.randn(9, 4, 8, device=device, requires_grad=True)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)  # made before the check
+        mod(packed)  # compiles the kernels first
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, _ = mod(packed)
+            out.data.sum().backward()
+            good, why = True, ""
+        except RuntimeError as e:  # raised by the sync debug mode at the synchronising call
+            good, why = False, f" ({str(e).splitlines()[0][:120]})"
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        ok &= good
+        lines.append(f"- {name} packed forward+backward without a host sync: {'ok' if good else 'FAIL'}{why}")
+    return ok
+
+
+def double_backward(device, lines) -> bool:
+    """Double backward of fastrnn.RNN on the fused path against the torch path, float64."""
+    torch.manual_seed(4)
+    results = []
+    for backend in ("torch", "triton"):
+        os.environ["FASTRNN_BACKEND"] = backend
+        torch.manual_seed(4)
+        rnn = fastrnn.RNN(5, 6, 2, bidirectional=True, dtype=torch.float64, device=device)
+        x = torch.randn(7, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+        y, h_n = rnn(x)
+        (gx,) = torch.autograd.grad(y.square().sum() + h_n.sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), [x, *rnn.parameters()]))
+    err = max(rel(a, b) for a, b in zip(*results))
+    good = err < 1e-9
+    lines.append(f"- double backward (gradient penalty) fused vs torch path, fp64: rel err {err:.1e}: "
+                 f"{'ok' if good else 'FAIL'}")
+    return good
 
 
 def main(argv=None) -> int:
@@ -216,6 +316,10 @@ def main(argv=None) -> int:
     dtypes = ["fp64", "fp32", "bf16"] if args.smoke else list(DTYPES)
     results = {"parity": parity(shapes, dtypes, device, lines)}
     lines.append("")
+    gated_shapes = SMOKE if args.smoke else (ODD + [SUITE[i] for i in (0, 1, 7)] if args.quick else ODD + SUITE)
+    for cell in GATED:
+        results[f"{cell} parity"] = gated_parity(cell, gated_shapes, dtypes, device, lines)
+        lines.append("")
     results["extremes"] = extremes(device, lines, smoke=args.smoke)
     results["variants"] = variants(device, lines, smoke=args.smoke)
     results["ecosystem"] = ecosystem(device, lines, smoke=args.smoke)

@@ -1,12 +1,15 @@
 """The character LM and the `fastrnn` command, on CPU."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from fastrnn import charlm
 from fastrnn.charlm import TrainConfig, default_corpus, train
 from fastrnn.cli import main
 from fastrnn.scratch import Vocab
@@ -30,27 +33,73 @@ def test_short_run_lowers_perplexity_well_below_vocab_size(tmp_path, model):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 15
 
 
-@pytest.mark.parametrize("partition,model", [("sequential", "fastrnn"), ("random", "scratch")])
-def test_resume_reaches_the_same_parameters_bit_for_bit(tmp_path, partition, model):
-    base = dict(SMALL, partition=partition, model=model, layers=1, dropout=0.0)
+def stop_at(monkeypatch, step, how):
+    """Stop training at the end of ``step``: by Ctrl-C (SIGINT: the loop writes a checkpoint there
+    and raises Interrupted) or as a killed process would (no checkpoint written at that step)."""
+    real = charlm._Trainer.train_step
+
+    def train_step(self):
+        loss = real(self)
+        if self.step == step and how == "ctrl-c":
+            signal.raise_signal(signal.SIGINT)
+        elif self.step == step:
+            raise RuntimeError("killed")
+        return loss
+
+    monkeypatch.setattr(charlm._Trainer, "train_step", train_step)
+
+
+def assert_resume_is_exact(tmp_path, monkeypatch, base, step, how):
     train(TrainConfig(out=str(tmp_path / "full"), **base))
-    train(TrainConfig(out=str(tmp_path / "cut"), **{**base, "steps": 20}))  # "killed" at step 20
+    stop_at(monkeypatch, step, how)
+    with pytest.raises(charlm.Interrupted if how == "ctrl-c" else RuntimeError):
+        train(TrainConfig(out=str(tmp_path / "cut"), **base))
+    monkeypatch.undo()
     train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert full["step"] == cut["step"] == 60
     for k, v in full["model"].items():
         assert torch.equal(v, cut["model"][k]), k
+    rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [10, 20, 30, 40, 50, 60]  # none twice
 
 
-def test_resume_with_dropout_is_exact_too(tmp_path):
-    base = dict(SMALL, layers=2, dropout=0.3)
-    train(TrainConfig(out=str(tmp_path / "full"), **base))
-    train(TrainConfig(out=str(tmp_path / "cut"), **{**base, "steps": 40}))
-    train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
+@pytest.mark.parametrize("partition,model", [("sequential", "fastrnn"), ("random", "scratch")])
+def test_resume_after_a_kill_reaches_the_same_parameters_bit_for_bit(tmp_path, monkeypatch, partition,
+                                                                      model):
+    base = dict(SMALL, partition=partition, model=model, layers=1, dropout=0.0)
+    # killed at step 35: checkpoint at 20, metrics rows up to 30, which the resumed run writes again
+    assert_resume_is_exact(tmp_path, monkeypatch, base, 35, "kill")
+
+
+def test_resume_after_ctrl_c_with_dropout_is_exact_too(tmp_path, monkeypatch):
+    assert_resume_is_exact(tmp_path, monkeypatch, dict(SMALL, layers=2, dropout=0.3), 33, "ctrl-c")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gated_cells_train_resume_exactly_and_sample(tmp_path, monkeypatch, capsys, cell):
+    """``--cell lstm|gru``: the run learns, resumes after Ctrl-C to the same parameters bit for bit
+    (the LSTM's carried state is a tuple), and ``fastrnn sample`` rebuilds the cell from the checkpoint."""
+    base = dict(SMALL, cell=cell, layers=2, dropout=0.1)
+    last = train(TrainConfig(out=str(tmp_path / "full"), **base), log=lambda *_: None)
+    assert last["heldout_perplexity"] < 50  # from about the vocabulary size (95) at step 0
+    stop_at(monkeypatch, 33, "ctrl-c")
+    with pytest.raises(charlm.Interrupted):
+        train(TrainConfig(out=str(tmp_path / "cut"), **base), log=lambda *_: None)
+    monkeypatch.undo()
+    train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base), log=lambda *_: None)
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
-    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert "rnn.weight_hh_l1" in full and all(torch.equal(full[k], cut[k]) for k in full)
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "full"), "--prefix", "def ", "--num-chars", "20", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_scratch_model_is_the_elman_cell_only(tmp_path, capsys):
+    assert main(["train", "--model", "scratch", "--cell", "lstm", "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "--cell rnn" in capsys.readouterr().err
 
 
 def test_cli_train_then_sample(tmp_path, capsys):
@@ -80,6 +129,7 @@ BAD = {
     "zero steps": (["train", "--steps", "0"], "--steps must be positive"),
     "empty prefix": (["sample", "{run}", "--prefix", ""], "prefix"),
     "cuda absent": (["train", "--device", "cuda:7"], "CUDA"),
+    "bf16 on the cpu": (["train", "--bf16", "--device", "cpu"], "--bf16 is CUDA autocast"),
 }
 
 
@@ -109,7 +159,8 @@ def test_checkpoint_from_another_vocabulary_is_refused(tmp_path, capsys):
     common = ["--out", str(tmp_path / "run"), "--hidden", "8", "--seq-len", "8", "--batch-size", "4",
               "--no-progress", "--steps", "3"]
     assert main(["train", "--text", str(a), *common]) == 0
-    assert main(["train", "--text", str(b), "--resume", *common]) == 2
+    a.write_text(b.read_text())  # the same file, another text
+    assert main(["train", "--text", str(a), "--resume", *common]) == 2
     assert "another vocabulary" in capsys.readouterr().err
 
 

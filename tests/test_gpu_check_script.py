@@ -14,6 +14,6 @@ def test_gpu_check_smoke(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = (tmp_path / "r.md").read_text()
-    for section in ("parity", "extremes", "variants", "ecosystem"):
+    for section in ("parity", "lstm parity", "gru parity", "extremes", "variants", "ecosystem"):
         assert f"{section}: PASS" in text
     assert "FAIL" not in text

@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrnn import RNN, recurrence, recurrence_reference
 from fastrnn.ops import recurrence_fwd_op
@@ -166,6 +168,7 @@ def test_index_arithmetic_past_2_31(kernel):
         pytest.skip("this check addresses host memory under the interpreter")
     T, B, H, stride_t = 3, 2, 16, 2**31 + 64
     flags = dict(ACTIVATION=0, REVERSE=False, HAS_LENGTHS=False, **dtype_flags(torch.bfloat16, torch.device("cpu")))
+    fast = dict(FAST=True)  # the forward's activation (the interpreter keeps the exact formula)
     torch.manual_seed(0)
     a, out = _strided(T, B, H, stride_t), _strided(T, B, H, stride_t)
     a.copy_(torch.randn(T, B, H))
@@ -174,10 +177,11 @@ def test_index_arithmetic_past_2_31(kernel):
     if kernel.startswith("fwd"):
         if kernel == "fwd_resident":
             _fwd_resident_kernel[(1,)](a, a, w, a, out, T, B, H, stride_t, H, 0, H, HAS_H0=False,
-                                       BLOCK_B=16, BLOCK_H=16, **flags)
+                                       BLOCK_B=16, BLOCK_H=16, **flags, **fast)
         else:
-            _fwd_tiled_kernel[(1, 1)](a, a, w, a, out, torch.zeros(1, dtype=torch.int32), 0, T, T, B, H,
-                                      stride_t, H, 0, H, HAS_H0=False, SYNC=True, BLOCK_B=16, BLOCK_N=16,
+            _fwd_tiled_kernel[(1, 1)](a, a, w, a, out, T, B, H, stride_t, H, 0, H,
+                                      torch.zeros(1, dtype=torch.int32), 0, T, HAS_H0=False, SYNC=True,
+                                      SPLIT_K=1, BLOCK_B=16, BLOCK_N=16, **fast,
                                       BLOCK_K=16, W_RESIDENT=not kernel.endswith("streamed"), **flags)
         want, _ = recurrence_reference(a.double(), None, w.double())
     else:
@@ -188,19 +192,65 @@ def test_index_arithmetic_past_2_31(kernel):
             _bwd_resident_kernel[(1,)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, H, H,
                                        BLOCK_B=16, BLOCK_H=16, **flags)
         else:
-            _bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, out, torch.zeros(1, dtype=torch.int32), 0, T, T, B, H,
-                                      stride_t, H, H, H, SYNC=True, BLOCK_B=16, BLOCK_N=16, BLOCK_K=16,
+            _bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, H, H,
+                                      torch.zeros(1, dtype=torch.int32), 0, T, SYNC=True, BLOCK_B=16,
+                                      BLOCK_N=16, BLOCK_K=16, SPLIT_K=1,
                                       W_RESIDENT=not kernel.endswith("streamed"), **flags)
         want = recurrence_bwd_torch(a.double(), dh_n.double(), y.double(), w.double())
     assert not torch.isnan(out).any()
     assert rel_err(out, want) < 2e-2
 
 
+class HostSyncs(TorchDispatchMode):
+    """Records what would make the host wait for the GPU, with the 'meta' device standing in for
+    it: a value read back (item, nonzero, boolean-mask indexing) and each host-to-device copy."""
+
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
+             "aten::equal", "aten::unique_consecutive", "aten::_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.copies = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        name = func._schema.name
+        if any(t.device.type == "meta" for t in tensors):
+            masks = [t for t in tensors if t.dtype == torch.bool and name.startswith("aten::index")]
+            if name in self.READS or masks:
+                self.reads.append(name)
+        out = func(*args, **kwargs)
+        if name in ("aten::_to_copy", "aten::copy_") and any(t.device.type == "cpu" for t in tensors) \
+                and any(t.device.type == "meta" for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)):
+            self.copies += 1
+        return out
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_packed_forward_backward_never_waits_for_the_device(layers, bidirectional):
+    """Packed input: lengths and row indices are computed on the host and copied once per forward,
+    however many layers and directions; nothing reads a device value back (the GPU path is
+    checked the same way with torch.cuda.set_sync_debug_mode in tests/gpu_check.py)."""
+    rnn = RNN(3, 4, layers, bidirectional=bidirectional, device="meta")
+    x, lengths = torch.randn(6, 3, 3), torch.tensor([2, 6, 4])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    on_meta = PackedSequence(packed.data.to("meta").requires_grad_(), packed.batch_sizes,
+                             packed.sorted_indices.to("meta"), packed.unsorted_indices.to("meta"))
+    hx = torch.randn(layers * (2 if bidirectional else 1), 3, 4, device="meta", requires_grad=True)
+    with HostSyncs() as syncs:
+        out, h_n = rnn(on_meta, hx)
+        (out.data.sum() + h_n.sum()).backward()
+    assert out.data.shape == (12, 4 * (2 if bidirectional else 1)) and out.data.device.type == "meta"
+    assert syncs.reads == []
+    assert syncs.copies <= 2  # the lengths (B,) and the packed rows' indices
+
+
 @BOTH
 def test_long_sequence_forward_backward(backend):
-    """T = 100000 on the CPU path (T = 5000 through the slow interpreter), finite gradients, the
+    """T = 100000 on the CPU path (T = 2000 through the slow interpreter), finite gradients, the
     last steps matching the loop."""
-    T = 100_000 if backend == "torch" else 5_000
+    T = 100_000 if backend == "torch" else 2_000
     torch.manual_seed(0)
     x = torch.randn(T, 2, 8, requires_grad=True)
     w = (torch.randn(8, 8) / 8 ** 0.5).requires_grad_()

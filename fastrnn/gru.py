@@ -1,0 +1,313 @@
+"""The GRU recurrence over a whole sequence, gate order r, z, n as ``torch.nn.GRU``:
+
+    y, h_n = gru_recurrence(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None)
+
+``x_proj (T, B, 3H)`` is the input projection of all steps, ``x @ w_ih.T + b_ih + (b_hr, b_hz, 0)``:
+``b_hn (H,)`` (or None, zeros) is scaled by r, so it cannot be folded in and is an argument of its own.
+``h0 (B, H)`` or None (zeros); ``w_hh (3H, H)``. Each step:
+    hh_r, hh_z, hh_n = h_{t-1} @ w_hh.T;  r = sigmoid(x_r + hh_r);  z = sigmoid(x_z + hh_z)
+    n = tanh(x_n + r * (hh_n + b_hn));  h_t = (1 - z) * n + z * h_{t-1}
+Returns every ``h_t`` as ``y (T, B, H)`` and the final state ``h_n (B, H)``. ``reverse`` and
+``lengths`` as in ``fastrnn.recurrence``. Backends as in ``fastrnn.ops``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .ops import (_acc_dtype, _at_step, _check_operands, _edge_step, _lengths_on_device, _valid_steps,
+                  get_backend)
+from .lstm import _first_rows, _huge_pages, _sigmoid_backward, _sum_with_previous, _tanh_backward, _to_acc
+
+# --------------------------------------------------------------------------------------------------
+# The reference: a plain loop over time, autograd gives the backward
+# --------------------------------------------------------------------------------------------------
+
+
+def gru_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
+                  b_hn: torch.Tensor | None = None, reverse: bool = False,
+                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GRU one step at a time in PyTorch: ``y (T, B, H), h_n (B, H)``."""
+    T, B, G = x_proj.shape
+    H = G // 3
+    h = h0 if h0 is not None else x_proj.new_zeros(B, H)
+    valid = _valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    ys: list[torch.Tensor | None] = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        x_r, x_z, x_n = x_proj[t].chunk(3, 1)  # (B, 3H) -> 3 x (B, H)
+        hh_r, hh_z, hh_n = (h @ w_hh.t()).chunk(3, 1)
+        if b_hn is not None:
+            hh_n = hh_n + b_hn
+        r, z = torch.sigmoid(x_r + hh_r), torch.sigmoid(x_z + hh_z)
+        n = torch.tanh(x_n + r * hh_n)
+        h_new = (1 - z) * n + z * h
+        if lengths is None:
+            h = ys[t] = h_new
+        else:
+            h = torch.where(valid[t], h_new, h)
+            ys[t] = torch.where(valid[t], h_new, torch.zeros_like(h_new))
+    y = torch.stack(ys) if T > 0 else x_proj.new_empty(0, B, H)
+    return y, h
+
+
+# --------------------------------------------------------------------------------------------------
+# The loops as the kernels run them (their PyTorch twins, the CPU path): the forward writes every h_t
+# and gate, the backward every gate gradient; states and sums in fp32 for fp16/bf16
+# --------------------------------------------------------------------------------------------------
+
+
+def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None):
+    """The forward launcher's twin: ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n and
+    ``hn = hh_n + b_hn``), both zero past each sequence's end; no autograd graph.
+
+    In fp32/fp64 each step writes straight into its slices of the outputs; fp16/bf16 steps run in
+    fp32 buffers and are copied out."""
+    T, B, G = x_proj.shape
+    H, acc = G // 3, _acc_dtype(x_proj.dtype)
+    y, gates = _huge_pages(x_proj.new_empty(T, B, H)), _huge_pages(x_proj.new_empty(T, B, 4 * H))
+    direct = x_proj.dtype == acc  # the outputs are the working buffers
+    w_hh_t = w_hh.to(acc).t().contiguous()  # (H, 3H): the faster layout for the product
+    b_hn = b_hn.to(acc) if b_hn is not None else None
+    valid = _valid_steps(T, lengths, x_proj.device)
+    if valid is None:  # the state is the previous step's output, or h0 (read only)
+        h = h0.to(acc) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    else:  # the state is carried past each sequence's end, in a buffer of its own
+        invalid = ~valid
+        h = h0.to(acc, copy=True) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    hh = x_proj.new_empty(B, G, dtype=acc)  # h_{t-1} @ w_hh.T: (hh_r, hh_z, hh_n)
+    hh_rz, hh_n = hh[:, :2 * H], hh[:, 2 * H:]
+    # every step's views, made at once
+    g_all = gates if direct else x_proj.new_empty(1, B, 4 * H, dtype=acc).expand(T, B, 4 * H)
+    gs, rzs, rs, zs = (g_all.unbind(0), g_all[..., :2 * H].unbind(0), g_all[..., :H].unbind(0),
+                       g_all[..., H:2 * H].unbind(0))
+    ns, hns = g_all[..., 2 * H:3 * H].unbind(0), g_all[..., 3 * H:].unbind(0)
+    x_rzs, x_ns, ys = x_proj[..., :2 * H].unbind(0), x_proj[..., 2 * H:].unbind(0), y.unbind(0)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        torch.mm(h, w_hh_t, out=hh)
+        h_t = ys[t] if direct else x_proj.new_empty(B, H, dtype=acc)
+        x_rz, x_n = (x_rzs[t], x_ns[t]) if direct else (x_rzs[t].to(acc), x_ns[t].to(acc))
+        torch.add(x_rz, hh_rz, out=rzs[t]).sigmoid_()  # r, z
+        hn = hns[t]
+        if b_hn is None:
+            hn.copy_(hh_n)
+        else:
+            torch.add(hh_n, b_hn, out=hn)
+        n = torch.addcmul(x_n, rs[t], hn, out=ns[t]).tanh_()
+        torch.lerp(n, h, zs[t], out=h_t)  # (1 - z) * n + z * h_{t-1}
+        if valid is None:
+            h = h_t
+        else:
+            torch.where(valid[t], h_t, h, out=h)
+        if not direct:
+            ys[t].copy_(h_t)
+            gates[t].copy_(gs[t])
+        if valid is not None:
+            for out in (ys[t], gates[t]):
+                out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
+    return y, gates
+
+
+def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
+    """The backward launcher's twin, walking time in reverse: ``d_x (T, B, 3H)``, the gradient of
+    x_proj (zero past each end), and ``dh0_local (B, H)``, the gradient h0 gets through z (the caller
+    adds its path through w_hh).
+
+    The factors of the gradients that do not depend on the recurrence are computed for all steps at
+    once, into ``d_x`` itself: ``d_x = (dn r * [hn (1-r)], dh * [(h_{t-1} - n) z (1-z)],
+    dh * [(1-z) (1-n^2)])``; a step is then its product, a few in-place products on ``d_x[t]`` and the
+    copy of ``d_hh[t] = (dr, dz, dn r)``, which feeds dh through w_hh."""
+    T, B, H = y.shape
+    acc = _acc_dtype(y.dtype)
+    direct = y.dtype == acc  # d_x is the working buffer
+    w_hh = w_hh.to(acc)
+    d_x = _huge_pages(y.new_empty(T, B, 3 * H))
+    k = d_x if direct else _huge_pages(torch.empty(T, B, 3 * H, dtype=acc, device=y.device))
+    gates_a = _to_acc(gates, acc)
+    r, z, n, hn = (gates_a[..., m * H:(m + 1) * H] for m in range(4))
+    k_r, k_z, k_n = (k[..., m * H:(m + 1) * H] for m in range(3))
+    torch.addcmul(hn, hn, r, value=-1, out=k_r)  # hn (1 - r)
+    # h_{t-1} - n: y one step back along the walk, h0 (or zeros) at each sequence's first step; a
+    # reverse walk's first step lengths[b] - 1 reads y[lengths[b]] = 0 before h0 is put there
+    if reverse:
+        torch.sub(y[1:], n[:-1], out=k_z[:-1])  # (y promoted to acc)
+    else:
+        torch.sub(y[:-1], n[1:], out=k_z[1:])
+    edge = T - 1 if reverse else 0
+    h0_a = h0.to(acc) if h0 is not None else None
+    if h0 is None:
+        torch.neg(n[edge], out=k_z[edge])
+    else:
+        torch.sub(h0_a, n[edge], out=k_z[edge])
+        if lengths is not None and reverse:
+            first = _first_rows(k, _edge_step(T, reverse, lengths, y.device))
+            k_z[first] = h0_a - n[first]
+    _sigmoid_backward(k_z, z, grad_input=k_z)
+    _tanh_backward(torch.sub(z.new_ones(()), z, out=k_n), n, grad_input=k_n)  # (1 - z) (1 - n^2)
+    valid = _valid_steps(T, lengths, y.device)
+    if valid is not None:
+        k_n.masked_fill_(~valid, 0.0)  # past each end r, z, n, hn are zero, so are k_r, k_z; k_n is not
+
+    last = _edge_step(T, not reverse, lengths, y.device)
+    dh_n = dh_n.to(acc)
+    at_last = None  # (T, B, 1): 1 at the step h_n was read at, else 0
+    if not isinstance(last, int):
+        at_last = (torch.arange(T, device=y.device)[:, None] == last[None, :]).to(acc).unsqueeze(-1)
+    dh, dh_other = dh_n.new_empty(B, H), dh_n.new_empty(B, H)
+    d_hh = dh_n.new_empty(B, 3 * H)  # (dr, dz, dn r) of the step processed last
+    d_hh_rz, d_hh_n = d_hh[:, :2 * H], d_hh[:, 2 * H:]
+    dh_carry = dh_n.new_zeros(B, H) if valid is not None else None  # dh_{t_next} * z_{t_next}
+    # every step's views, made at once
+    k_rzs, k_rs = k[..., :2 * H].unbind(0), k_r.unbind(0)
+    k_zns, k_ns = k[..., H:].unflatten(-1, (2, H)).unbind(0), k_n.unbind(0)
+    dys, rs, zs = dy.unbind(0), r.unbind(0), z.unbind(0)
+    t_next = None
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        dy_t = dys[t] if direct else dys[t].to(acc)
+        dh, dh_other = dh_other, dh
+        if valid is not None:
+            torch.add(dy_t, dh_carry, out=dh)
+        elif t_next is None:
+            dh.copy_(dy_t)
+        else:
+            torch.addcmul(dy_t, dh_other, zs[t_next], out=dh)
+        if t_next is not None:
+            dh.addmm_(d_hh, w_hh)  # (B, H)
+        if at_last is None:
+            if t == last:
+                dh += dh_n
+        else:
+            dh.addcmul_(dh_n, at_last[t])
+        k_zns[t].mul_(dh[:, None])  # (B, 2, H): dz, dn
+        torch.mul(k_ns[t], rs[t], out=d_hh_n)  # dn r
+        k_rs[t].mul_(d_hh_n)  # dr
+        d_hh_rz.copy_(k_rzs[t])
+        if valid is not None:
+            torch.where(valid[t], dh * zs[t], dh_carry, out=dh_carry)
+        t_next = t
+    if valid is None:
+        dh_carry = dh * zs[t_next]
+    if not direct:
+        d_x.copy_(k)
+    return d_x, dh_carry.to(y.dtype)  # dh_carry: dh at each first step times z there
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom ops and their autograd formula
+# --------------------------------------------------------------------------------------------------
+
+# As fastrnn::recurrence_fwd/_bwd. Saved: y (every h_{t-1}) and gates (r, z, n, hn: every gate's
+# derivative), h0 and w_hh; dw_hh, db_hn and dh0's path through w_hh are single products here.
+
+
+@torch.library.custom_op("fastrnn::gru_fwd", mutates_args=())
+def gru_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
+               b_hn: Optional[torch.Tensor], reverse: bool, lengths: Optional[torch.Tensor],
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on x_proj's device."""
+    if backend == "triton":
+        from fastrnn.kernels import gru_fwd as fwd
+    else:
+        fwd = gru_fwd_torch
+    y, gates = fwd(x_proj, h0, w_hh, b_hn, reverse, lengths)
+    return y, gates, _at_step(y, _edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
+
+
+@gru_fwd_op.register_fake
+def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend):
+    T, B, G = x_proj.shape
+    H = G // 3
+    return x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(B, H)
+
+
+@torch.library.custom_op("fastrnn::gru_bwd", mutates_args=())
+def gru_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, gates: torch.Tensor,
+               h0: Optional[torch.Tensor], w_hh: torch.Tensor, reverse: bool,
+               lengths: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``."""
+    if backend == "triton":
+        from fastrnn.kernels import gru_bwd as bwd
+    else:
+        bwd = gru_bwd_torch
+    return bwd(dy, dh_n, y, gates, h0, w_hh, reverse, lengths)
+
+
+@gru_bwd_op.register_fake
+def _(dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend):
+    T, B, H = y.shape
+    return y.new_empty(T, B, 3 * H), y.new_empty(B, H)
+
+
+def _setup_context(ctx, inputs, output):
+    x_proj, h0, w_hh, b_hn, reverse, lengths, backend = inputs
+    y, gates, _ = output
+    ctx.mark_non_differentiable(gates)  # an internal, saved for the backward
+    ctx.save_for_backward(y, gates, h0, w_hh, lengths)
+    ctx.has_b_hn, ctx.reverse, ctx.backend = b_hn is not None, reverse, backend
+
+
+def _backward(ctx, dy, _d_gates, dh_n):
+    y, gates, h0, w_hh, lengths = ctx.saved_tensors
+    T, _, H = y.shape
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
+    d_x, dh0_local = gru_bwd_op(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend)
+    need_x, need_h0, need_w_hh, need_b_hn = ctx.needs_input_grad[:4]
+    first = _edge_step(T, ctx.reverse, lengths, y.device)
+    # d_hh = (dr_pre, dz_pre, dn_pre * r), as its two parts: d_x's first two thirds and dn_r
+    dn_r = d_x[..., 2 * H:] * gates[..., :H] if need_w_hh or need_b_hn or need_h0 else None  # (T, B, H)
+    d_rz = d_x[..., :2 * H]
+    dh0 = None
+    if h0 is not None and need_h0:
+        dh0 = dh0_local + torch.cat((_at_step(d_rz, first), _at_step(dn_r, first)), 1) @ w_hh
+    dw_hh = None
+    if need_w_hh:  # sum_t d_hh[t].T @ h_{t-1}: (3H, H)
+        dw_hh = torch.cat([_sum_with_previous(d, y, h0, _at_step(d, first), ctx.reverse)
+                           for d in (d_rz, dn_r)])
+    db_hn = dn_r.sum((0, 1)) if ctx.has_b_hn and need_b_hn else None
+    dx_proj = d_x if need_x else None
+    return dx_proj, dh0, dw_hh, db_hn, None, None, None
+
+
+gru_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("double backward (create_graph=True, then backward again) through "
+                              "fastrnn.GRU is not supported yet; fastrnn.RNN and torch.nn.GRU on "
+                              "the CPU have it")
+
+
+gru_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------------------
+
+
+def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
+                   b_hn: torch.Tensor | None = None, reverse: bool = False,
+                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y (T, B, H), h_n (B, H)`` of the GRU recurrence; see the module docstring."""
+    if x_proj.dim() != 3:
+        raise ValueError(f"x_proj must be 3-D (T, B, 3H), got {x_proj.dim()}-D")
+    T, B, G = x_proj.shape
+    if G % 3 != 0:
+        raise ValueError(f"x_proj's last dimension must be 3 * hidden_size (gates r, z, n), got {G}")
+    H = G // 3
+    if tuple(w_hh.shape) != (G, H):
+        raise RuntimeError(f"w_hh must be ({G}, {H}), got {tuple(w_hh.shape)}")
+    if b_hn is not None and tuple(b_hn.shape) != (H,):
+        raise RuntimeError(f"b_hn must be ({H},), got {tuple(b_hn.shape)}")
+    if h0 is not None and tuple(h0.shape) != (B, H):
+        raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
+    _check_operands(x_proj, w_hh=w_hh, b_hn=b_hn, h0=h0)
+    if lengths is not None:
+        lengths = _lengths_on_device(lengths, T, B, x_proj.device)
+    if T == 0 or B == 0:
+        return gru_reference(x_proj, h0, w_hh, b_hn, reverse, lengths)
+    backend = "torch" if x_proj.device.type == "meta" else get_backend(x_proj.device)
+    y, _, h_n = gru_fwd_op(x_proj, h0, w_hh, b_hn, reverse, lengths, backend)
+    return y, h_n

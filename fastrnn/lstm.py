@@ -1,0 +1,415 @@
+"""The LSTM recurrence over a whole sequence, gate order i, f, g, o as ``torch.nn.LSTM``:
+
+    y, h_n, c_n = lstm_recurrence(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None)
+
+``x_proj (T, B, 4H)`` is the input projection with both biases added (``x @ w_ih.T + b_ih + b_hh``,
+one product for all steps); ``h0 (B, P)``, ``c0 (B, H)`` or None (zeros); ``w_hh (4H, P)``;
+``w_hr (P, H)`` the projection (``proj_size = P``) or None (then P = H). Each step:
+    i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of (x_proj[t] + h_{t-1} @ w_hh.T)
+    c_t = f * c_{t-1} + i * g;    h_t = (o * tanh(c_t)) @ w_hr.T   (or o * tanh(c_t))
+Returns every ``h_t`` as ``y (T, B, P)`` and the final states ``h_n (B, P)``, ``c_n (B, H)``.
+``reverse`` and ``lengths`` as in ``fastrnn.recurrence``: past each sequence's end ``y`` is zero and the
+state is carried unchanged. Backends as in ``fastrnn.ops``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .ops import (_acc_dtype, _at_step, _check_operands, _edge_step, _lengths_on_device, _valid_steps,
+                  get_backend)
+
+# --------------------------------------------------------------------------------------------------
+# The reference: a plain loop over time, autograd gives the backward
+# --------------------------------------------------------------------------------------------------
+
+
+def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
+                   w_hh: torch.Tensor, w_hr: torch.Tensor | None = None, reverse: bool = False,
+                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LSTM one step at a time in PyTorch: ``y (T, B, P), h_n (B, P), c_n (B, H)``."""
+    T, B, G = x_proj.shape
+    H, P = G // 4, w_hh.shape[1]
+    h = h0 if h0 is not None else x_proj.new_zeros(B, P)
+    c = c0 if c0 is not None else x_proj.new_zeros(B, H)
+    valid = _valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    ys: list[torch.Tensor | None] = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        z_i, z_f, z_g, z_o = torch.addmm(x_proj[t], h, w_hh.t()).chunk(4, 1)  # (B, 4H) -> 4 x (B, H)
+        c_new = torch.sigmoid(z_f) * c + torch.sigmoid(z_i) * torch.tanh(z_g)
+        h_new = torch.sigmoid(z_o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()  # (B, H) -> (B, P)
+        if lengths is None:
+            h, c, ys[t] = h_new, c_new, h_new
+        else:
+            h = torch.where(valid[t], h_new, h)
+            c = torch.where(valid[t], c_new, c)
+            ys[t] = torch.where(valid[t], h_new, torch.zeros_like(h_new))
+    y = torch.stack(ys) if T > 0 else x_proj.new_empty(0, B, P)
+    return y, h, c
+
+
+# --------------------------------------------------------------------------------------------------
+# The loops as the kernels run them (their PyTorch twins, the CPU path): the forward writes every
+# h_t, c_t and gate, the backward every gate gradient; states and sums in fp32 for fp16/bf16
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_madvise():
+    """libc's ``madvise`` (Linux), or None."""
+    try:
+        import ctypes
+        import sys
+        if not sys.platform.startswith("linux"):
+            return None
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        return madvise
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_madvise = _load_madvise()
+_MADV_HUGEPAGE, _PAGE, _HUGE_MIN = 14, 4096, 4 << 20
+
+
+def _huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a large buffer fresh from the CPU allocator and not yet written, with Linux asked to back
+    it with 2 MiB pages (MADV_HUGEPAGE, where transparent huge pages are set to ``madvise``): the first
+    write to each 4 KiB page of fresh memory is a page fault, and for the outputs of a whole sequence
+    those cost as much as the step products. Advice only: values are untouched, and it is skipped
+    where it cannot apply."""
+    if _madvise is None or t.device.type != "cpu":
+        return t
+    storage = t.untyped_storage()
+    if storage.nbytes() >= _HUGE_MIN:
+        start = -(-storage.data_ptr() // _PAGE) * _PAGE  # the whole pages inside the buffer
+        end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
+        _madvise(start, end - start, _MADV_HUGEPAGE)  # failure is harmless: the pages stay small
+    return t
+
+
+def _to_acc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``t.to(acc)``, into a buffer backed by huge pages when it is a copy."""
+    if t.dtype == acc:
+        return t
+    return _huge_pages(torch.empty(t.shape, dtype=acc, device=t.device)).copy_(t)
+
+
+def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None):
+    """The forward launcher's twin: ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)`` (i, f, g,
+    o after their nonlinearity), all zero past each sequence's end; no autograd graph.
+
+    In fp32/fp64 each step writes straight into its slices of the outputs (the product into
+    ``gates[t]``, whose gates then take their nonlinearity in place), with no temporary per step;
+    fp16/bf16 steps run in fp32 buffers and are copied out."""
+    T, B, G = x_proj.shape
+    H, P, acc = G // 4, w_hh.shape[1], _acc_dtype(x_proj.dtype)
+    gates = _huge_pages(torch.empty_like(x_proj, memory_format=torch.contiguous_format))
+    y, c = _huge_pages(x_proj.new_empty(T, B, P)), _huge_pages(x_proj.new_empty(T, B, H))
+    direct = x_proj.dtype == acc  # the outputs are the working buffers
+    w_hh_t = w_hh.to(acc).t().contiguous()  # (P, 4H): the faster layout for the product
+    w_hr_t = w_hr.to(acc).t().contiguous() if w_hr is not None else None
+    valid = _valid_steps(T, lengths, x_proj.device)
+    if valid is None:  # the states are the previous step's outputs, or h0, c0 (read only)
+        h = h0.to(acc) if h0 is not None else x_proj.new_zeros(B, P, dtype=acc)
+        c_prev = c0.to(acc) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    else:  # the states are carried past each sequence's end, in buffers of their own
+        invalid = ~valid
+        h = h0.to(acc, copy=True) if h0 is not None else x_proj.new_zeros(B, P, dtype=acc)
+        c_prev = c0.to(acc, copy=True) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    tanh_c = x_proj.new_empty(B, H, dtype=acc)  # tanh(c_t), then m_t = o * tanh(c_t) with w_hr
+    # every step's views, made at once: z (B, 4H) and its parts, c_t, h_t
+    z_all = gates if direct else x_proj.new_empty(1, B, G, dtype=acc).expand(T, B, G)
+    zs, sig_if, tanh_g, sig_o = (z_all.unbind(0), z_all[..., :2 * H].unbind(0),
+                                 z_all[..., 2 * H:3 * H].unbind(0), z_all[..., 3 * H:].unbind(0))
+    i_s, f_s = z_all[..., :H].unbind(0), z_all[..., H:2 * H].unbind(0)
+    xs, cs, ys = x_proj.unbind(0), c.unbind(0), y.unbind(0)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        z = zs[t]
+        if direct:
+            c_t, h_t = cs[t], ys[t]
+            torch.addmm(xs[t], h, w_hh_t, out=z)  # (B, 4H), becomes (i, f, g, o) in place
+        else:
+            c_t, h_t = torch.empty_like(c_prev), x_proj.new_empty(B, P, dtype=acc)
+            torch.addmm(xs[t].to(acc), h, w_hh_t, out=z)
+        sig_if[t].sigmoid_()
+        g = tanh_g[t].tanh_()
+        o = sig_o[t].sigmoid_()
+        torch.mul(f_s[t], c_prev, out=c_t).addcmul_(i_s[t], g)  # c_t = f * c_{t-1} + i * g
+        torch.tanh(c_t, out=tanh_c)
+        if w_hr_t is None:
+            torch.mul(o, tanh_c, out=h_t)
+        else:
+            torch.mm(tanh_c.mul_(o), w_hr_t, out=h_t)  # (B, H) -> (B, P)
+        if valid is None:
+            h, c_prev = h_t, c_t
+        else:
+            torch.where(valid[t], h_t, h, out=h)
+            torch.where(valid[t], c_t, c_prev, out=c_prev)
+        if not direct:
+            ys[t].copy_(h_t)
+            cs[t].copy_(c_t)
+            gates[t].copy_(z)
+        if valid is not None:
+            for out in (ys[t], cs[t], gates[t]):
+                out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
+    return y, c, gates
+
+
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # (dy, y, out): dy * y * (1 - y)
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input  # (dy, y, out): dy * (1 - y^2)
+
+
+def _first_rows(x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor | tuple:
+    """The index of each sequence's row ``first`` (from ``_edge_step``) in ``x (T, B, ...)``."""
+    return first if isinstance(first, int) else (first, torch.arange(x.shape[1], device=x.device))
+
+
+def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None):
+    """The backward launcher's twin, walking time in reverse: ``d_gates (T, B, 4H)``, the gradient of
+    the pre-activations (zero past each end), and ``dc0 (B, H)`` (zeros when c0 is None). Reads
+    neither ``y`` nor ``h0`` (the launcher's signature has them).
+
+    Every factor of the gate gradients that does not depend on the recurrence is computed for all
+    steps at once, into ``d_gates`` itself:
+        d_gates = (dc * [g i (1-i)], dc * [c_{t-1} f (1-f)], dc * [i (1-g^2)], dm * [tanh(c) o (1-o)])
+    and ``a = o (1 - tanh(c)^2)``; a step is then its product, ``dc = dc_carry + dm * a[t]``, two
+    in-place products on ``d_gates[t]`` and ``dc_carry = dc * f``."""
+    T, B, G = gates.shape
+    H = G // 4
+    acc = _acc_dtype(gates.dtype)
+    direct = gates.dtype == acc  # d_gates is the working buffer
+    w_hh = w_hh.to(acc)
+    w_hr = w_hr.to(acc) if w_hr is not None else None
+    d_gates = _huge_pages(torch.empty_like(gates))
+    k = d_gates if direct else _huge_pages(torch.empty(gates.shape, dtype=acc, device=gates.device))
+    gates_a, c_a = _to_acc(gates, acc), _to_acc(c, acc)
+    i, f, g, o = (gates_a[..., n * H:(n + 1) * H] for n in range(4))
+    k_i, k_f, k_g, k_o = (k[..., n * H:(n + 1) * H] for n in range(4))
+    _sigmoid_backward(g, i, grad_input=k_i)
+    # c_{t-1} f (1 - f): c one step back along the walk, c0 (or zeros) at each sequence's first step;
+    # a reverse walk's first step lengths[b] - 1 reads c[lengths[b]] = 0 before c0 is put there
+    if reverse:
+        _sigmoid_backward(c_a[1:], f[:-1], grad_input=k_f[:-1])
+    else:
+        _sigmoid_backward(c_a[:-1], f[1:], grad_input=k_f[1:])
+    edge = T - 1 if reverse else 0
+    if c0 is None:
+        k_f[edge].zero_()
+    else:
+        c0_a = c0.to(acc)
+        _sigmoid_backward(c0_a, f[edge], grad_input=k_f[edge])
+        if lengths is not None and reverse:
+            first = _first_rows(k, _edge_step(T, reverse, lengths, gates.device))
+            k_f[first] = torch.ops.aten.sigmoid_backward(c0_a, f[first])
+    _tanh_backward(i, g, grad_input=k_g)
+    a = torch.tanh(c_a, out=_huge_pages(torch.empty_like(c_a)))
+    _sigmoid_backward(a, o, grad_input=k_o)
+    _tanh_backward(o, a, grad_input=a)  # a = o (1 - tanh(c)^2): dc_t's share of dm_t
+    # past each sequence's end every gate is zero, so are these factors, and so is d_gates there
+
+    valid = _valid_steps(T, lengths, gates.device)
+    last = _edge_step(T, not reverse, lengths, gates.device)
+    dh_n, dc_n = dh_n.to(acc), dc_n.to(acc)
+    at_last = None  # (T, B, 1): 1 at the step h_n, c_n were read at, else 0
+    if not isinstance(last, int):
+        at_last = (torch.arange(T, device=gates.device)[:, None] == last[None, :]).to(acc).unsqueeze(-1)
+    dh = dh_n.new_empty(B, dh_n.shape[1])  # (B, P)
+    dm = dh if w_hr is None else dh.new_empty(B, H)
+    dc = dh.new_empty(B, H)
+    dc_carry = dh.new_zeros(B, H)  # dc_{t_next} * f_{t_next}
+    # every step's views, made at once
+    ks, k_ifg, k_os = k.unbind(0), k[..., :3 * H].unflatten(-1, (3, H)).unbind(0), k_o.unbind(0)
+    dys, a_s, f_s = dy.unbind(0), a.unbind(0), f.unbind(0)
+    dc_b = dc[:, None]  # (B, 1, H): dc for the three gates i, f, g at once
+    d = None  # d_gates of the step processed last: it feeds dh through w_hh
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        dy_t = dys[t] if direct else dys[t].to(acc)
+        if d is None:
+            dh.copy_(dy_t)
+        else:
+            torch.addmm(dy_t, d, w_hh, out=dh)  # (B, P)
+        if at_last is None:
+            if t == last:
+                dh += dh_n
+        else:
+            dh.addcmul_(dh_n, at_last[t])
+        if w_hr is not None:
+            torch.mm(dh, w_hr, out=dm)  # (B, P) -> (B, H)
+        torch.addcmul(dc_carry, dm, a_s[t], out=dc)
+        if at_last is None:
+            if t == last:
+                dc += dc_n
+        else:
+            dc.addcmul_(dc_n, at_last[t])
+        k_ifg[t].mul_(dc_b)  # (B, 3, H)
+        k_os[t].mul_(dm)
+        d = ks[t]  # (B, 4H)
+        if valid is None:
+            torch.mul(dc, f_s[t], out=dc_carry)
+        else:
+            torch.where(valid[t], dc * f_s[t], dc_carry, out=dc_carry)
+    if not direct:
+        d_gates.copy_(k)
+    dc0 = dc_carry if c0 is not None else torch.zeros_like(dc_carry)  # dc at each first step times f
+    return d_gates, dc0.to(gates.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom ops and their autograd formula
+# --------------------------------------------------------------------------------------------------
+
+# As fastrnn::recurrence_fwd/_bwd: two custom ops paired by one autograd formula. The loops run in the
+# launchers; every product over all steps (dw_hh, dh0, dw_hr) is one matrix product here. Saved: y, c
+# and gates (which give h_{t-1}, c_{t-1}, tanh(c_t) and every gate's derivative), h0, c0 and weights.
+
+
+@torch.library.custom_op("fastrnn::lstm_fwd", mutates_args=())
+def lstm_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
+                w_hh: torch.Tensor, w_hr: Optional[torch.Tensor], reverse: bool,
+                lengths: Optional[torch.Tensor], backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``, ``c_n (B, H)``;
+    ``lengths`` on x_proj's device."""
+    if backend == "triton":
+        from fastrnn.kernels import lstm_fwd as fwd
+    else:
+        fwd = lstm_fwd_torch
+    y, c, gates = fwd(x_proj, h0, c0, w_hh, w_hr, reverse, lengths)
+    last = _edge_step(y.shape[0], not reverse, lengths, y.device)
+    return y, c, gates, _at_step(y, last).clone(), _at_step(c, last).clone()
+
+
+@lstm_fwd_op.register_fake
+def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend):
+    T, B, G = x_proj.shape
+    H, P = G // 4, w_hh.shape[1]
+    return (x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G),
+            x_proj.new_empty(B, P), x_proj.new_empty(B, H))
+
+
+@torch.library.custom_op("fastrnn::lstm_bwd", mutates_args=())
+def lstm_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: torch.Tensor,
+                c: torch.Tensor, gates: torch.Tensor, h0: Optional[torch.Tensor],
+                c0: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
+                reverse: bool, lengths: Optional[torch.Tensor], backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``."""
+    if backend == "triton":
+        from fastrnn.kernels import lstm_bwd as bwd
+    else:
+        bwd = lstm_bwd_torch
+    return bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths)
+
+
+@lstm_bwd_op.register_fake
+def _(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend):
+    return gates.new_empty(gates.shape), c.new_empty(c.shape[1:])
+
+
+def _setup_context(ctx, inputs, output):
+    x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend = inputs
+    y, c, gates = output[:3]
+    ctx.mark_non_differentiable(c, gates)  # internals, saved for the backward
+    ctx.save_for_backward(y, c, gates, h0, c0, w_hh, w_hr, lengths)
+    ctx.reverse, ctx.backend = reverse, backend
+
+
+def _backward(ctx, dy, _dc, _d_gates, dh_n, dc_n):
+    y, c, gates, h0, c0, w_hh, w_hr, lengths = ctx.saved_tensors
+    T = y.shape[0]
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
+    dc_n = torch.zeros_like(c[0]) if dc_n is None else dc_n.contiguous()
+    d_gates, dc0 = lstm_bwd_op(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, ctx.reverse, lengths,
+                               ctx.backend)
+    need_x, need_h0, need_c0, need_w_hh, need_w_hr = ctx.needs_input_grad[:5]
+    d_first = _at_step(d_gates, _edge_step(T, ctx.reverse, lengths, y.device))  # (B, 4H)
+    dh0 = d_first @ w_hh if h0 is not None and need_h0 else None
+    dw_hh = _sum_with_previous(d_gates, y, h0, d_first, ctx.reverse) if need_w_hh else None  # (4H, P)
+    dw_hr = None
+    if w_hr is not None and need_w_hr:
+        dw_hr = _dw_hr(dy, dh_n, d_gates, c, gates, w_hh, ctx.reverse, lengths)
+    dx_proj = d_gates if need_x else None
+    dc0 = dc0 if c0 is not None and need_c0 else None
+    return dx_proj, dh0, dc0, dw_hh, dw_hr, None, None, None
+
+
+def _sum_with_previous(d: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None,
+                       d_first: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``sum_t d[t].T @ h_{t-1}``, (N, P), for ``d (T, B, N)`` zero past each sequence's end and
+    ``d_first (B, N)`` its rows at each sequence's first step: ``h_{t-1}`` is ``y (T, B, P)`` one step
+    back along the walk (zero past each end, so a reverse walk's first step ``lengths[b] - 1`` reads
+    zeros there), plus ``h0`` at each first step; without building ``h_{t-1}`` for every step."""
+    N, P = d.shape[2], y.shape[2]
+    d_, y_ = (d[:-1], y[1:]) if reverse else (d[1:], y[:-1])
+    out = d_.reshape(-1, N).T @ y_.reshape(-1, P)
+    return out if h0 is None else out.addmm_(d_first.T, h0)
+
+
+def _dw_hr(dy, dh_n, d_gates, c, gates, w_hh, reverse, lengths):
+    """``sum_t dh_t.T @ m_t``, (P, H): ``dh_t = dy[t] + d_gates[t_next] @ w_hh`` (+ dh_n at the last
+    step) recomputed for all steps at once, ``m_t = o * tanh(c_t)`` (zero past each end, so the
+    terms there are too)."""
+    T, B, P = dy.shape
+    dh = dy.clone()
+    dh_next = d_gates @ w_hh  # (T, B, 4H) -> (T, B, P)
+    if reverse:
+        dh[1:] += dh_next[:-1]
+    else:
+        dh[:-1] += dh_next[1:]
+    last = _edge_step(T, not reverse, lengths, dy.device)
+    dh[last if isinstance(last, int) else (last, torch.arange(B, device=dy.device))] += dh_n
+    m = gates.chunk(4, 2)[3] * c.tanh()  # (T, B, H)
+    return dh.reshape(-1, P).T @ m.reshape(-1, m.shape[2])
+
+
+lstm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("double backward (create_graph=True, then backward again) through "
+                              "fastrnn.LSTM is not supported yet; fastrnn.RNN and torch.nn.LSTM on "
+                              "the CPU have it")
+
+
+lstm_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------------------
+
+
+def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
+                    w_hh: torch.Tensor, w_hr: torch.Tensor | None = None, reverse: bool = False,
+                    lengths: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y (T, B, P), h_n (B, P), c_n (B, H)`` of the LSTM recurrence; see the module docstring."""
+    if x_proj.dim() != 3:
+        raise ValueError(f"x_proj must be 3-D (T, B, 4H), got {x_proj.dim()}-D")
+    T, B, G = x_proj.shape
+    if G % 4 != 0:
+        raise ValueError(f"x_proj's last dimension must be 4 * hidden_size (gates i, f, g, o), got {G}")
+    H = G // 4
+    if w_hr is not None and (w_hr.dim() != 2 or w_hr.shape[1] != H):
+        raise RuntimeError(f"w_hr must be (proj_size, {H}), got {tuple(w_hr.shape)}")
+    P = w_hr.shape[0] if w_hr is not None else H
+    if tuple(w_hh.shape) != (G, P):
+        raise RuntimeError(f"w_hh must be ({G}, {P}), got {tuple(w_hh.shape)}")
+    if h0 is not None and tuple(h0.shape) != (B, P):
+        raise RuntimeError(f"Expected hidden[0] size ({B}, {P}), got {list(h0.shape)}")
+    if c0 is not None and tuple(c0.shape) != (B, H):
+        raise RuntimeError(f"Expected hidden[1] size ({B}, {H}), got {list(c0.shape)}")
+    _check_operands(x_proj, w_hh=w_hh, w_hr=w_hr, h0=h0, c0=c0)
+    if lengths is not None:
+        lengths = _lengths_on_device(lengths, T, B, x_proj.device)
+    if T == 0 or B == 0:
+        return lstm_reference(x_proj, h0, c0, w_hh, w_hr, reverse, lengths)
+    backend = "torch" if x_proj.device.type == "meta" else get_backend(x_proj.device)
+    y, _, _, h_n, c_n = lstm_fwd_op(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend)
+    return y, h_n, c_n

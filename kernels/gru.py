@@ -1,0 +1,268 @@
+"""The GRU recurrence, forward and backward, gate order r, z, n (as ``torch.nn.GRU``).
+
+    hh = h_{t-1} @ w_hh.T (B, 3H);  r = sigmoid(x_r + hh_r);  z = sigmoid(x_z + hh_z)
+    hn = hh_n + b_hn;  n = tanh(x_n + r hn);  h_t = (1 - z) n + z h_{t-1}
+
+``x_proj (T, B, 3H)`` holds ``x @ w_ih.T + b_ih + (b_hr, b_hz, 0)``: ``b_hn`` is scaled by r, so it
+stays out. The same tiled form as ``lstm.py``: programs own units and all three gates of them, read
+``h_{t-1}`` back from ``y`` for the product and keep their own units' ``h_{t-1}`` in registers.
+
+Saved for the backward: ``y`` and ``gates (T, B, 4H)`` = r, z, n, hn. The backward writes
+``d_x (T, B, 3H)`` (= dx_proj: dr, dz, dn before their nonlinearities) and the part of dh0 that
+flows through z. The product that carries the gradient a step back needs ``d_hh = (dr, dz, dn r)``
+of the step before, all units: the programs exchange it through a two-step ring buffer.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
+                     source_chunks, split_k_product, tanh, walk_step, weight_chunks)
+from .config import dtype_flags, gated_tile_kwargs, pick_config
+from .launch import run_sequence
+from .lstm import _gate_weights, _load_gate, _store_gate
+
+
+@triton.jit
+def _gate_products(hh_r, hh_z, hh_n, src_ptr, m_rows, o_b, o_n, B, H, stride_b, w_hh_ptr, stride_w,
+                   b_wr, b_wz, b_wn, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr, W_RESIDENT: tl.constexpr):
+    """Each gate's ``hh += h_{t-1} @ w_hh[gate rows of o_n].T``, one read of ``h_{t-1}`` a chunk."""
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT_K
+    if W_RESIDENT:
+        b_h = source_chunks(src_ptr, 0, o_b, m_rows, B, H, stride_b, SPLIT_K, CHUNK)
+        hh_r += split_k_product(b_h, b_wr, PRECISION)
+        hh_z += split_k_product(b_h, b_wz, PRECISION)
+        hh_n += split_k_product(b_h, b_wn, PRECISION)
+    else:
+        for k0 in range(0, H, BLOCK_K):
+            b_h = source_chunks(src_ptr, k0, o_b, m_rows, B, H, stride_b, SPLIT_K, CHUNK)
+            hh_r += split_k_product(b_h, _gate_weights(w_hh_ptr, 0, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
+                                    PRECISION)
+            hh_z += split_k_product(b_h, _gate_weights(w_hh_ptr, 1, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
+                                    PRECISION)
+            hh_n += split_k_product(b_h, _gate_weights(w_hh_ptr, 2, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
+                                    PRECISION)
+    return hh_r, hh_z, hh_n
+
+
+@triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
+def _gru_fwd_kernel(
+    x_proj_ptr,  # (T, B, 3H) input projection plus b_ih and b_hr, b_hz
+    h0_ptr,  # (B, H) initial state (unused unless HAS_H0)
+    h0_proj_ptr,  # (B, 3H) h0 @ w_hh.T in the accumulator's precision (unused unless HAS_H0)
+    w_hh_ptr,  # (3H, H)
+    b_hn_ptr,  # (H,) (unused unless HAS_B_HN)
+    lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    y_ptr,  # (T, B, H) out: every h_t; also where h_{t-1} is read back from
+    gates_ptr,  # (T, B, 4H) out: r, z, n, hn
+    T, B, H,
+    stride_xt, stride_xb,  # x_proj and h0_proj (rows of 3H)
+    stride_yt, stride_yb,  # y and h0 (rows of H)
+    stride_gt, stride_gb,  # gates (rows of 4H)
+    stride_w,
+    sync_ptr, step_begin, n_steps,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_B_HN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's rows of w_hh stay on chip all along
+):
+    """Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_N)): program (i, j) owns units j of batch rows i."""
+    pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT_K
+    if W_RESIDENT:
+        b_wr = _gate_weights(w_hh_ptr, 0, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
+        b_wz = _gate_weights(w_hh_ptr, 1, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
+        b_wn = _gate_weights(w_hh_ptr, 2, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
+    else:
+        b_wr, b_wz, b_wn = 0.0, 0.0, 0.0  # unused: _gate_products streams w_hh
+    b_hn_bias = tl.zeros([1, BLOCK_N], dtype=ACC_DTYPE)
+    if HAS_B_HN:
+        b_hn_bias += tl.load(b_hn_ptr + o_n[None, :], mask=o_n[None, :] < H, other=0.0).to(ACC_DTYPE)
+    # this program's units of h_{t-1} stay in registers; a launch starts from those of its first step
+    t, t_prev, m_prev, m_first = walk_step(step_begin, T, b_len, REVERSE)
+    p_bn = o_b[:, None] * stride_yb + o_n[None, :]
+    b_h = tl.load(y_ptr + t_prev * stride_yt + p_bn, mask=m_bn & m_prev, other=0.0).to(ACC_DTYPE)
+    if HAS_H0:
+        b_h += tl.load(h0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+
+    for s in range(step_begin, step_begin + n_steps):
+        t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
+        hh_r = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE)
+        hh_z = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE)
+        hh_n = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE) + b_hn_bias
+        if HAS_H0:  # at a sequence's first step h_{t-1} is h0, whose product the caller made once
+            m_h0 = m_bn & m_first
+            hh_r += _load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_xb, m_h0, ACC_DTYPE)
+            hh_z += _load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_xb, m_h0, ACC_DTYPE)
+            hh_n += _load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_xb, m_h0, ACC_DTYPE)
+        hh_r, hh_z, hh_n = _gate_products(hh_r, hh_z, hh_n, y_ptr + t_prev * stride_yt, m_prev, o_b, o_n,
+                                          B, H, stride_yb, w_hh_ptr, stride_w, b_wr, b_wz, b_wn, PRECISION,
+                                          BLOCK_K, SPLIT_K, W_RESIDENT)
+        p_x = x_proj_ptr + t * stride_xt
+        r = sigmoid(_load_gate(p_x, 0, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + hh_r, FAST)
+        z = sigmoid(_load_gate(p_x, 1, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + hh_z, FAST)
+        n = tanh(_load_gate(p_x, 2, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + r * hh_n, FAST)
+        valid = t < b_len  # (BLOCK_B, 1): zero past each sequence's end, the state carried along
+        b_h_new = (1.0 - z) * n + z * b_h
+        b_h = tl.where(valid, b_h_new, b_h)
+        tl.store(y_ptr + t * stride_yt + p_bn, tl.where(valid, b_h_new, 0.0).to(y_ptr.dtype.element_ty),
+                 mask=m_bn)
+        p_g = gates_ptr + t * stride_gt
+        _store_gate(p_g, 0, tl.where(valid, r, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        _store_gate(p_g, 1, tl.where(valid, z, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        _store_gate(p_g, 2, tl.where(valid, n, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        _store_gate(p_g, 3, tl.where(valid, hh_n, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+
+
+@triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
+def _gru_bwd_kernel(
+    dy_ptr,  # (T, B, H) gradient of y
+    dh_n_ptr,  # (B, H) gradient of h_n
+    y_ptr,  # (T, B, H) every h_t
+    gates_ptr,  # (T, B, 4H) r, z, n, hn
+    h0_ptr,  # (B, H) (unused unless HAS_H0)
+    w_hh_ptr,  # (3H, H)
+    lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    d_x_ptr,  # (T, B, 3H) out: dr, dz, dn (the gradient of x_proj)
+    d_hh_ptr,  # (2, B, 3H) scratch: dr, dz, dn * r of the last two steps, read back by all programs
+    dh_carry_ptr,  # (B, H) in/out: dh * z carried to the step before (zero at the start)
+    T, B, H,
+    stride_t, stride_b,  # dy, y (rows of H); dh_n, h0 and dh_carry share stride_b
+    stride_gt, stride_gb,  # gates (rows of 4H)
+    stride_xt, stride_xb,  # d_x and d_hh (rows of 3H)
+    stride_w,
+    sync_ptr, step_begin, n_steps,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # BLOCK_K >= 3H: this program's columns of w_hh stay on chip all along
+):
+    """Walking time in reverse: dh = dy[t] + dh_{t_next} z_{t_next} + d_hh[t_next] @ w_hh (+ dh_n
+    where h_n was read), then dn = dh (1 - z) tanh'(n), dz = dh (h_{t-1} - n) sigmoid'(z),
+    dr = dn hn sigmoid'(r)."""
+    pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
+    if REVERSE:
+        t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n is the state after t = 0
+    else:
+        t_last = b_len - 1
+    p_bn = o_b[:, None] * stride_b + o_n[None, :]
+    b_dh_n = tl.load(dh_n_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    b_dh_carry = tl.load(dh_carry_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    if W_RESIDENT:  # w_hh[:, o_n], all 3H rows, loaded once
+        b_w_all = weight_chunks(w_hh_ptr, 0, o_n, stride_w, 1, 3 * H, H, SPLIT_K, BLOCK_K // SPLIT_K)
+    else:
+        b_w_all = 0.0
+
+    for s in range(step_begin, step_begin + n_steps):
+        # the step the backward came from consumed h_t (t_next); h_{t-1} is y[t_prev], or h0 first
+        t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
+        m_prev, m_first = previous_step_masks(2 * t - t_next, b_len)
+        b_dh = tl.load(dy_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+        b_dh += tl.where(t == t_last, b_dh_n, 0.0) + b_dh_carry
+        b_dh = carried_product(b_dh, d_hh_ptr + (t_next % 2) * stride_xt, m_next, o_b, o_n, B, 3 * H, H,
+                               stride_xb, w_hh_ptr, stride_w, 1, b_w_all, PRECISION, BLOCK_K, SPLIT_K,
+                               W_RESIDENT)
+        p_g = gates_ptr + t * stride_gt
+        r = _load_gate(p_g, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        z = _load_gate(p_g, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        n = _load_gate(p_g, 2, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        hn = _load_gate(p_g, 3, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        b_h_prev = tl.load(y_ptr + (2 * t - t_next) * stride_t + p_bn, mask=m_bn & m_prev,
+                           other=0.0).to(ACC_DTYPE)
+        if HAS_H0:
+            b_h_prev += tl.load(h0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+        valid = t < b_len
+        dn = tl.where(valid, b_dh * (1.0 - z) * (1.0 - n * n), 0.0)
+        dz = tl.where(valid, b_dh * (b_h_prev - n) * z * (1.0 - z), 0.0)
+        dr = tl.where(valid, dn * hn * r * (1.0 - r), 0.0)
+        p_dx = d_x_ptr + t * stride_xt
+        _store_gate(p_dx, 0, dr, o_b, o_n, H, stride_xb, m_bn)
+        _store_gate(p_dx, 1, dz, o_b, o_n, H, stride_xb, m_bn)
+        _store_gate(p_dx, 2, dn, o_b, o_n, H, stride_xb, m_bn)
+        p_hh = d_hh_ptr + (t % 2) * stride_xt
+        _store_gate(p_hh, 0, dr, o_b, o_n, H, stride_xb, m_bn)
+        _store_gate(p_hh, 1, dz, o_b, o_n, H, stride_xb, m_bn)
+        _store_gate(p_hh, 2, dn * r, o_b, o_n, H, stride_xb, m_bn)
+        b_dh_carry = tl.where(valid, b_dh * z, b_dh_carry)
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+    tl.store(dh_carry_ptr + p_bn, b_dh_carry.to(dh_carry_ptr.dtype.element_ty), mask=m_bn)
+
+
+def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, config=None):
+    """Launch the GRU forward. ``x_proj (T, B, 3H)``, ``h0 (B, H)`` or None, ``w_hh (3H, H)``,
+    ``b_hn (H,)`` or None, ``lengths (B,)`` int64 on the device or None. Returns ``y (T, B, H)`` and
+    ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end."""
+    T, B, G = x_proj.shape
+    H = G // 3
+    x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
+    y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)
+    if T == 0 or B == 0:
+        return y, gates
+    config = config or pick_config(B, H, x_proj.dtype, x_proj.device, gates=3)
+    with torch.cuda.device_of(x_proj):
+        kernel, grid, args, kwargs = gru_fwd_launch(x_proj, h0, w_hh, b_hn, lengths, y, gates, reverse,
+                                                    config)
+        run_sequence(kernel, grid, args, kwargs, config.variant, T, x_proj.device)
+    return y, gates
+
+
+def gru_fwd_launch(x_proj, h0, w_hh, b_hn, lengths, y, gates, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the GRU forward for ``config``."""
+    T, B, G = x_proj.shape
+    H = G // 3
+    h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
+    if h0 is not None:
+        acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+        h0 = h0.contiguous()
+        h0_proj = (h0.to(acc) @ w_hh.to(acc).T).contiguous()  # (B, 3H)
+    args = (x_proj, h0 if h0 is not None else y, h0_proj, w_hh, b_hn.contiguous() if b_hn is not None else y,
+            lengths if lengths is not None else x_proj, y, gates, T, B, H, x_proj.stride(0),
+            x_proj.stride(1), y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), w_hh.stride(0))
+    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_B_HN=b_hn is not None,
+                  HAS_LENGTHS=lengths is not None, **gated_tile_kwargs(config, H, H),
+                  **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
+    return _gru_fwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
+
+
+def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, config=None):
+    """Launch the GRU backward. Returns ``d_x (T, B, 3H)`` (zero past each sequence's end) and
+    ``dh0_local (B, H)``, the gradient of h0 through z (the caller adds its path through w_hh)."""
+    T, B, H = y.shape
+    d_x = y.new_empty(T, B, 3 * H)
+    dh0_local = torch.zeros(B, H, dtype=y.dtype, device=y.device)  # the carry: dh * z
+    if T == 0 or B == 0:
+        return d_x, dh0_local
+    config = config or pick_config(B, H, y.dtype, y.device, gates=3)
+    with torch.cuda.device_of(y):
+        kernel, grid, args, kwargs = gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, dh0_local,
+                                                    reverse, config)
+        run_sequence(kernel, grid, args, kwargs, config.variant, T, y.device)
+    return d_x, dh0_local
+
+
+def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, dh_carry, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the GRU backward for ``config``."""
+    T, B, H = y.shape
+    dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
+    y, gates, w_hh = y.contiguous(), gates.contiguous(), w_hh.contiguous()
+    h0 = h0.contiguous() if h0 is not None else None
+    d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
+    args = (dy, dh_n, y, gates, h0 if h0 is not None else y, w_hh, lengths if lengths is not None else y,
+            d_x, d_hh, dh_carry, T, B, H, dy.stride(0), dy.stride(1), gates.stride(0), gates.stride(1),
+            d_x.stride(0), d_x.stride(1), w_hh.stride(0))
+    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
+                  **gated_tile_kwargs(config, H, 3 * H), **dtype_flags(y.dtype, y.device))
+    return _gru_bwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs

@@ -1,0 +1,115 @@
+"""How a recurrence kernel runs over a sequence, for every cell: the variants of ``config.py``.
+
+- ``resident``: one launch; no program waits on another.
+- ``tiled``: one launch whose programs meet at a grid barrier after each step. A barrier is only safe
+  if every program of the grid is on the GPU at once, so the launch is cooperative: the driver
+  schedules the whole grid together or refuses it (it never leaves programs spinning for others that
+  cannot start because other work holds the SMs). Before that, the compiled kernel's occupancy
+  (registers, shared memory, warps) times the SM count read at run time must cover the grid. Where
+  either says no, the sequence runs ``stepwise`` instead, with a warning.
+- ``stepwise``: the same kernel once per step, without the barrier: always safe, slower.
+
+A tiled kernel's last runtime arguments are ``sync_ptr, step_begin, n_steps`` (its arrival counters
+and the steps this launch runs) and it takes a ``SYNC`` constexpr: ``tiled_arguments`` adds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+
+import torch
+
+logger = logging.getLogger("fastrnn")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# sm_90 (H100, H200) per-SM limits, from NVIDIA's occupancy calculator (cuda_occupancy.h)
+REGS_PER_SM, REG_UNIT, SUB_PARTITIONS = 65536, 256, 4  # registers allocated per warp in 256s
+MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
+SHARED_PER_SM, SHARED_PER_PROGRAM, SHARED_RESERVED, SHARED_UNIT = 233472, 232448, 1024, 128
+
+
+def run_sequence(kernel, grid, args, kwargs, variant: str, T: int, device, phases=({},)) -> None:
+    """Run ``kernel`` over all T steps as ``variant`` asks (see the module docstring). A kernel whose
+    step has parts that all programs must finish before the next starts (an LSTM's projection) meets
+    at a barrier between them when tiled; stepwise, it is launched once per part, each with its
+    ``phases`` entry added to its constexprs."""
+    if variant == "resident":
+        kernel[grid](*args, **kwargs)
+        return
+    sync = arrival_counters(grid[0], device)
+    if variant == "tiled":
+        coop_args, coop_kwargs = tiled_arguments(args, kwargs, sync, 0, T, cooperative=True)
+        if _launch_cooperative(kernel, grid, coop_args, coop_kwargs, device):
+            return
+    for s in range(T):
+        for phase in phases:
+            step_args, step_kwargs = tiled_arguments(args, kwargs, sync, s, 1, cooperative=False)
+            kernel[grid](*step_args, **step_kwargs, **phase)
+
+
+def arrival_counters(n_groups: int, device) -> torch.Tensor:
+    """The grid barrier's int32 counter of each group of programs that meet: 0 (or 0x80000000)."""
+    return torch.zeros(n_groups, dtype=torch.int32, device=device)
+
+
+def tiled_arguments(args, kwargs, sync, step_begin: int, n_steps: int, cooperative: bool):
+    """The arguments of one tiled launch running steps [step_begin, step_begin + n_steps): with a
+    grid barrier and a cooperative launch, or one step without."""
+    kwargs = dict(kwargs, SYNC=cooperative)
+    if cooperative:
+        kwargs["launch_cooperative_grid"] = True
+    return (*args, sync, step_begin, n_steps), kwargs
+
+
+def _launch_cooperative(kernel, grid, args, kwargs, device) -> bool:
+    """Launch the grid cooperatively; False, launching nothing, where it cannot be resident at once."""
+    n_programs = math.prod(grid)
+    capacity = resident_capacity(kernel, grid, args, kwargs, device)
+    if n_programs > capacity:
+        logger.warning("fastrnn: %d programs cannot be resident at once (room for %d): one launch per "
+                       "step instead", n_programs, capacity)
+        return False
+    try:
+        kernel[grid](*args, **kwargs)
+    except RuntimeError as e:  # CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: "... cooperative launch"
+        if "cooperative" not in str(e):
+            raise
+        logger.warning("fastrnn: the driver refused a cooperative launch of %d programs (%s): one "
+                       "launch per step instead", n_programs, e)
+        return False
+    return True
+
+
+def resident_capacity(kernel, grid, args, kwargs, device) -> float:
+    """How many programs of the compiled kernel the GPU holds at once (infinite under the
+    interpreter, where programs run one after another and the configuration keeps them apart)."""
+    if INTERPRETED:
+        return math.inf
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)  # compiles, or finds the launch's cache entry
+    compiled._init_handles()  # loads it: n_regs is known from here on
+    per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared)
+    return per_sm * _sm_count(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def programs_per_sm(n_regs: int, num_warps: int, shared: int) -> int:
+    """Programs of one kernel an sm_90 SM holds at once (0: it cannot launch), by the rules of
+    NVIDIA's occupancy calculator: registers go per warp in units of 256 within four sub-partitions,
+    at most 64 warps and 32 programs, and shared memory plus 1 KB reserved per program."""
+    if n_regs > 255 or num_warps > 32 or shared > SHARED_PER_PROGRAM:
+        return 0
+    regs_per_warp = -(-max(n_regs, 1) * 32 // REG_UNIT) * REG_UNIT
+    if regs_per_warp * -(-num_warps // SUB_PARTITIONS) * SUB_PARTITIONS > REGS_PER_SM:
+        return 0
+    warps_by_regs = (REGS_PER_SM // SUB_PARTITIONS // regs_per_warp) * SUB_PARTITIONS
+    shared_per_program = -(-(shared + SHARED_RESERVED) // SHARED_UNIT) * SHARED_UNIT
+    return min(warps_by_regs // num_warps, MAX_WARPS_PER_SM // num_warps, MAX_PROGRAMS_PER_SM,
+               SHARED_PER_SM // shared_per_program)

@@ -1,0 +1,412 @@
+"""The LSTM recurrence, forward and backward, gate order i, f, g, o (as ``torch.nn.LSTM``).
+
+    z_t = x_proj[t] + h_{t-1} @ w_hh.T    (B, 4H), x_proj with both biases added (one product outside)
+    i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of z_t;  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+
+One kernel each way, in the tiled form of the Elman kernels (``recurrence_fwd.py``): programs own
+``(BLOCK_B, BLOCK_N)`` tiles of hidden units and all four gates of them, so the gate nonlinearities
+and the cell state stay in the program; each step reads the whole ``h_{t-1}`` of its batch rows back
+from ``y`` and multiplies it by its four ``BLOCK_N``-row blocks of ``w_hh`` (on chip for the whole
+sequence with ``W_RESIDENT``, else streamed), then the programs of a batch block meet at the grid
+barrier (``SYNC``; else one launch per step). With ``BLOCK_N >= H`` one program holds all of
+``w_hh``: the ``resident`` variant of the small sizes. The launch, barrier and configuration are
+those of every cell (``launch.py``, ``common.py``, ``config.py``).
+
+Saved for the backward: ``y``, ``c`` and the gates after their nonlinearities. The backward writes
+the pre-activation gradient ``d_gates (T, B, 4H)`` (= dx_proj) and ``dc0``; ``dw_hh``, ``dh0`` are
+one product each over all steps, done by the caller (``fastrnn/lstm.py``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
+                     source_chunks, split_k_product, tanh, walk_step, weight_chunks)
+from .config import dtype_flags, gated_tile_kwargs, pick_config
+from .launch import run_sequence
+
+
+@triton.jit
+def _gate_products(z_i, z_f, z_g, z_o, src_ptr, m_rows, o_b, o_n, B, H, K, stride_b, w_hh_ptr, stride_w,
+                   b_wi, b_wf, b_wg, b_wo, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr, W_RESIDENT: tl.constexpr):
+    """Each gate's ``z += h_{t-1} @ w_hh[gate rows of o_n].T``: one read of ``h_{t-1}`` (``src``, a
+    (B, K) step the other programs wrote) per chunk for the four products."""
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT_K
+    if W_RESIDENT:
+        b_h = source_chunks(src_ptr, 0, o_b, m_rows, B, K, stride_b, SPLIT_K, CHUNK)
+        z_i += split_k_product(b_h, b_wi, PRECISION)
+        z_f += split_k_product(b_h, b_wf, PRECISION)
+        z_g += split_k_product(b_h, b_wg, PRECISION)
+        z_o += split_k_product(b_h, b_wo, PRECISION)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            b_h = source_chunks(src_ptr, k0, o_b, m_rows, B, K, stride_b, SPLIT_K, CHUNK)
+            z_i += split_k_product(b_h, _gate_weights(w_hh_ptr, 0, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+                                   PRECISION)
+            z_f += split_k_product(b_h, _gate_weights(w_hh_ptr, 1, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+                                   PRECISION)
+            z_g += split_k_product(b_h, _gate_weights(w_hh_ptr, 2, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+                                   PRECISION)
+            z_o += split_k_product(b_h, _gate_weights(w_hh_ptr, 3, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+                                   PRECISION)
+    return z_i, z_f, z_g, z_o
+
+
+@triton.jit
+def _gate_weights(w_hh_ptr, gate, k0, o_n, H, K, stride_w, SPLIT_K: tl.constexpr, CHUNK: tl.constexpr):
+    """Rows ``k0 ...`` of ``w_hh.T`` (K of them) for the units ``o_n`` of one gate:
+    (SPLIT_K, CHUNK, BLOCK_N)."""
+    return weight_chunks(w_hh_ptr + gate * H * stride_w, k0, o_n, 1, stride_w, K, H, SPLIT_K, CHUNK)
+
+
+@triton.jit
+def _load_gate(ptr, gate, o_b, o_n, H, stride_b, mask, ACC_DTYPE: tl.constexpr):
+    """Gate ``gate`` of one step of a (., B, G x H) tensor: (BLOCK_B, BLOCK_N) in ACC_DTYPE."""
+    return tl.load(ptr + o_b[:, None] * stride_b + gate * H + o_n[None, :], mask=mask,
+                   other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _store_gate(ptr, gate, value, o_b, o_n, H, stride_b, mask):
+    tl.store(ptr + o_b[:, None] * stride_b + gate * H + o_n[None, :],
+             value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _input_gates(x_ptr, h0_proj_ptr, o_b, o_n, H, stride_b, m_bn, m_first, HAS_H0: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
+    """The step's ``x_proj`` of the four gates, plus ``h0 @ w_hh.T`` (made once by the caller)
+    where a sequence starts: each (BLOCK_B, BLOCK_N)."""
+    z_i = _load_gate(x_ptr, 0, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    z_f = _load_gate(x_ptr, 1, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    z_g = _load_gate(x_ptr, 2, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    z_o = _load_gate(x_ptr, 3, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    if HAS_H0:
+        m_h0 = m_bn & m_first
+        z_i += _load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
+        z_f += _load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
+        z_g += _load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
+        z_o += _load_gate(h0_proj_ptr, 3, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
+    return z_i, z_f, z_g, z_o
+
+
+@triton.jit
+def _store_gates(ptr, i, f, g, o, valid, o_b, o_n, H, stride_b, m_bn):
+    """The four gates of one step, zero past each sequence's end."""
+    _store_gate(ptr, 0, tl.where(valid, i, 0.0), o_b, o_n, H, stride_b, m_bn)
+    _store_gate(ptr, 1, tl.where(valid, f, 0.0), o_b, o_n, H, stride_b, m_bn)
+    _store_gate(ptr, 2, tl.where(valid, g, 0.0), o_b, o_n, H, stride_b, m_bn)
+    _store_gate(ptr, 3, tl.where(valid, o, 0.0), o_b, o_n, H, stride_b, m_bn)
+
+
+@triton.jit
+def _project(m_ptr, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_hr, ACC_DTYPE: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+             BLOCK_KP: tl.constexpr):
+    """``m @ w_hr.T`` for the projection's columns ``o_p``: ``m (B, H)`` is one step that all
+    programs wrote; (BLOCK_B, BLOCK_P), zero past each sequence's end."""
+    acc = tl.zeros([BLOCK_B, BLOCK_P], dtype=ACC_DTYPE)
+    acc = carried_product(acc, m_ptr, valid, o_b, o_p, B, H, P, H, w_hr_ptr, 1, stride_hr, 0.0,
+                          PRECISION, BLOCK_KP, 1, False)
+    return tl.where(valid, acc, 0.0)
+
+
+@triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
+def _lstm_fwd_kernel(
+    x_proj_ptr,  # (T, B, 4H) input projection plus both biases
+    h0_proj_ptr,  # (B, 4H) h0 @ w_hh.T in the accumulator's precision (unused unless HAS_H0)
+    c0_ptr,  # (B, H) initial cell state (unused unless HAS_C0)
+    w_hh_ptr,  # (4H, P)
+    w_hr_ptr,  # (P, H) the projection (unused unless PROJ)
+    lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    y_ptr,  # (T, B, P) out: every h_t; also where h_{t-1} is read back from
+    c_ptr,  # (T, B, H) out: every c_t
+    gates_ptr,  # (T, B, 4H) out: i, f, g, o after their nonlinearities
+    m_ptr,  # (2, B, H) scratch: o tanh(c) of the last two steps, all units (unused unless PROJ)
+    T, B, H, P,  # P: the width of h, proj_size or H
+    stride_xt, stride_xb,  # x_proj, gates and h0_proj (rows of 4H)
+    stride_yt, stride_yb,  # y (rows of P)
+    stride_ct, stride_cb,  # c, c0 and m (rows of H)
+    stride_w, stride_hr,
+    sync_ptr, step_begin, n_steps,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # BLOCK_K >= P: this program's rows of w_hh stay on chip all along
+    PROJ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_KP: tl.constexpr,
+    PHASE: tl.constexpr = 0,  # with PROJ, one launch a part of the step: 1 the gates, 2 the projection
+):
+    """Grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_N)): program (i, j) owns units j of batch rows i, and with
+    PROJ the projection's columns j of them (BLOCK_P each), after a barrier."""
+    pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
+    p_bn = o_b[:, None] * stride_cb + o_n[None, :]
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT_K
+    if W_RESIDENT:  # the four gates' w_hh.T columns of this program, (SPLIT_K, CHUNK, BLOCK_N) each
+        b_wi = _gate_weights(w_hh_ptr, 0, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+        b_wf = _gate_weights(w_hh_ptr, 1, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+        b_wg = _gate_weights(w_hh_ptr, 2, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+        b_wo = _gate_weights(w_hh_ptr, 3, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+    else:
+        b_wi, b_wf, b_wg, b_wo = 0.0, 0.0, 0.0, 0.0  # unused: _gate_products streams w_hh
+    # the cell state of this program's units stays in registers; a launch starts from c_{t-1} (c0
+    # at each sequence's first step) of its first step
+    t, t_prev, m_prev, m_first = walk_step(step_begin, T, b_len, REVERSE)
+    b_c = tl.load(c_ptr + t_prev * stride_ct + p_bn, mask=m_bn & m_prev, other=0.0).to(ACC_DTYPE)
+    if HAS_C0:
+        b_c += tl.load(c0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+
+    for s in range(step_begin, step_begin + n_steps):
+        t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
+        valid = t < b_len  # (BLOCK_B, 1): zero past each sequence's end, the state carried along
+        if PHASE != 2:
+            z_i, z_f, z_g, z_o = _input_gates(x_proj_ptr + t * stride_xt, h0_proj_ptr, o_b, o_n, H, stride_xb,
+                                              m_bn, m_first, HAS_H0, ACC_DTYPE)
+            z_i, z_f, z_g, z_o = _gate_products(z_i, z_f, z_g, z_o, y_ptr + t_prev * stride_yt, m_prev, o_b,
+                                                o_n, B, H, P, stride_yb, w_hh_ptr, stride_w, b_wi, b_wf,
+                                                b_wg, b_wo, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
+            i, f, g, o = sigmoid(z_i, FAST), sigmoid(z_f, FAST), tanh(z_g, FAST), sigmoid(z_o, FAST)
+            b_c_new = f * b_c + i * g
+            b_c = tl.where(valid, b_c_new, b_c)
+            b_m = tl.where(valid, o * tanh(b_c_new, FAST), 0.0)  # h_t, or what the projection takes
+            tl.store(c_ptr + t * stride_ct + p_bn, tl.where(valid, b_c_new, 0.0).to(c_ptr.dtype.element_ty),
+                     mask=m_bn)
+            _store_gates(gates_ptr + t * stride_xt, i, f, g, o, valid, o_b, o_n, H, stride_xb, m_bn)
+            if PROJ:
+                tl.store(m_ptr + (t % 2) * B * stride_cb + p_bn, b_m.to(m_ptr.dtype.element_ty), mask=m_bn)
+            else:
+                tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_n[None, :],
+                         b_m.to(y_ptr.dtype.element_ty), mask=m_bn)
+        if PROJ:
+            if PHASE == 0:  # every program's m_t is written before any program projects it
+                grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+            if PHASE != 1:
+                o_p = (pid_n * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+                b_h = _project(m_ptr + (t % 2) * B * stride_cb, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_hr,
+                               ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_P, BLOCK_KP)
+                tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_p[None, :],
+                         b_h.to(y_ptr.dtype.element_ty), mask=(o_b[:, None] < B) & (o_p[None, :] < P))
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+
+
+@triton.jit
+def _grad_into_cell(dh_ptr, dh_n_ptr, d_gates_ptr, m_next, m_last, o_b, o_x, B, H, N, stride_b,
+                    w_hh_ptr, stride_w, b_w_all, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr, W_RESIDENT: tl.constexpr):
+    """``dh_t`` for the columns ``o_x`` of h (N of them): ``dy[t]`` (at ``dh_ptr``), plus ``dh_n``
+    where h_n was read, plus ``d_gates[t_next] @ w_hh`` (the gates' (B, 4H) step the other programs
+    wrote): (BLOCK_B, BLOCK_X)."""
+    m_bx = (o_b[:, None] < B) & (o_x[None, :] < N)
+    p_bx = o_b[:, None] * stride_b + o_x[None, :]
+    b_dh = tl.load(dh_ptr + p_bx, mask=m_bx, other=0.0).to(ACC_DTYPE)
+    b_dh += tl.load(dh_n_ptr + p_bx, mask=m_bx & m_last, other=0.0).to(ACC_DTYPE)
+    return carried_product(b_dh, d_gates_ptr, m_next, o_b, o_x, B, 4 * H, N, 4 * H, w_hh_ptr, stride_w, 1,
+                           b_w_all, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
+
+
+@triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
+def _lstm_bwd_kernel(
+    dy_ptr,  # (T, B, P) gradient of y
+    dh_n_ptr,  # (B, P) gradient of h_n
+    dc_n_ptr,  # (B, H) gradient of c_n
+    c_ptr,  # (T, B, H) every c_t
+    gates_ptr,  # (T, B, 4H) i, f, g, o
+    c0_ptr,  # (B, H) (unused unless HAS_C0)
+    w_hh_ptr,  # (4H, P)
+    w_hr_ptr,  # (P, H) (unused unless PROJ)
+    lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    d_gates_ptr,  # (T, B, 4H) out: gradient of the pre-activations; d_gates[t_next] is read back
+    dc_carry_ptr,  # (B, H) in/out: dc * f carried to the step before (zero at the start; dc0 at the end)
+    dh_buf_ptr,  # (2, B, P) scratch: dh of the last two steps, all columns (unused unless PROJ)
+    T, B, H, P,
+    stride_t, stride_b,  # dy (rows of P); dh_n and dh_buf share stride_b
+    stride_ct, stride_cb,  # c (rows of H); dc_n, c0, dc_carry share stride_cb
+    stride_gt, stride_gb,  # gates and d_gates (rows of 4H)
+    stride_w, stride_hr,
+    sync_ptr, step_begin, n_steps,
+    REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_RESIDENT: tl.constexpr,  # BLOCK_K >= 4H: this program's columns of w_hh stay on chip all along
+    PROJ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_KP: tl.constexpr,
+    PHASE: tl.constexpr = 0,  # with PROJ, one launch a part of the step: 1 dh, 2 the gates
+):
+    """Walking time in reverse: dh = dy[t] + d_gates[t_next] @ w_hh (+ dh_n where h_n was read),
+    dm = dh @ w_hr (dh itself without PROJ), dc = dm o tanh'(c_t) + dc_{t_next} f_{t_next} (+ dc_n),
+    then the four gates' gradients."""
+    pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
+    p_bn = o_b[:, None] * stride_cb + o_n[None, :]
+    b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
+    if REVERSE:
+        t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n, c_n are the states after t = 0
+    else:
+        t_last = b_len - 1
+    b_dc_n = tl.load(dc_n_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    b_dc_carry = tl.load(dc_carry_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    if W_RESIDENT and not PROJ:  # w_hh[:, o_n], all 4H rows, loaded once
+        b_w_all = weight_chunks(w_hh_ptr, 0, o_n, stride_w, 1, 4 * H, H, SPLIT_K, BLOCK_K // SPLIT_K)
+    else:
+        b_w_all = 0.0
+
+    for s in range(step_begin, step_begin + n_steps):
+        # the backward walks the forward's steps last to first: the step it came from is the one
+        # that consumed h_t (t_next); c_{t-1} is c[t_prev], or c0 at each sequence's first step
+        t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
+        m_last = t == t_last
+        p_dnext = d_gates_ptr + t_next * stride_gt
+        if PROJ:
+            if PHASE != 2:  # dh of this program's columns of h, for all programs to read
+                o_p = (pid_n * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+                b_dh = _grad_into_cell(dy_ptr + t * stride_t, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_p, B, H,
+                                       P, stride_b, w_hh_ptr, stride_w, 0.0, ACC_DTYPE, PRECISION, BLOCK_B,
+                                       BLOCK_P, BLOCK_KP, 1, False)
+                tl.store(dh_buf_ptr + (t % 2) * B * stride_b + o_b[:, None] * stride_b + o_p[None, :],
+                         b_dh.to(dh_buf_ptr.dtype.element_ty), mask=(o_b[:, None] < B) & (o_p[None, :] < P))
+            if PHASE == 0:
+                grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+            b_dm = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE)  # dh @ w_hr for this program's units
+            b_dm = carried_product(b_dm, dh_buf_ptr + (t % 2) * B * stride_b, b_len >= 0, o_b, o_n, B, P, H,
+                                   stride_b, w_hr_ptr, stride_hr, 1, 0.0, PRECISION, BLOCK_KP, 1, False)
+        else:
+            b_dm = _grad_into_cell(dy_ptr + t * stride_t, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_n, B, H,
+                                   H, stride_b, w_hh_ptr, stride_w, b_w_all, ACC_DTYPE, PRECISION, BLOCK_B,
+                                   BLOCK_N, BLOCK_K, SPLIT_K, W_RESIDENT)
+        if PHASE != 1:
+            b_dc_carry = _cell_grads(d_gates_ptr + t * stride_gt, gates_ptr + t * stride_gt, c_ptr, c0_ptr, t,
+                                     t_next, b_dm, b_dc_carry, b_dc_n, m_last, b_len, o_b, o_n, H, stride_ct,
+                                     stride_cb, stride_gb, m_bn, HAS_C0, ACC_DTYPE)
+        if SYNC:
+            grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+    if PHASE != 1:
+        tl.store(dc_carry_ptr + p_bn, b_dc_carry.to(dc_carry_ptr.dtype.element_ty), mask=m_bn)
+
+
+@triton.jit
+def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, b_dm, b_dc_carry, b_dc_n, m_last, b_len,
+                o_b, o_n, H, stride_ct, stride_cb, stride_gb, m_bn, HAS_C0: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):
+    """One step's gate gradients from ``dm`` (the gradient of o tanh(c_t)) and the carried
+    ``dc_{t_next} f_{t_next}``; stores them (zero past each sequence's end) and returns the carry
+    for the step before."""
+    p_bn = o_b[:, None] * stride_cb + o_n[None, :]
+    i = _load_gate(gates_ptr, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    f = _load_gate(gates_ptr, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    g = _load_gate(gates_ptr, 2, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    o = _load_gate(gates_ptr, 3, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    b_c = tl.load(c_ptr + t * stride_ct + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    m_prev, m_first = previous_step_masks(2 * t - t_next, b_len)  # c_{t-1}: c[t_prev], or c0 first
+    b_c_prev = tl.load(c_ptr + (2 * t - t_next) * stride_ct + p_bn, mask=m_bn & m_prev, other=0.0)
+    b_c_prev = b_c_prev.to(ACC_DTYPE)
+    if HAS_C0:
+        b_c_prev += tl.load(c0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+    tanh_c = tanh(b_c, False)
+    b_dc = b_dm * o * (1.0 - tanh_c * tanh_c) + b_dc_carry + tl.where(m_last, b_dc_n, 0.0)
+    valid = t < b_len
+    _store_gates(d_gates_ptr, b_dc * g * i * (1.0 - i), b_dc * b_c_prev * f * (1.0 - f),
+                 b_dc * i * (1.0 - g * g), b_dm * tanh_c * o * (1.0 - o), valid, o_b, o_n, H, stride_gb, m_bn)
+    return tl.where(valid, b_dc * f, b_dc_carry)
+
+
+def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, config=None):
+    """Launch the LSTM forward. ``x_proj (T, B, 4H)``, ``h0 (B, P)``, ``c0 (B, H)`` or None,
+    ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` int64 on the
+    device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)``, zero past each
+    sequence's end."""
+    T, B, G = x_proj.shape
+    H, P = G // 4, w_hh.shape[1]
+    x_proj = x_proj.contiguous()
+    y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), torch.empty_like(x_proj)
+    if T == 0 or B == 0:
+        return y, c, gates
+    config = config or pick_config(B, H, x_proj.dtype, x_proj.device, gates=4)
+    with torch.cuda.device_of(x_proj):
+        kernel, grid, args, kwargs = lstm_fwd_launch(x_proj, h0, c0, w_hh, w_hr, lengths, y, c, gates, reverse,
+                                                     config)
+        run_sequence(kernel, grid, args, kwargs, config.variant, T, x_proj.device, _phases(w_hr))
+    return y, c, gates
+
+
+def lstm_fwd_launch(x_proj, h0, c0, w_hh, w_hr, lengths, y, c, gates, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``."""
+    T, B, G = x_proj.shape
+    H, P = G // 4, w_hh.shape[1]
+    w_hh = w_hh.contiguous()
+    h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
+    if h0 is not None:
+        acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+        h0_proj = (h0.to(acc) @ w_hh.to(acc).T).contiguous()  # (B, 4H)
+    c0 = c0.contiguous() if c0 is not None else None
+    w_hr = w_hr.contiguous() if w_hr is not None else None
+    m = c.new_empty(2, B, H) if w_hr is not None else c  # the projection's input, all units
+    args = (x_proj, h0_proj, c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
+            lengths if lengths is not None else x_proj, y, c, gates, m, T, B, H, P, x_proj.stride(0),
+            x_proj.stride(1), y.stride(0), y.stride(1), c.stride(0), c.stride(1), w_hh.stride(0),
+            w_hr.stride(0) if w_hr is not None else 0)
+    grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
+    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_C0=c0 is not None,
+                  HAS_LENGTHS=lengths is not None, **gated_tile_kwargs(config, P, P),
+                  **_projection_blocks(w_hr, P, grid[1], config), **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
+    return _lstm_fwd_kernel, grid, args, kwargs
+
+
+def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
+             config=None):
+    """Launch the LSTM backward. Returns ``d_gates (T, B, 4H)`` (zero past each sequence's end) and
+    ``dc0 (B, H)`` (zeros without c0). ``y`` and ``h0`` are not read (the autograd formula's products
+    use them)."""
+    T, B, G = gates.shape
+    H = G // 4
+    d_gates = torch.empty_like(gates)
+    dc0 = torch.zeros(B, H, dtype=gates.dtype, device=gates.device)  # the carry: dc * f
+    if T == 0 or B == 0:
+        return d_gates, dc0
+    config = config or pick_config(B, H, gates.dtype, gates.device, gates=4)
+    with torch.cuda.device_of(gates):
+        kernel, grid, args, kwargs = lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates,
+                                                     dc0, reverse, config)
+        run_sequence(kernel, grid, args, kwargs, config.variant, T, gates.device, _phases(w_hr))
+    return d_gates, dc0 if c0 is not None else dc0.zero_()
+
+
+def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates, dc_carry, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the LSTM backward for ``config``."""
+    T, B, G = gates.shape
+    H, P = G // 4, w_hh.shape[1]
+    dy, dh_n, dc_n = (t.to(gates.dtype).contiguous() for t in (dy, dh_n, dc_n))
+    c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()
+    c0 = c0.contiguous() if c0 is not None else None
+    w_hr = w_hr.contiguous() if w_hr is not None else None
+    dh_buf = dy.new_empty(2, B, P) if w_hr is not None else dy  # dh of all columns (with PROJ)
+    args = (dy, dh_n, dc_n, c, gates, c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
+            lengths if lengths is not None else c, d_gates, dc_carry, dh_buf, T, B, H, P, dy.stride(0),
+            dy.stride(1), c.stride(0), c.stride(1), gates.stride(0), gates.stride(1), w_hh.stride(0),
+            w_hr.stride(0) if w_hr is not None else 0)
+    grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
+    kwargs = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+                  **gated_tile_kwargs(config, H, 4 * H), **_projection_blocks(w_hr, P, grid[1], config),
+                  **dtype_flags(gates.dtype, gates.device))
+    return _lstm_bwd_kernel, grid, args, kwargs
+
+
+def _projection_blocks(w_hr, P: int, n_programs: int, config) -> dict:
+    """With a projection, each of a batch block's ``n_programs`` programs takes BLOCK_P of its P
+    columns, the reductions streamed BLOCK_KP rows at a time."""
+    if w_hr is None:
+        return dict(PROJ=False, BLOCK_P=16, BLOCK_KP=16)
+    block_p = max(16, triton.next_power_of_2(triton.cdiv(P, n_programs)))
+    return dict(PROJ=True, BLOCK_P=block_p, BLOCK_KP=min(config.block_k, 64))
+
+
+def _phases(w_hr):
+    """One launch per step runs the two parts of a projected step as two launches."""
+    return ({"PHASE": 1}, {"PHASE": 2}) if w_hr is not None else ({},)

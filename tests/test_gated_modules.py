@@ -1,0 +1,291 @@
+"""fastrnn.LSTM and fastrnn.GRU against torch.nn.LSTM and torch.nn.GRU: construction, parameters,
+state_dict, forward (layers, bias, batch_first, bidirectional, proj_size, packed, unbatched),
+gradients, dropout, errors, torch.compile.
+
+The parity tests run on both paths: ``torch`` (the PyTorch twins of the kernels) and ``triton`` (the
+fused kernels, under the interpreter when there is no GPU)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
+
+import fastrnn
+
+from .conftest import rel_err
+
+BOTH = pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+F64 = torch.float64
+CELLS = {"lstm": (nn.LSTM, fastrnn.LSTM), "gru": (nn.GRU, fastrnn.GRU)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from intra-op threads (see tests/test_lstm.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pair(cell, *args, dtype=F64, seed=0, **kwargs):
+    """The torch module and ours with the same weights (ours loads the torch module's state_dict)."""
+    torch.manual_seed(seed)
+    theirs_cls, ours_cls = CELLS[cell]
+    ref = theirs_cls(*args, dtype=dtype, **kwargs)
+    ours = ours_cls(*args, dtype=dtype, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def state_parts(h):
+    return list(h) if isinstance(h, tuple) else [h]
+
+
+def random_state(cell, ref, B, batched=True):
+    """A random (h0, c0) for LSTM, h0 for GRU, shaped as ``ref`` takes it; requires grad."""
+    D = 2 if ref.bidirectional else 1
+    lead = (ref.num_layers * D, B) if batched else (ref.num_layers * D,)
+    h = torch.randn(*lead, ref.proj_size or ref.hidden_size, dtype=F64, requires_grad=True)
+    if cell == "gru":
+        return h
+    return h, torch.randn(*lead, ref.hidden_size, dtype=F64, requires_grad=True)
+
+
+def run_both(ref, ours, x, hx=None):
+    """Outputs, final states and gradients of the input, the state and every parameter."""
+    results = []
+    for mod in (ref, ours):
+        leaves = [t for t in [x, *state_parts(hx)] if isinstance(t, torch.Tensor) and t.requires_grad]
+        y, h_n = mod(x, hx)
+        y_data = y.data if hasattr(y, "batch_sizes") else y
+        loss = (y_data.sin() * 1.7).sum() + sum((s * s).sum() * (k + 1) for k, s in enumerate(state_parts(h_n)))
+        grads = torch.autograd.grad(loss, leaves + list(mod.parameters()))
+        results.append((y_data, state_parts(h_n), grads))
+    return results
+
+
+def assert_same(results, tol=1e-9):
+    (y1, h1, g1), (y2, h2, g2) = results
+    assert y2.shape == y1.shape and y2.dtype == y1.dtype
+    assert rel_err(y2, y1) <= tol
+    assert len(h1) == len(h2) and all(a.shape == b.shape and rel_err(b, a) <= tol for a, b in zip(h1, h2))
+    assert len(g1) == len(g2) and all(rel_err(b, a) <= tol for a, b in zip(g1, g2))
+
+
+# (cell, num_layers, bias, batch_first, bidirectional, proj_size): every option on and off, each in
+# a layered and a one-layer case, on both cells
+CASES = [("lstm", 2, True, False, True, 0), ("lstm", 1, False, True, False, 0), ("lstm", 2, True, True, False, 3),
+         ("lstm", 1, True, False, True, 4), ("lstm", 2, False, False, True, 2),
+         ("gru", 2, True, False, True, 0), ("gru", 1, False, True, False, 0), ("gru", 2, False, True, True, 0),
+         ("gru", 1, True, False, False, 0)]
+
+
+@BOTH
+@pytest.mark.parametrize("cell,num_layers,bias,batch_first,bidirectional,proj_size", CASES)
+def test_matches_torch_float64(backend, cell, num_layers, bias, batch_first, bidirectional, proj_size):
+    extra = dict(proj_size=proj_size) if proj_size else {}
+    ref, ours = pair(cell, 5, 7, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
+                     **extra)
+    x = torch.randn((3, 6, 5) if batch_first else (6, 3, 5), dtype=F64, requires_grad=True)
+    assert_same(run_both(ref, ours, x, random_state(cell, ref, 3)))
+    assert_same(run_both(ref, ours, x))  # no initial state: zeros
+
+
+@BOTH
+@pytest.mark.parametrize("cell,proj_size", [("lstm", 0), ("lstm", 2), ("gru", 0)])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_sequence(backend, cell, proj_size, enforce_sorted):
+    extra = dict(proj_size=proj_size) if proj_size else {}
+    ref, ours = pair(cell, 4, 6, 2, bidirectional=True, **extra)
+    lengths = torch.tensor([5, 3, 3, 1]) if enforce_sorted else torch.tensor([2, 5, 1, 4])
+    x = torch.randn(5, 4, 4, dtype=F64, requires_grad=True)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    assert_same(run_both(ref, ours, packed, random_state(cell, ref, 4)))
+    y1, y2 = ref(packed)[0], ours(packed)[0]
+    assert isinstance(y2, type(y1)) and torch.equal(y2.batch_sizes, y1.batch_sizes)
+    for name in ("sorted_indices", "unsorted_indices"):
+        a, b = getattr(y2, name), getattr(y1, name)
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@BOTH
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_packed_without_state_from_pack_sequence(backend, cell):
+    ref, ours = pair(cell, 3, 4)
+    packed = pack_sequence([torch.randn(n, 3, dtype=F64) for n in (4, 1, 3)], enforce_sorted=False)
+    assert_same(run_both(ref, ours, packed))
+
+
+@BOTH
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(backend, cell, batch_first):
+    ref, ours = pair(cell, 3, 5, 2, batch_first=batch_first, bidirectional=True)
+    x = torch.randn(7, 3, dtype=F64, requires_grad=True)
+    for hx in (None, random_state(cell, ref, None, batched=False)):
+        results = run_both(ref, ours, x, hx)
+        assert results[1][0].shape == (7, 10)
+        assert_same(results)
+
+
+@BOTH
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_float32_close_to_float64(backend, cell):
+    ref64, _ = pair(cell, 16, 32, 2)
+    ours32 = CELLS[cell][1](16, 32, 2)
+    ours32.load_state_dict({k: v.float() for k, v in ref64.state_dict().items()})
+    x = torch.randn(20, 5, 16, dtype=F64)
+    (y64, h64), (y32, h32) = ref64(x), ours32(x.float())
+    assert y32.dtype == torch.float32
+    assert rel_err(y32, y64) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(state_parts(h32), state_parts(h64)))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_gradcheck_float64(cell):
+    torch.manual_seed(5)
+    extra = dict(proj_size=2) if cell == "lstm" else {}
+    ours = CELLS[cell][1](3, 4, 2, bidirectional=True, dtype=F64, **extra)
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    names = [n for n, _ in ours.named_parameters()]
+
+    def f(x, *weights):
+        y, h_n = torch.func.functional_call(ours, dict(zip(names, weights)), (x,))
+        return (y, *state_parts(h_n))
+
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_() for p in ours.parameters()]))
+
+
+@BOTH
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout_between_layers_in_training_only(backend, cell):
+    torch.manual_seed(0)
+    ours = CELLS[cell][1](4, 8, 3, dropout=0.5, dtype=F64)
+    x = torch.randn(5, 2, 4, dtype=F64)
+    torch.manual_seed(1)
+    a = ours(x)[0]
+    torch.manual_seed(2)
+    b = ours(x)[0]
+    assert not torch.equal(a, b)  # training: dropout masks differ
+    ours.eval()
+    ref = CELLS[cell][0](4, 8, 3, dropout=0.5, dtype=F64).eval()
+    ref.load_state_dict(ours.state_dict())
+    assert rel_err(ours(x)[0], ref(x)[0]) <= 1e-9  # eval: no dropout, equal to torch
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_constructor_parameters_init_and_state_dict(cell):
+    theirs_cls, ours_cls = CELLS[cell]
+    extra = dict(proj_size=3) if cell == "lstm" else {}
+    for args, kwargs in (((6, 5), {}), ((6, 5, 2, True, True, 0.1, True), extra), ((6, 5), dict(num_layers=2, **extra))):
+        torch.manual_seed(3)
+        ref = theirs_cls(*args, **kwargs)
+        torch.manual_seed(3)
+        ours = ours_cls(*args, **kwargs)
+        names = [n for n, _ in ref.named_parameters()]
+        assert [n for n, _ in ours.named_parameters()] == names
+        for (_, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+            assert torch.equal(a, b)  # the same init, drawn in the same order
+        ours.load_state_dict(ref.state_dict())
+        ref.load_state_dict(ours.state_dict())
+    ours.flatten_parameters()  # accepted
+
+
+CONSTRUCTOR_ERRORS = [
+    dict(dropout=1.5), dict(num_layers=0), dict(hidden_size=0), dict(bias=1), dict(hidden_size=2.5),
+    dict(proj_size=-1), dict(proj_size=5), dict(proj_size=2), dict(nonlinearity="tanh"), dict(bogus=1),
+]
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("kwargs", CONSTRUCTOR_ERRORS, ids=str)
+def test_constructor_errors_match_torch(cell, kwargs):
+    theirs_cls, ours_cls = CELLS[cell]
+    args = {"input_size": 4, "hidden_size": 5, **kwargs}
+    try:
+        theirs_cls(**args)
+    except Exception as e:  # noqa: BLE001 - what torch raises is what we must raise
+        with pytest.raises(type(e)) as mine:
+            ours_cls(**args)
+        assert str(mine.value) == str(e)
+    else:
+        ours_cls(**args)  # accepted by torch: accepted by us
+
+
+def lstm_state(L, B, P, H, dtype=torch.float32, device="cpu"):
+    return torch.zeros(L, B, P, dtype=dtype, device=device), torch.zeros(L, B, H, dtype=dtype, device=device)
+
+
+FORWARD_ERRORS = {  # (cell) -> name -> (make args, exception type)
+    "lstm": {
+        "rank 4": (lambda: (torch.randn(5, 2, 4, 1),), ValueError),
+        "feature size": (lambda: (torch.randn(5, 2, 5),), RuntimeError),
+        "h0 shape": (lambda: (torch.randn(5, 2, 4), lstm_state(2, 3, 3, 3)), RuntimeError),
+        "c0 shape": (lambda: (torch.randn(5, 2, 4), (torch.zeros(2, 2, 3), torch.zeros(2, 2, 4))), RuntimeError),
+        "state rank batched": (lambda: (torch.randn(5, 2, 4), (torch.zeros(2, 3), torch.zeros(2, 3))), RuntimeError),
+        "state rank unbatched": (lambda: (torch.randn(5, 4), lstm_state(2, 1, 3, 3)), RuntimeError),
+        "input dtype": (lambda: (torch.randn(5, 2, 4, dtype=F64),), ValueError),
+        "state dtype": (lambda: (torch.randn(5, 2, 4), lstm_state(2, 2, 3, 3, dtype=F64)), RuntimeError),
+        "zero steps": (lambda: (torch.randn(0, 2, 4),), RuntimeError),
+    },
+    "gru": {
+        "rank 4": (lambda: (torch.randn(5, 2, 4, 1),), ValueError),
+        "feature size": (lambda: (torch.randn(5, 2, 5),), RuntimeError),
+        "h0 shape": (lambda: (torch.randn(5, 2, 4), torch.zeros(2, 3, 3)), RuntimeError),
+        "h0 rank batched": (lambda: (torch.randn(5, 2, 4), torch.zeros(2, 3)), RuntimeError),
+        "h0 rank unbatched": (lambda: (torch.randn(5, 4), torch.zeros(2, 1, 3)), RuntimeError),
+        "input dtype": (lambda: (torch.randn(5, 2, 4, dtype=F64),), ValueError),
+        "h0 dtype": (lambda: (torch.randn(5, 2, 4), torch.zeros(2, 2, 3, dtype=F64)), RuntimeError),
+        "zero steps": (lambda: (torch.randn(0, 2, 4),), RuntimeError),
+    },
+}
+
+
+@BOTH
+@pytest.mark.parametrize("cell,case", [(c, k) for c, cases in FORWARD_ERRORS.items() for k in cases])
+def test_forward_errors_match_torch(backend, cell, case):
+    make, exc = FORWARD_ERRORS[cell][case]
+    torch.manual_seed(0)
+    theirs_cls, ours_cls = CELLS[cell]
+    ref, ours = theirs_cls(4, 3, 2), ours_cls(4, 3, 2)
+    with pytest.raises(exc):
+        ref(*make())
+    with pytest.raises(exc):
+        ours(*make())
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_compile_fullgraph_matches_eager(cell):
+    torch.manual_seed(4)
+    extra = dict(proj_size=3) if cell == "lstm" else {}
+    model = CELLS[cell][1](6, 5, 2, bidirectional=True, **extra)
+    x = torch.randn(7, 3, 6, requires_grad=True)
+
+    def outputs(m):
+        y, h = m(x)
+        loss = y.square().sum() + sum(s.sum() for s in state_parts(h))
+        return [y, *state_parts(h), *torch.autograd.grad(loss, [x, *model.parameters()])]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for a, b in zip(outputs(compiled), outputs(model)):
+        assert rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_whole_model_loads_with_weights_only(cell, tmp_path):
+    model = CELLS[cell][1](3, 4, 2)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt")  # weights_only=True, torch's default
+    x = torch.randn(5, 2, 3)
+    assert type(loaded) is type(model) and torch.equal(loaded(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_double_backward_is_a_clear_error(cell):
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    y, _ = CELLS[cell][1](3, 4)(x)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g.sum().backward()

@@ -1,0 +1,231 @@
+"""kernels/launch.py: the grid barrier (wrap-safe, with several programs per group, run concurrently
+under the interpreter), the cooperative launch and its fallback to one launch per step, occupancy."""
+
+import importlib
+import logging
+import math
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl  # noqa: F401 - the jit'd stand-in barrier below needs it in scope
+
+import fastrnn.kernels.launch as launch
+from fastrnn.kernels import Config, recurrence_bwd, recurrence_fwd
+
+from .interpreter_threads import check_supported, concurrent_programs
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_why_not = None if INTERPRETED else "runs kernels under the Triton interpreter"
+threaded = pytest.mark.skipif((_why_not or check_supported()) is not None,
+                              reason=f"concurrent interpreter: {_why_not or check_supported()}")
+
+
+def operands(T, B, H, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, B, H, generator=g) * 0.5).to(dtype)
+    h0 = (torch.randn(B, H, generator=g) * 0.5).to(dtype)
+    w = (torch.randn(H, H, generator=g) / H ** 0.5).to(dtype)
+    lens = torch.randint(1, T + 1, (B,), generator=g)
+    lens[0] = T
+    dy, dh_n = torch.randn(T, B, H, generator=g).to(dtype), torch.randn(B, H, generator=g).to(dtype)
+    return x, h0, w, lens, dy, dh_n
+
+
+def fwd_bwd(x, h0, w, lens, dy, dh_n, config):
+    y = recurrence_fwd(x, h0, w, "tanh", False, lens, config=config)
+    return y, recurrence_bwd(dy, dh_n, y, w, "tanh", False, lens, config=config)
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    """The barrier counters each launch gets, started at the value the test sets."""
+    made, start = [], {"value": 0}
+
+    def arrival_counters(n, device):
+        made.append(torch.full((n,), start["value"], dtype=torch.int32, device=device))
+        return made[-1]
+
+    monkeypatch.setattr(launch, "arrival_counters", arrival_counters)
+    return made, start
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="interpreter only")
+@pytest.mark.parametrize("start", [0, -2**31], ids=["0", "0x80000000"])
+@pytest.mark.parametrize("T", [1, 6, 7])
+def test_barrier_counter_wraps_safely(counters, poison, start, T):
+    """Each barrier adds 2^31 modulo 2^32, so the counter crosses the int32 wrap point at every step;
+    started at 0x80000000 (where a counter that grows lands after 2^31 arrivals: the old barrier
+    waited for ever there) it still lets every step through, and ends where the flips say."""
+    made, value = counters
+    value["value"] = start
+    x, h0, w, lens, dy, dh_n = operands(T, 5, 24)
+    want = fwd_bwd(x, h0, w, lens, dy, dh_n, Config("stepwise", 16, 32, 32))
+    got = fwd_bwd(x, h0, w, lens, dy, dh_n, Config("tiled", 16, 32, 32))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    flipped = start ^ (-2**31 if T % 2 else 0)  # one flip per barrier, one barrier per step
+    assert [c.tolist() for c in made[-2:]] == [[flipped], [flipped]]
+
+
+@threaded
+@pytest.mark.parametrize("T,B,H,block_n,block_k,dtype", [
+    (5, 20, 40, 16, 16, torch.float32),  # 3 programs per group, 2 groups, w_hh streamed
+    (4, 19, 100, 16, 128, torch.float64),  # 7 programs per group, w_hh on chip
+    (4, 17, 128, 16, 128, torch.bfloat16),  # 8 programs per group
+    (3, 4, 32, 16, 32, torch.float32),  # 2 programs
+])
+@pytest.mark.parametrize("start", [0, -2**31], ids=["0", "0x80000000"])
+def test_tiled_with_many_programs_per_group(T, B, H, block_n, block_k, dtype, start, counters, poison):
+    """The tiled kernels' programs run concurrently, one thread each, and meet at the barrier: the
+    result is bitwise the stepwise one (same blocks, one launch per step, no barrier). A barrier that
+    did not wait would let programs read a step the others have not written (NaN, from poison)."""
+    counters[1]["value"] = start
+    args = operands(T, B, H, dtype)
+    want = fwd_bwd(*args, Config("stepwise", 16, block_n, block_k))
+    with concurrent_programs(timeout_s=120, delay=lambda idx: 0.02 if idx[1] == 1 else 0.0):
+        got = fwd_bwd(*args, Config("tiled", 16, block_n, block_k))
+    assert triton.cdiv(H, block_n) >= 2
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def gated_cell(cell, T, B, H, P, dtype, seed=0):
+    """(forward, backward) of a gated cell's launchers, as functions of a Config, on random operands."""
+    from fastrnn.kernels import gru_bwd, gru_fwd, lstm_bwd, lstm_fwd
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.5):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    lens = torch.randint(1, T + 1, (B,), generator=g)
+    lens[0] = T
+    G = 4 if cell == "lstm" else 3
+    x, h0, c0 = rand(T, B, G * H), rand(B, P or H), rand(B, H)
+    w_hh, w_hr, b_hn = rand(G * H, P or H, scale=(P or H) ** -0.5), rand(P, H, scale=H ** -0.5), rand(H)
+    dy, dh_n, dc_n = rand(T, B, P or H), rand(B, P or H), rand(B, H)
+    w_hr = w_hr if P else None
+    if cell == "lstm":
+        def fwd(cfg):
+            return lstm_fwd(x, h0, c0, w_hh, w_hr, True, lens, config=cfg)
+
+        def bwd(y, c, gates, cfg):
+            return lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, True, lens, config=cfg)
+    else:
+        def fwd(cfg):
+            return gru_fwd(x, h0, w_hh, b_hn, False, lens, config=cfg)
+
+        def bwd(y, gates, cfg):
+            return gru_bwd(dy, dh_n, y, gates, h0, w_hh, False, lens, config=cfg)
+    return fwd, bwd
+
+
+@threaded
+@pytest.mark.parametrize("cell,P,block_k", [("lstm", 0, 64), ("lstm", 0, 16), ("lstm", 20, 64), ("gru", 0, 64),
+                                            ("gru", 0, 16)], ids=["lstm", "lstm-streamed", "lstm-proj", "gru",
+                                                                  "gru-streamed"])
+def test_gated_cells_with_many_programs_per_group(cell, P, block_k, poison):
+    """LSTM (with and without a projection, whose step meets at a second barrier) and GRU: tiled
+    with 3 programs per group, run concurrently, bitwise the stepwise result."""
+    fwd, bwd = gated_cell(cell, 4, 5, 40, P, torch.float32)
+    stepwise, tiled = Config("stepwise", 16, 16, block_k), Config("tiled", 16, 16, block_k)
+    want = fwd(stepwise)
+    want_grads = bwd(*want, stepwise)
+    with concurrent_programs(timeout_s=120, delay=lambda idx: 0.02 if idx[1] == 1 else 0.0):
+        got = fwd(tiled)
+        got_grads = bwd(*got, tiled)
+    for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+        assert torch.equal(a, b)
+
+
+@threaded
+def test_concurrent_interpreter_catches_a_barrier_that_does_not_wait(monkeypatch, poison):
+    """The harness above can fail: with a barrier that returns at once, programs read unwritten steps."""
+    from fastrnn.kernels.recurrence_fwd import _fwd_tiled_kernel
+
+    @triton.jit
+    def no_barrier(sync_ptr, rank, n_programs):
+        pass
+
+    x, h0, w, lens, _, _ = operands(4, 5, 48)
+    want = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("stepwise", 16, 16, 16))
+    monkeypatch.setitem(_fwd_tiled_kernel.fn.__globals__, "grid_barrier", no_barrier)
+    with concurrent_programs(timeout_s=60, delay=lambda idx: math.inf if idx[1] == 2 else 0.0):
+        got = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("tiled", 16, 16, 16))
+    assert not torch.equal(got, want)
+
+
+class Recorder:
+    """Stands in for a Triton kernel: records each launch's grid and keyword arguments, and can
+    refuse cooperative launches the way the CUDA driver does."""
+
+    def __init__(self, kernel, refuse=None):
+        self.kernel, self.refuse, self.launches = kernel, refuse, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            if kwargs.get("launch_cooperative_grid") and self.refuse is not None:
+                raise self.refuse
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+    def warmup(self, *args, **kwargs):
+        return self.kernel.warmup(*args, **kwargs)
+
+
+def tiled_via(recorder, monkeypatch):
+    fwd = importlib.import_module("fastrnn.kernels.recurrence_fwd")  # the module, not the function
+    real = fwd.fwd_launch
+
+    def fwd_launch(*args):
+        kernel, grid, a, kw = real(*args)
+        recorder.kernel = kernel
+        return recorder, grid, a, kw
+
+    monkeypatch.setattr(fwd, "fwd_launch", fwd_launch)
+
+
+def test_tiled_launch_is_cooperative(monkeypatch):
+    rec = Recorder(None)
+    tiled_via(rec, monkeypatch)
+    x, h0, w, lens, _, _ = operands(5, 3, 24)
+    recurrence_fwd(x, h0, w, config=Config("tiled", 16, 32, 32))
+    assert len(rec.launches) == 1
+    assert rec.launches[0][1]["launch_cooperative_grid"] is True and rec.launches[0][1]["SYNC"] is True
+
+
+@pytest.mark.parametrize("why", ["occupancy", "driver"])
+def test_grid_that_cannot_be_resident_falls_back_to_stepwise(monkeypatch, caplog, why):
+    refusal = RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+    rec = Recorder(None, refuse=refusal if why == "driver" else None)
+    tiled_via(rec, monkeypatch)
+    if why == "occupancy":
+        monkeypatch.setattr(launch, "resident_capacity", lambda *a: 0)
+    x, h0, w, lens, _, _ = operands(5, 3, 24)
+    want = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("stepwise", 16, 32, 32))
+    rec.launches.clear()
+    with caplog.at_level(logging.WARNING, logger="fastrnn"):
+        got = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("tiled", 16, 32, 32))
+    assert torch.equal(got, want)
+    assert "one launch per step" in caplog.text
+    stepwise = [kw for _, kw in rec.launches if not kw["SYNC"]]
+    assert len(stepwise) == 5 and not any("launch_cooperative_grid" in kw for kw in stepwise)
+
+
+def test_other_launch_errors_are_not_swallowed(monkeypatch):
+    rec = Recorder(None, refuse=RuntimeError("Triton Error [CUDA]: an illegal memory access"))
+    tiled_via(rec, monkeypatch)
+    x, h0, w, lens, _, _ = operands(3, 3, 24)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        recurrence_fwd(x, h0, w, config=Config("tiled", 16, 32, 32))
+
+
+@pytest.mark.parametrize("n_regs,num_warps,shared,expected", [
+    (70, 8, 139264, 1),  # resident bf16 H=256: shared memory bound
+    (72, 8, 20480, 3),  # 2304 registers a warp: 7 warps per sub-partition, 28 / 8
+    (128, 4, 0, 4), (32, 4, 0, 16), (16, 1, 0, 32), (40, 4, 2048, 12), (64, 4, 114688, 2),
+    (0, 4, 232448, 1), (0, 4, 232449, 0), (255, 16, 0, 0), (256, 4, 0, 0),
+])
+def test_programs_per_sm(n_regs, num_warps, shared, expected):
+    """sm_90 occupancy by the rules of NVIDIA's occupancy calculator (cuda_occupancy.h)."""
+    assert launch.programs_per_sm(n_regs, num_warps, shared) == expected
