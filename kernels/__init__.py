@@ -7,11 +7,11 @@ shares (variants, cooperative launch, grid barrier, configuration) in ``launch.p
 ``config.py``.
 """
 
-from .config import Config, pick_config
+from .config import Config, pick_config, pick_configs
 from .gru import gru_bwd, gru_fwd
 from .lstm import lstm_bwd, lstm_fwd
 from .recurrence_bwd import recurrence_bwd
 from .recurrence_fwd import recurrence_fwd
 
-__all__ = ["Config", "pick_config", "recurrence_fwd", "recurrence_bwd", "lstm_fwd", "lstm_bwd",
+__all__ = ["Config", "pick_config", "pick_configs", "recurrence_fwd", "recurrence_bwd", "lstm_fwd", "lstm_bwd",
            "gru_fwd", "gru_bwd"]

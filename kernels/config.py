@@ -2,10 +2,14 @@
 
 - ``resident``: one program per batch block holds all of ``w_hh`` (small H); no program waits.
 - ``tiled``: hidden units split over programs, a grid barrier per step, one launch per sequence.
-  Every program of the grid must be resident at once, so the grid is kept to one program per SM.
-  ``block_k >= H`` means each program's rows of ``w_hh`` stay on chip (``W_RESIDENT``).
+  Every program of the grid must be resident at once, so the grid is kept to one program per SM
+  (and the launch is cooperative: ``launch.py``). ``block_k >= H`` means each program's rows of
+  ``w_hh`` stay on chip (``W_RESIDENT``).
 - ``stepwise``: the tiled kernel launched once per step (no barrier): for shapes whose grid cannot
-  be resident at once (very large B and H). Slow, always correct.
+  be resident at once (very large B and H), or whose tiled candidates spill. Slow, always correct.
+
+``pick_configs`` gives the candidates in order of preference; the launcher takes the first whose
+compiled kernel fits the GPU.
 
 Under ``TRITON_INTERPRET=1`` (tensors on the CPU) programs run one after another, so a barrier
 between programs would never be passed: there ``tiled`` keeps one program per batch block.
@@ -42,54 +46,85 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1) -> Config:
-    """The variant and blocks for ``B`` sequences of ``H`` units of a cell with ``gates`` gates per
-    unit (Elman 1, GRU 3, LSTM 4)."""
+def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1) -> tuple[Config, ...]:
+    """The candidate configurations for ``B`` sequences of ``H`` units of a cell with ``gates`` gates
+    per unit (Elman 1, GRU 3, LSTM 4), in order of preference. The launcher (``launch.run_sequence``)
+    runs the first whose compiled kernel fits the GPU (at most ``launch.MAX_STACK`` bytes of local
+    memory per thread, shared memory within a program's limit, a tiled grid resident at once); the
+    last, the smallest stepwise tile, runs regardless. What fits is the compiler's to say (ptxas
+    versions differ), so it is measured, not modelled: ``tests/compile_check.py`` walks the same
+    ladder for every shape of its sweep."""
     forced = os.environ.get("FASTRNN_VARIANT", "")
     if forced and forced not in VARIANTS:
         raise ValueError(f"FASTRNN_VARIANT must be one of {', '.join(VARIANTS)}; got {forced!r}")
     device = torch.device(device)
     tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    config = _pick_config(B, H, dtype, device, forced, gates, tf32)
-    logger.debug("fastrnn: B=%d H=%d gates=%d %s on %s -> %s", B, H, gates, dtype, device, config)
-    return config
+    configs = _pick_configs(B, H, dtype, device, forced, gates, tf32)
+    logger.debug("fastrnn: B=%d H=%d gates=%d %s on %s -> %s", B, H, gates, dtype, device, configs)
+    return configs
 
 
-# Shared memory a tiled program may fill with its w_hh rows and the (BLOCK_B, H) read of h_{t-1}
-# (an H100 program may have 227 KB; the rest stays for the products' staging and reductions).
+def pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1) -> Config:
+    """The preferred configuration (the first of ``pick_configs``)."""
+    return pick_configs(B, H, dtype, device, gates)[0]
+
+
+# Shared memory a tiled program may fill with its w_hh rows and the (BLOCK_B, K) read of the carried
+# state (an H100 program may have 227 KB; the rest stays for the products' staging and reductions).
 RESIDENT_W_BYTES = 192 * 1024
 
 
 @functools.lru_cache(maxsize=1024)
-def _pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, forced: str, gates: int = 1,
-                 tf32: bool = True) -> Config:
+def _pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, forced: str, gates: int = 1,
+                  tf32: bool = True) -> tuple[Config, ...]:
     block_h = max(16, triton.next_power_of_2(H))
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_k = 128 if itemsize == 2 else 64  # a streamed chunk of the reduction
     if device.type != "cuda":
-        return _interpreter_config(block_h, block_k, forced, gates)
+        return (_interpreter_config(block_h, block_k, forced, gates),)
     # all of w_hh.T in one program, h in registers (Elman only): fp32 with 3xTF32 products and fp64
     # take more registers per product
     resident_limit = {8: 32, 4: 128, 2: 256}[itemsize] if gates == 1 else 0
-    if forced == "resident" or (not forced and block_h <= resident_limit):
-        return Config("resident", 16, block_h, block_h, num_warps=4 if block_h <= 64 else 8, num_stages=3)
-    block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
+    resident = Config("resident", 16, block_h, block_h, num_warps=4 if block_h <= 64 else 8, num_stages=3)
+    if forced == "resident":
+        return (resident,)
+    ladder = [resident] if not forced and block_h <= resident_limit else []
     if forced != "stepwise":
-        for block_n in (16, 32, 64):
-            if block_n <= block_h and triton.cdiv(B, block_b) * triton.cdiv(H, block_n) <= _sm_count(device):
-                return _tiled("tiled", block_b, block_n, block_h, block_k, itemsize, gates)
-    logger.debug("fastrnn: B=%d H=%d does not fit one program per SM: one launch per step", B, H)
-    return _tiled("stepwise", min(block_b, 32), 32, block_h, block_k, itemsize, gates)
+        ladder += _tiled_ladder(B, H, block_h, block_k, itemsize, gates, _sm_count(device))
+    # the last resorts: no barrier, so no limit on the grid; the smallest tile last
+    ladder += [_tiled("stepwise", 16 if B <= 16 else 32, 32, block_h, block_k, itemsize, gates, w_resident=False),
+               Config("stepwise", 16, 16, min(32 if itemsize < 8 else 16, block_h), num_warps=4)]
+    return tuple(dict.fromkeys(ladder))
+
+
+def _tiled_ladder(B: int, H: int, block_h: int, block_k: int, itemsize: int, gates: int,
+                  n_sm: int) -> list[Config]:
+    """The tiled candidates: the widest batch block B needs (up to 64 rows), 16, 32 or 64 hidden
+    units per program, then narrower batch blocks; each grid at most one program per SM; each tile
+    with w_hh on chip where its shared memory allows, then streamed."""
+    block_b = 16 if B <= 16 else (32 if B <= 32 else 64)
+    tiles = [(block_b, n) for n in (16, 32, 64) if n <= block_h] + [(b, 16) for b in (32, 16) if b < block_b]
+    ladder = []
+    for b, n in tiles:
+        if triton.cdiv(B, b) * triton.cdiv(H, n) <= n_sm:
+            ladder += [_tiled("tiled", b, n, block_h, block_k, itemsize, gates, w_resident=True),
+                       _tiled("tiled", b, n, block_h, block_k, itemsize, gates, w_resident=False)]
+    return [c for c in ladder if c is not None]
 
 
 def _tiled(variant: str, block_b: int, block_n: int, block_h: int, block_k: int, itemsize: int,
-           gates: int) -> Config:
-    """A tiled configuration: w_hh on chip (BLOCK_K covers H) where the backward's product, over all
-    gates' H, fits RESIDENT_W_BYTES with its (BLOCK_B, gates x H) read, else streamed in BLOCK_K
-    chunks; the reduction cut over the warps (SPLIT_K) while each chunk keeps 16 or more and the
-    chunks' (BLOCK_B, BLOCK_N) sums stay small (16 KB of fp32)."""
+           gates: int, w_resident: bool) -> Config | None:
+    """A tiled configuration: w_hh on chip (BLOCK_K covers H; None where the products' operands,
+    the forward's (BLOCK_B + gates x BLOCK_N) x H and the backward's (BLOCK_B + BLOCK_N) x gates x H,
+    rounded up to powers of two, exceed RESIDENT_W_BYTES), or streamed in BLOCK_K chunks; the
+    reduction cut over the warps (SPLIT_K) while each chunk keeps 16 or more and the chunks'
+    (BLOCK_B, BLOCK_N) sums stay small (16 KB of fp32)."""
     block_n = min(block_n, block_h)
-    if variant == "tiled" and gates * (block_b + block_n) * block_h * itemsize <= RESIDENT_W_BYTES:
+    if w_resident:
+        k_bwd = triton.next_power_of_2(gates * block_h)
+        operands = max((block_b + gates * block_n) * block_h, (block_b + block_n) * k_bwd) * itemsize
+        if operands > RESIDENT_W_BYTES:
+            return None
         block_k = block_h
     block_k = min(block_k, block_h)
     num_warps = 8 if block_b * block_n >= 1024 or block_b * block_k >= 16384 else 4

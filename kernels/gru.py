@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, tanh, walk_step, weight_chunks)
-from .config import dtype_flags, gated_tile_kwargs, pick_config
+from .config import dtype_flags, gated_tile_kwargs, pick_configs
 from .launch import run_sequence
 from .lstm import _gate_weights, _load_gate, _store_gate
 
@@ -211,11 +211,10 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, config=Non
     y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)
     if T == 0 or B == 0:
         return y, gates
-    config = config or pick_config(B, H, x_proj.dtype, x_proj.device, gates=3)
+    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3)
     with torch.cuda.device_of(x_proj):
-        kernel, grid, args, kwargs = gru_fwd_launch(x_proj, h0, w_hh, b_hn, lengths, y, gates, reverse,
-                                                    config)
-        run_sequence(kernel, grid, args, kwargs, config.variant, T, x_proj.device)
+        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0, w_hh, b_hn, lengths, y, gates, reverse, cfg),
+                     configs, T, x_proj.device)
     return y, gates
 
 
@@ -245,11 +244,10 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, config=No
     dh0_local = torch.zeros(B, H, dtype=y.dtype, device=y.device)  # the carry: dh * z
     if T == 0 or B == 0:
         return d_x, dh0_local
-    config = config or pick_config(B, H, y.dtype, y.device, gates=3)
+    configs = (config,) if config else pick_configs(B, H, y.dtype, y.device, gates=3)
     with torch.cuda.device_of(y):
-        kernel, grid, args, kwargs = gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, dh0_local,
-                                                    reverse, config)
-        run_sequence(kernel, grid, args, kwargs, config.variant, T, y.device)
+        run_sequence(lambda cfg: gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, dh0_local, reverse,
+                                                cfg), configs, T, y.device)
     return d_x, dh0_local
 
 

@@ -11,6 +11,12 @@
 
 A tiled kernel's last runtime arguments are ``sync_ptr, step_begin, n_steps`` (its arrival counters
 and the steps this launch runs) and it takes a ``SYNC`` constexpr: ``tiled_arguments`` adds them.
+
+Which configuration runs: ``config.pick_configs`` lists candidates in order of preference and
+``choose`` takes the first whose compiled kernel fits (``fits_gpu``: local memory, shared memory,
+co-residency), so a tiled kernel that spills registers with this machine's compiler is never
+launched, whatever its ptxas version.
+``tests/compile_check.py`` walks the same ladder with its own measure, compiling for sm_90 on a CPU.
 """
 
 from __future__ import annotations
@@ -32,16 +38,18 @@ MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 SHARED_PER_SM, SHARED_PER_PROGRAM, SHARED_RESERVED, SHARED_UNIT = 233472, 232448, 1024, 128
 
 
-def run_sequence(kernel, grid, args, kwargs, variant: str, T: int, device, phases=({},)) -> None:
-    """Run ``kernel`` over all T steps as ``variant`` asks (see the module docstring). A kernel whose
-    step has parts that all programs must finish before the next starts (an LSTM's projection) meets
-    at a barrier between them when tiled; stepwise, it is launched once per part, each with its
-    ``phases`` entry added to its constexprs."""
-    if variant == "resident":
+def run_sequence(build, configs, T: int, device, phases=({},)) -> None:
+    """Run a cell's kernel over all T steps with the first of ``configs`` (in order of preference,
+    from ``config.pick_configs``) whose compiled kernel fits the GPU; ``build(config)`` gives its
+    ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that all programs must finish
+    before the next starts (an LSTM's projection) meets at a barrier between them when tiled;
+    stepwise, it is launched once per part, each with its ``phases`` entry added to its constexprs."""
+    config, (kernel, grid, args, kwargs) = choose(build, configs, lambda plans: fits_gpu(plans, device), phases)
+    if config.variant == "resident":
         kernel[grid](*args, **kwargs)
         return
     sync = arrival_counters(grid[0], device)
-    if variant == "tiled":
+    if config.variant == "tiled":
         coop_args, coop_kwargs = tiled_arguments(args, kwargs, sync, 0, T, cooperative=True)
         if _launch_cooperative(kernel, grid, coop_args, coop_kwargs, device):
             return
@@ -49,6 +57,64 @@ def run_sequence(kernel, grid, args, kwargs, variant: str, T: int, device, phase
         for phase in phases:
             step_args, step_kwargs = tiled_arguments(args, kwargs, sync, s, 1, cooperative=False)
             kernel[grid](*step_args, **step_kwargs, **phase)
+
+
+def choose(build, configs, fits, phases=({},)):
+    """``(config, build(config))`` for the first of ``configs`` whose compiled kernels ``fits``
+    accepts (``fits(plans)``, plans from ``launch_plans``); the last runs regardless, and under the
+    interpreter the first (nothing is compiled there)."""
+    for i, config in enumerate(configs):
+        launch = build(config)
+        if INTERPRETED or i == len(configs) - 1 or fits(launch_plans(config, launch, phases)):
+            return config, launch
+        logger.info("fastrnn: %s does not fit the GPU (local memory, shared memory or co-residency); "
+                    "trying %s", config, configs[i + 1])
+    raise ValueError("no configuration to choose from")
+
+
+def launch_plans(config, launch, phases=({},)) -> list[tuple]:
+    """``[(variant, kernel, grid, args, kwargs)]``: each distinct kernel the run compiles first; for a
+    tiled configuration its cooperative launch (the stepwise fallback compiles only if needed)."""
+    kernel, grid, args, kwargs = launch
+    if config.variant == "resident":
+        return [(config.variant, kernel, grid, args, kwargs)]
+    sync = arrival_counters(grid[0], args[0].device)  # the operands' device (meta in compile checks)
+    cooperative = config.variant == "tiled"
+    a, kw = tiled_arguments(args, kwargs, sync, 0, 2, cooperative)
+    return [(config.variant, kernel, grid, a, {**kw, **phase}) for phase in ([{}] if cooperative else phases)]
+
+
+# Local memory per thread a launched kernel may use: 64 bytes, a few words ptxas parks there (seen
+# with registers to spare, and at the smallest tiles of the gated cells), which stay in L1. Register
+# pressure shows as hundreds of bytes re-read at every step: such a candidate is passed over.
+MAX_STACK = 64
+_VERDICTS: dict = {}  # id(compiled kernel) -> (compiled kernel, whether it fits)
+
+
+def fits_gpu(plans, device) -> bool:
+    """Whether each planned kernel, compiled for this GPU, keeps within MAX_STACK of local memory,
+    loads (its shared memory within a program's limit) and, tiled, has every program of its grid
+    resident at once."""
+    for variant, kernel, grid, args, kwargs in plans:
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        if id(compiled) not in _VERDICTS:
+            _VERDICTS[id(compiled)] = (compiled, _compiled_fits(compiled, variant, grid, device))
+        if not _VERDICTS[id(compiled)][1]:
+            return False
+    return True
+
+
+def _compiled_fits(compiled, variant: str, grid, device) -> bool:
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        compiled._init_handles()  # loads it: fails on too much shared memory
+    except OutOfResources:
+        return False
+    if compiled.n_spills * 4 > MAX_STACK:  # n_spills: local memory in 4-byte words
+        return False
+    per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared)
+    return per_sm > 0 and (variant != "tiled" or math.prod(grid) <= per_sm * _sm_count(torch.device(device)))
 
 
 def arrival_counters(n_groups: int, device) -> torch.Tensor:

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, tanh, walk_step, weight_chunks)
-from .config import dtype_flags, gated_tile_kwargs, pick_config
+from .config import dtype_flags, gated_tile_kwargs, pick_configs
 from .launch import run_sequence
 
 
@@ -328,11 +328,10 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, confi
     y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), torch.empty_like(x_proj)
     if T == 0 or B == 0:
         return y, c, gates
-    config = config or pick_config(B, H, x_proj.dtype, x_proj.device, gates=4)
+    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4)
     with torch.cuda.device_of(x_proj):
-        kernel, grid, args, kwargs = lstm_fwd_launch(x_proj, h0, c0, w_hh, w_hr, lengths, y, c, gates, reverse,
-                                                     config)
-        run_sequence(kernel, grid, args, kwargs, config.variant, T, x_proj.device, _phases(w_hr))
+        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0, c0, w_hh, w_hr, lengths, y, c, gates, reverse, cfg),
+                     configs, T, x_proj.device, _phases(w_hr))
     return y, c, gates
 
 
@@ -370,11 +369,10 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     dc0 = torch.zeros(B, H, dtype=gates.dtype, device=gates.device)  # the carry: dc * f
     if T == 0 or B == 0:
         return d_gates, dc0
-    config = config or pick_config(B, H, gates.dtype, gates.device, gates=4)
+    configs = (config,) if config else pick_configs(B, H, gates.dtype, gates.device, gates=4)
     with torch.cuda.device_of(gates):
-        kernel, grid, args, kwargs = lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates,
-                                                     dc0, reverse, config)
-        run_sequence(kernel, grid, args, kwargs, config.variant, T, gates.device, _phases(w_hr))
+        run_sequence(lambda cfg: lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates, dc0,
+                                                 reverse, cfg), configs, T, gates.device, _phases(w_hr))
     return d_gates, dc0 if c0 is not None else dc0.zero_()
 
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .common import (activation_grad, carried_product, grid_barrier, matmul, sequence_lengths, walk_step,
                      weight_block, weight_chunks)
-from .config import dtype_flags, pick_config
+from .config import dtype_flags, pick_configs
 from .launch import run_sequence
 from .recurrence_fwd import check_operands
 
@@ -145,11 +145,10 @@ def recurrence_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = 
     d_pre = torch.empty_like(y)
     if T == 0 or B == 0:
         return d_pre
-    config = config or pick_config(B, H, y.dtype, y.device)
+    configs = (config,) if config else pick_configs(B, H, y.dtype, y.device)
     with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
-        kernel, grid, args, kwargs = bwd_launch(dy, dh_n, y, w_hh, lengths, d_pre, activation, reverse,
-                                                config)
-        run_sequence(kernel, grid, args, kwargs, config.variant, T, y.device)
+        run_sequence(lambda cfg: bwd_launch(dy, dh_n, y, w_hh, lengths, d_pre, activation, reverse, cfg),
+                     configs, T, y.device)
     return d_pre
 
 

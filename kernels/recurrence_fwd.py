@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .common import (activation, carried_product, grid_barrier, matmul, sequence_lengths, walk_step,
                      weight_block, weight_chunks)
-from .config import dtype_flags, pick_config
+from .config import dtype_flags, pick_configs
 from .launch import run_sequence
 
 
@@ -141,10 +141,10 @@ def recurrence_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = F
     y = torch.empty_like(x_proj)
     if T == 0 or B == 0:
         return y
-    config = config or pick_config(B, H, x_proj.dtype, x_proj.device)
+    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device)
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
-        kernel, grid, args, kwargs = fwd_launch(x_proj, h0, w_hh, lengths, y, activation, reverse, config)
-        run_sequence(kernel, grid, args, kwargs, config.variant, T, x_proj.device)
+        run_sequence(lambda cfg: fwd_launch(x_proj, h0, w_hh, lengths, y, activation, reverse, cfg), configs,
+                     T, x_proj.device)
     return y
 
 

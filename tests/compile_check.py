@@ -1,21 +1,25 @@
 """Compile every fused kernel exactly as a launch compiles it, for Hopper (sm_90), without a GPU.
 
-    python tests/compile_check.py              # the whole sweep (hours on 2 cores); last line "compile check: PASS|FAIL"
-    python tests/compile_check.py --ci         # its representative part (minutes): what CI runs
-    python tests/compile_check.py --table      # also the published suite's figures, as a markdown table
+    python tests/compile_check.py           # the whole sweep (hours on 2 cores); last line "compile check: PASS|FAIL"
+    python tests/compile_check.py --ci      # its representative part (minutes): what CI runs
+    python tests/compile_check.py --suite   # only what the benchmark suite launches
+    python tests/compile_check.py --table   # also the published suite's figures, as a markdown table
 
-For each shape ``pick_config`` can be asked about (B from 1 to 4096, H from 1 to 8192, multiples of 16
+For each shape the launchers can be asked about (B from 1 to 4096, H from 1 to 8192, multiples of 16
 and not), each dtype (fp32 with IEEE and with TF32 products, bf16, fp16, fp64), forward and backward,
 with and without h0 / lengths / reverse, the launchers' own ``*_launch`` functions build the kernel,
 grid and arguments (on meta tensors) and the JIT's own binder specialises and compiles them
 (``kernel.warmup`` with the driver swapped for an sm_90 target: pointer and integer divisibility,
-B == 1 or H == 1 as constants, do_not_specialize, num_warps, num_stages, the cooperative flag). A tiled
-configuration is compiled both as its cooperative launch and as its stepwise fallback.
+B == 1 or H == 1 as constants, do_not_specialize, num_warps, num_stages, the cooperative flag).
 
-The run fails on a compile error, on a register spill inside a loop (the step loop) or more than
-64 bytes of stack outside one, on more shared memory than an H100 program may have (227 KB), or on a tiled grid the GPU
-cannot hold at once (occupancy x 132 SMs). Registers and stack are read from the cubin with the
-wheel's cuobjdump. It cannot run the kernels: that is tests/gpu_check.py, on a GPU.
+It walks each case's candidates (``config.pick_configs``) as the launcher does (``launch.choose``):
+a candidate whose kernel has more local memory than ``launch.MAX_STACK`` (64 bytes per thread: more
+is register pressure, re-read at every step), more shared memory than an H100 program may have
+(227 KB) or, tiled, a grid the GPU cannot hold at once (occupancy x 132 SMs) is passed over for the
+next. The run fails where the kernel that would be launched has any of these or a compile error.
+Local-memory accesses inside a loop (the step loop) are counted from the SASS and reported. Registers
+and stack are read from the cubin with the wheel's cuobjdump. It cannot run the kernels: that is
+tests/gpu_check.py, on a GPU.
 """
 
 from __future__ import annotations
@@ -42,14 +46,13 @@ from triton.runtime.driver import driver  # noqa: E402
 
 import fastrnn.kernels.config as config  # noqa: E402
 from fastrnn.kernels.gru import gru_bwd_launch, gru_fwd_launch  # noqa: E402
-from fastrnn.kernels.launch import programs_per_sm, tiled_arguments  # noqa: E402
+from fastrnn.kernels.launch import MAX_STACK, choose, launch_plans, programs_per_sm  # noqa: E402
 from fastrnn.kernels.lstm import lstm_bwd_launch, lstm_fwd_launch  # noqa: E402
 from fastrnn.kernels.recurrence_bwd import bwd_launch  # noqa: E402
 from fastrnn.kernels.recurrence_fwd import fwd_launch  # noqa: E402
 
 TARGET, N_SM = GPUTarget("cuda", 90, 32), 132
 MAX_SHARED = 232448  # bytes of shared memory one H100 program may use
-MAX_STACK = 64  # bytes per thread, spilled outside the step loop (a one-time cost at most)
 SWEEP_B = (1, 2, 3, 8, 16, 17, 32, 33, 64, 100, 128, 256, 1000, 1024, 4096)
 SWEEP_H = (1, 2, 15, 16, 17, 32, 64, 100, 128, 130, 200, 256, 257, 500, 512, 640, 1000, 1024, 1500,
            2048, 3000, 4096, 8192)
@@ -93,9 +96,10 @@ def compile_only(target=TARGET):
 GATES = {"rnn": 1, "lstm": 4, "lstm-proj": 4, "gru": 3}
 
 
-def pick(cell: str, B: int, H: int, dtype_name: str):
+def ladder(cell: str, B: int, H: int, dtype_name: str):
+    """The candidates ``pick_configs`` gives this case on an H100, in order of preference."""
     dtype, precision = DTYPES[dtype_name]
-    return config._pick_config(B, H, dtype, torch.device("cuda"), "", GATES[cell], precision == "tf32")
+    return config._pick_configs(B, H, dtype, torch.device("cuda"), "", GATES[cell], precision == "tf32")
 
 
 def operands(cell: str, direction: str, B: int, H: int, dtype, flags: dict, cfg):
@@ -131,26 +135,24 @@ def operands(cell: str, direction: str, B: int, H: int, dtype, flags: dict, cfg)
                            lengths, empty(T, B, 4 * H), empty(B, H), reverse, cfg)
 
 
-def launches(cell: str, direction: str, B: int, H: int, dtype_name: str, flags: dict):
-    """The config and [(variant, kernel, grid, args, kwargs)] the launcher runs for this case."""
+def builder(cell: str, direction: str, B: int, H: int, dtype_name: str, flags: dict):
+    """``build(config) -> (kernel, grid, args, kwargs)`` of the case's launcher (as ``run_sequence``
+    takes it), with the products' precision of ``dtype_name`` (meta tensors would give IEEE fp32)."""
     dtype, precision = DTYPES[dtype_name]
-    cfg = pick(cell, B, H, dtype_name)
-    kernel, grid, args, kwargs = operands(cell, direction, B, H, dtype, flags, cfg)
-    if precision is not None:
-        kwargs["PRECISION"] = precision
-    if cfg.variant == "resident":
-        return cfg, [(cfg.variant, kernel, grid, args, kwargs)]
-    sync = torch.empty(grid[0], dtype=torch.int32, device="meta")
-    cooperative = cfg.variant == "tiled"  # else stepwise (a tiled one's fallback is the same kernel,
-    a, kw = tiled_arguments(args, kwargs, sync, 0, 2, cooperative)  # less the barrier)
-    if cell == "lstm-proj" and not cooperative:  # one launch per part of the step
-        return cfg, [(cfg.variant, kernel, grid, a, dict(kw, PHASE=phase)) for phase in (1, 2)]
-    return cfg, [(cfg.variant, kernel, grid, a, kw)]
+
+    def build(cfg):
+        kernel, grid, args, kwargs = operands(cell, direction, B, H, dtype, flags, cfg)
+        return kernel, grid, args, {**kwargs, "PRECISION": precision} if precision else kwargs
+    return build
+
+
+def phases(cell: str):
+    return ({"PHASE": 1}, {"PHASE": 2}) if cell == "lstm-proj" else ({},)
 
 
 def specialisation_key(cell, direction, B, H, dtype_name, flags):
-    """What the JIT's binder sees of a case: cases with the same key compile to the same kernel."""
-    return (cell, direction, pick(cell, B, H, dtype_name), dtype_name, tuple(sorted(flags.items())), B == 1,
+    """What the JIT's binder sees of a case: cases with the same key compile to the same kernels."""
+    return (cell, direction, ladder(cell, B, H, dtype_name), dtype_name, tuple(sorted(flags.items())), B == 1,
             H == 1, H % 16 == 0, (B * H) % 16 == 0)
 
 
@@ -179,35 +181,62 @@ def spills_in_loops(sass: str) -> int:
 
 
 def check_case(case) -> list[dict]:
-    """Compile one case's launches; a row per kernel with its figures and what is wrong with it."""
+    """Walk the case's ladder as the launcher does (``launch.choose``), compiling each candidate's
+    kernels until one fits; a row per compiled kernel, the launched ones marked, with what is wrong
+    with a launched one (a rejected one is the ladder working, not a failure)."""
     _fake_h100()
     rows = []
-    try:
-        cfg, plans = launches(*case)
-    except Exception as e:  # noqa: BLE001 - reported as a failure
-        return [dict(case=case, variant="?", error=f"{type(e).__name__}: {e}"[:300])]
-    for variant, kernel, grid, args, kwargs in plans:
-        row = dict(case=case, variant=variant, cfg=cfg)
-        try:
-            with compile_only():
-                compiled = kernel.warmup(*args, grid=grid, **kwargs)
-            row["regs"], row["stack"], row["loop_spills"] = resource_usage(compiled)
-            row["shared"] = compiled.metadata.shared
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
+
+    def fits(plans) -> bool:
+        ok = True
+        for variant, kernel, grid, args, kwargs in plans:
+            row = dict(case=case, variant=variant, cfg=current[0], launched=False, error="")
             rows.append(row)
-            continue
-        problems = []
-        if row["loop_spills"] or row["stack"] > MAX_STACK:
-            problems.append(f"{row['stack']} B of stack, {row['loop_spills']} spills in the step loop")
-        if row["shared"] > MAX_SHARED:
-            problems.append(f"{row['shared']} B of shared memory")
-        room = programs_per_sm(row["regs"], cfg.num_warps, row["shared"]) * N_SM
-        if variant == "tiled" and math.prod(grid) > room:
-            problems.append(f"{math.prod(grid)} programs, room for {room}")
-        row["error"] = "; ".join(problems)
-        rows.append(row)
+            try:
+                with compile_only():
+                    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+                row["regs"], row["stack"], row["loop_spills"] = resource_usage(compiled)
+                row["shared"] = compiled.metadata.shared
+            except Exception as e:  # noqa: BLE001 - reported
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+                ok = False
+                continue
+            row["problems"] = problems(row, variant, grid)
+            ok &= not row["problems"]
+        return ok
+
+    current = [None]
+    build = builder(*case)
+
+    def build_and_note(cfg):
+        current[0] = cfg
+        return build(cfg)
+
+    try:
+        configs = ladder(case[0], case[2], case[3], case[4])
+        chosen, launch_ = choose(build_and_note, configs, fits, phases(case[0]))
+        if not any(row["cfg"] is chosen for row in rows):  # the last resort, taken unchecked
+            fits(launch_plans(chosen, launch_, phases(case[0])))
+    except Exception as e:  # noqa: BLE001 - reported as a failure
+        return [dict(case=case, variant="?", cfg=None, launched=True, error=f"{type(e).__name__}: {e}"[:300])]
+    for row in rows:
+        if row["cfg"] is chosen:
+            row["launched"] = True
+            row["error"] = row["error"] or "; ".join(row.get("problems", []))
     return rows
+
+
+def problems(row, variant: str, grid) -> list[str]:
+    """What ``launch.fits_gpu`` would refuse in a compiled kernel, from its cubin."""
+    out = []
+    if row["stack"] > MAX_STACK:
+        out.append(f"{row['stack']} B of stack ({row['loop_spills']} accesses in the step loop)")
+    if row["shared"] > MAX_SHARED:
+        out.append(f"{row['shared']} B of shared memory")
+    room = programs_per_sm(row["regs"], row["cfg"].num_warps, row["shared"]) * N_SM
+    if room == 0 or (variant == "tiled" and math.prod(grid) > room):
+        out.append(f"{math.prod(grid)} programs, room for {room}")
+    return out
 
 
 def _fake_h100():
@@ -240,7 +269,7 @@ def representative_cases(cases):
     groups: dict[tuple, dict] = {}
     for case in cases:
         cell, direction, B, H, dtype_name, flags = case
-        cfg = pick(cell, B, H, dtype_name)
+        cfg = ladder(cell, B, H, dtype_name)[0]
         groups.setdefault((cell, direction, dtype_name, cfg.variant, cfg.block_k >= H), {}).setdefault(cfg, case)
     picked = []
     for by_cfg in groups.values():
@@ -259,17 +288,22 @@ def representative_cases(cases):
 
 
 def suite_table(rows) -> list[str]:
-    """The published suite's figures: the kernel each cell launches (its cooperative launch where tiled)."""
-    launched = {r["case"][:5]: r for r in rows if r["variant"] == r["cfg"].variant}
+    """The published suite's figures: the kernel each cell launches (its cooperative launch where tiled);
+    where the backward's configuration differs from the forward's, both, "fwd / bwd"."""
+    launched = {r["case"][:5]: r for r in rows if r["launched"]}
     lines = ["| cell | # | B | H | dtype | variant | blocks (B, N, K), split | warps | fwd regs/stack/smem KB | "
              "bwd regs/stack/smem KB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for cell, (number, (B, H)), dtype_name in itertools.product(("rnn", "lstm", "gru"), SUITE.items(),
                                                                  ("tf32", "bf16")):
         fwd, bwd = launched[(cell, "fwd", B, H, dtype_name)], launched[(cell, "bwd", B, H, dtype_name)]
-        cfg = fwd["cfg"]
+
+        def blocks(c):
+            return f"{c.block_b}, {c.block_n}, {c.block_k}, {c.split_k}"
+        cfgs = [fwd["cfg"], bwd["cfg"]] if fwd["cfg"] != bwd["cfg"] else [fwd["cfg"]]
         cells = [f"{r['regs']}/{r['stack']}/{r['shared'] // 1024}" for r in (fwd, bwd)]
-        lines.append(f"| {cell} | {number} | {B} | {H} | {dtype_name} | {cfg.variant} | {cfg.block_b}, "
-                     f"{cfg.block_n}, {cfg.block_k}, {cfg.split_k} | {cfg.num_warps} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {cell} | {number} | {B} | {H} | {dtype_name} | {' / '.join(c.variant for c in cfgs)} | "
+                     f"{' / '.join(blocks(c) for c in cfgs)} | {' / '.join(str(c.num_warps) for c in cfgs)} | "
+                     f"{cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -278,26 +312,35 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="print the suite's figures")
     parser.add_argument("--ci", action="store_true",
                         help="the representative sweep CI runs (see representative_cases), not all of it")
+    parser.add_argument("--suite", action="store_true", help="only the cases the benchmark suite launches")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     opts = parser.parse_args()
     start = time.time()
-    cases = sweep_cases()
-    if opts.ci:
-        cases = representative_cases(cases)
     suite = [(cell, d, B, H, n, ALL_OFF) for cell in ("rnn", "lstm", "gru") for B, H in SUITE.values()
              for d in ("fwd", "bwd") for n in ("tf32", "bf16")]
+    cases = suite if opts.suite else sweep_cases()
+    if opts.ci:
+        cases = representative_cases(cases)
     with ProcessPoolExecutor(opts.workers) as pool:
         rows = [r for rs in pool.map(check_case, cases, chunksize=4) for r in rs]
-        suite_rows = [r for rs in pool.map(check_case, suite) for r in rs] if opts.table else []
-    bad = [r for r in rows if r.get("error")]
+        suite_rows = ([r for rs in pool.map(check_case, suite) for r in rs] if opts.table and not opts.suite
+                      else rows)
+    launched = [r for r in rows if r["launched"]]
+    bad = [r for r in launched if r["error"]]
     for r in bad:
         print(f"FAIL {r['case']} {r['variant']} {r.get('cfg')}: {r['error']}")
-    compiled = [r for r in rows if "regs" in r]
-    print(f"triton {triton.__version__}: {'representative' if opts.ci else 'whole'} sweep, {len(cases)} cases, "
-          f"{len(compiled)} kernels compiled for sm_90 in "
-          f"{time.time() - start:.0f} s; most registers {max(r['regs'] for r in compiled)}, most stack "
-          f"{max(r['stack'] for r in compiled)} B, most shared memory "
-          f"{max(r['shared'] for r in compiled) // 1024} KB")
+    rejected = {repr(r["case"]) for r in rows if not r["launched"]}
+    ok = [r for r in launched if "regs" in r]
+    in_loop = [r for r in ok if r["loop_spills"]]
+    print(f"{len(in_loop)} launched kernels access local memory in their step loop (at most "
+          f"{max((r['stack'] for r in in_loop), default=0)} B of it, {max((r['loop_spills'] for r in in_loop), default=0)}"
+          " accesses)")
+    kind = "suite" if opts.suite else ("representative" if opts.ci else "whole")
+    print(f"triton {triton.__version__}: {kind} sweep, {len(cases)} cases, "
+          f"{len(rows)} kernels compiled for sm_90 in {time.time() - start:.0f} s; {len(rejected)} cases "
+          f"launch a later candidate than their first; launched kernels: most registers "
+          f"{max(r['regs'] for r in ok)}, most stack {max(r['stack'] for r in ok)} B, most shared memory "
+          f"{max(r['shared'] for r in ok) // 1024} KB")
     if opts.table:
         print("\n".join(suite_table(suite_rows)))
     print("compile check:", "FAIL" if bad else "PASS")

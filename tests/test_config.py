@@ -10,44 +10,59 @@ import fastrnn.kernels.config as config
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(config, "_sm_count", lambda device: 132)
-    config._pick_config.cache_clear()
+    config._pick_configs.cache_clear()
     yield torch.device("cuda")
-    config._pick_config.cache_clear()
+    config._pick_configs.cache_clear()
 
 
 @pytest.mark.parametrize("B", [1, 8, 16, 32, 64, 128, 256, 1000, 5000])
 @pytest.mark.parametrize("H", [1, 100, 128, 256, 512, 1024, 2048, 8192])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_tiled_grids_are_resident_at_once(fake_gpu, B, H, dtype):
-    cfg = config._pick_config(B, H, dtype, fake_gpu, "")
-    assert cfg.block_b >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16  # tl.dot needs 16
-    if cfg.variant == "resident":
-        assert cfg.block_n >= H  # one program covers the whole hidden state
-    elif cfg.variant == "tiled":
-        programs = triton.cdiv(B, cfg.block_b) * triton.cdiv(H, cfg.block_n)
-        assert programs <= 132, "a grid barrier among more programs than SMs can deadlock"
-        if cfg.block_k >= H:  # w_hh rows resident: both dot operands fit the shared memory budget
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            assert (cfg.block_b + cfg.block_n) * cfg.block_k * itemsize <= config.RESIDENT_W_BYTES
-    else:
-        assert cfg.variant == "stepwise"
-        # only where nothing tiled fits: the widest tile (64 sequences by 64 units) is too many programs
-        widest_b = 16 if B <= 16 else (32 if B <= 32 else 64)
-        assert triton.cdiv(B, widest_b) * triton.cdiv(H, min(64, triton.next_power_of_2(H))) > 132
+@pytest.mark.parametrize("gates", [1, 3, 4])
+def test_every_candidate_is_launchable(fake_gpu, B, H, dtype, gates):
+    """Every candidate of the ladder: blocks tl.dot can take, a tiled grid of at most one program per
+    SM, w_hh on chip only where both products' operands fit the shared-memory budget; it ends with
+    the smallest stepwise tile, which always launches."""
+    ladder = config._pick_configs(B, H, dtype, fake_gpu, "", gates)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_h = max(16, triton.next_power_of_2(H))
+    for cfg in ladder:
+        assert cfg.block_b >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16  # tl.dot needs 16
+        if cfg.variant == "resident":
+            assert gates == 1 and cfg.block_n >= H  # one program covers the whole hidden state
+        elif cfg.variant == "tiled":
+            programs = triton.cdiv(B, cfg.block_b) * triton.cdiv(H, cfg.block_n)
+            assert programs <= 132, "a grid barrier among more programs than SMs can deadlock"
+            if cfg.block_k >= H:
+                k_bwd = triton.next_power_of_2(gates * block_h)
+                need = max((cfg.block_b + gates * cfg.block_n) * block_h, (cfg.block_b + cfg.block_n) * k_bwd)
+                assert need * itemsize <= config.RESIDENT_W_BYTES
+    assert ladder[-1].variant == "stepwise" and ladder[-1].block_b == ladder[-1].block_n == 16
+    assert ladder[-1].num_warps == 4 and ladder[-1].split_k == 1
+    assert len(set(ladder)) == len(ladder)
+    # the fewest programs: the widest batch block B needs by 64 units
+    fewest = triton.cdiv(B, 16 if B <= 16 else (32 if B <= 32 else 64)) * triton.cdiv(H, min(64, block_h))
+    assert any(c.variant == "tiled" for c in ladder) == (fewest <= 132)
 
 
 def test_small_hidden_sizes_stay_resident(fake_gpu):
-    assert config._pick_config(8, 128, torch.float32, fake_gpu, "").variant == "resident"
-    assert config._pick_config(32, 256, torch.bfloat16, fake_gpu, "").variant == "resident"
-    assert config._pick_config(32, 256, torch.float32, fake_gpu, "").variant == "tiled"
+    def first(B, H, dtype):
+        return config._pick_configs(B, H, dtype, fake_gpu, "")[0]
+
+    assert first(8, 128, torch.float32).variant == "resident"
+    assert first(32, 256, torch.bfloat16).variant == "resident"
+    assert first(32, 256, torch.float32).variant == "tiled"
 
 
 def test_interpreter_configs_never_wait_across_programs():
     cpu = torch.device("cpu")
-    assert config._pick_config(17, 130, torch.float32, cpu, "").variant == "resident"
-    tiled = config._pick_config(17, 130, torch.float32, cpu, "tiled")
-    assert tiled.variant == "tiled" and tiled.block_n >= 130  # one program per batch block
-    assert config._pick_config(17, 130, torch.float32, cpu, "stepwise").variant == "stepwise"
+    def only(forced):
+        (cfg,) = config._pick_configs(17, 130, torch.float32, cpu, forced)  # one candidate: no compiler
+        return cfg
+
+    assert only("").variant == "resident"
+    assert only("tiled").variant == "tiled" and only("tiled").block_n >= 130  # one program per batch block
+    assert only("stepwise").variant == "stepwise"
 
 
 def test_forced_variant_and_bad_value(monkeypatch):

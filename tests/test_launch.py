@@ -229,3 +229,55 @@ def test_other_launch_errors_are_not_swallowed(monkeypatch):
 def test_programs_per_sm(n_regs, num_warps, shared, expected):
     """sm_90 occupancy by the rules of NVIDIA's occupancy calculator (cuda_occupancy.h)."""
     assert launch.programs_per_sm(n_regs, num_warps, shared) == expected
+
+
+def test_choose_takes_the_first_candidate_that_fits_and_the_last_regardless(monkeypatch):
+    """launch.choose walks pick_configs' ladder: a candidate whose kernels do not fit is passed over;
+    the last runs even unchecked; under the interpreter the first (nothing is compiled there)."""
+    monkeypatch.setattr(launch, "INTERPRETED", False)
+    configs = (Config("tiled", 16, 16, 64), Config("tiled", 16, 32, 64), Config("stepwise", 16, 16, 32))
+    built, asked = [], []
+
+    def build(cfg):
+        built.append(cfg)
+        return "kernel", (1, 2), (torch.empty(1),), {}
+
+    def fits(plans):
+        asked.append(plans[0][0])
+        return len(asked) == 2  # the second fits
+
+    assert launch.choose(build, configs, fits)[0] == configs[1] and built == list(configs[:2])
+    assert launch.choose(build, configs, lambda plans: False)[0] == configs[2]  # the last regardless
+    monkeypatch.setattr(launch, "INTERPRETED", True)
+    assert launch.choose(build, configs, lambda plans: pytest.fail("nothing compiles"))[0] == configs[0]
+
+
+class Compiled:
+    """Stands in for a compiled Triton kernel: what launch._compiled_fits reads of one."""
+
+    def __init__(self, n_regs=64, n_spills=0, num_warps=4, shared=0, loads=True):
+        from triton.runtime.errors import OutOfResources
+
+        self.n_regs, self.n_spills, self._loads, self._error = n_regs, n_spills, loads, OutOfResources
+        self.metadata = type("Metadata", (), dict(num_warps=num_warps, shared=shared))()
+
+    def _init_handles(self):
+        if not self._loads:
+            raise self._error(300000, 232448, "shared memory")
+
+
+@pytest.mark.parametrize("compiled,variant,grid,fits", [
+    (Compiled(), "tiled", (2, 60), True),
+    (Compiled(n_spills=16), "tiled", (2, 60), True),  # 64 bytes of local memory: a few parked words
+    (Compiled(n_spills=17), "tiled", (2, 60), False),  # more: register pressure, paid at every step
+    (Compiled(n_spills=17), "stepwise", (200, 60), False),
+    (Compiled(n_spills=16), "resident", (4,), True),
+    (Compiled(n_spills=17), "resident", (4,), False),
+    (Compiled(loads=False), "resident", (4,), False),  # too much shared memory
+    (Compiled(n_regs=255, num_warps=8), "tiled", (2, 60), True),  # one program per SM: 120 fit 132 SMs
+    (Compiled(n_regs=255, num_warps=8), "tiled", (2, 70), False),  # 140 programs do not
+    (Compiled(n_regs=255, num_warps=8), "stepwise", (20, 70), True),  # stepwise: no limit on the grid
+])
+def test_compiled_kernel_fits(monkeypatch, compiled, variant, grid, fits):
+    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
+    assert launch._compiled_fits(compiled, variant, grid, "cuda") is fits
