@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .ops import (_acc_dtype, _at_step, _check_operands, _edge_step, _lengths_on_device, _valid_steps,
-                  get_backend)
+                  get_backend, refuse_double_backward)
 from .lstm import _first_rows, _huge_pages, _sigmoid_backward, _sum_with_previous, _tanh_backward, _to_acc
 
 # --------------------------------------------------------------------------------------------------
@@ -272,14 +272,7 @@ def _backward(ctx, dy, _d_gates, dh_n):
 
 gru_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("double backward (create_graph=True, then backward again) through "
-                              "fastrnn.GRU is not supported yet; fastrnn.RNN and torch.nn.GRU on "
-                              "the CPU have it")
-
-
-gru_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(gru_bwd_op, "fastrnn.GRU")
 
 
 # --------------------------------------------------------------------------------------------------

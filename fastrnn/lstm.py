@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .ops import (_acc_dtype, _at_step, _check_operands, _edge_step, _lengths_on_device, _valid_steps,
-                  get_backend)
+                  get_backend, refuse_double_backward)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -370,14 +370,7 @@ def _dw_hr(dy, dh_n, d_gates, c, gates, w_hh, reverse, lengths):
 
 lstm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("double backward (create_graph=True, then backward again) through "
-                              "fastrnn.LSTM is not supported yet; fastrnn.RNN and torch.nn.LSTM on "
-                              "the CPU have it")
-
-
-lstm_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(lstm_bwd_op, "fastrnn.LSTM")
 
 
 # --------------------------------------------------------------------------------------------------

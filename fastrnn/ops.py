@@ -385,6 +385,16 @@ def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
 recurrence_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
 
 
+def refuse_double_backward(backward_op, module: str) -> None:
+    """Give ``backward_op`` (a cell's backward custom op) an autograd formula that refuses a second
+    backward through ``module`` with a clear error, rather than torch's 'no autograd formula'."""
+    def refuse(ctx, *grads):
+        raise NotImplementedError(f"double backward (create_graph=True, then backward again) through "
+                                  f"{module} is not supported yet; fastrnn.RNN has it")
+
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+
+
 def _vmap_by_loop(fn, info, in_dims, *args):
     """A vmap rule for the autograd.Functions below (torch.func.jacrev, vmap of grad): ``fn`` once
     per batch element, outputs stacked along dim 0."""
