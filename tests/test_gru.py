@@ -265,3 +265,10 @@ def test_public_function_errors(case):
     gru_recurrence(**valid_arguments())  # the error comes from the change alone
     with pytest.raises(error, match=match):
         gru_recurrence(**{**valid_arguments(), **changes})
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tensor-size limit")
+def test_interpreter_float64_past_the_resident_block():
+    """H = 600: all gates' w_hh block (3 x 1024 x 1024) is past the interpreter's 2^20 elements, so
+    the fused kernels stream w_hh in K chunks there; float64 against the loop."""
+    check_against_reference(2, 2, 600, torch.float64, True, True, backend="triton")

@@ -280,3 +280,10 @@ def test_public_function_errors(case):
     lstm_recurrence(**valid_arguments())  # the error comes from the change alone
     with pytest.raises(error, match=match):
         lstm_recurrence(**{**valid_arguments(), **changes})
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tensor-size limit")
+def test_interpreter_float64_past_the_resident_block():
+    """H = 513: all gates' w_hh block (4 x 1024 x 1024) is past the interpreter's 2^20 elements, so
+    the fused kernels stream w_hh in K chunks there; float64 against the loop."""
+    check_against_reference(2, 2, 513, 0, torch.float64, True, True, backend="triton")

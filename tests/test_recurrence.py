@@ -151,3 +151,11 @@ def test_launcher_rejects_bad_operands():
             recurrence_fwd(x, None, torch.randn(4, 4))
         finally:
             del os.environ["FASTRNN_VARIANT"]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tensor-size limit")
+@pytest.mark.parametrize("H", [257, 1024])
+def test_interpreter_float64_at_large_hidden_sizes(H):
+    """Under the interpreter every block stays within Triton's 2^20-element limit at any H: float64,
+    H up to 1024, reverse with lengths, outputs and every gradient against the loop."""
+    check_against_reference(2, 3, H, torch.float64, "tanh", True, True, seed=7)
