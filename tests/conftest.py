@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative-error bounds that follow the arithmetic (see README: tolerances).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -41,3 +42,50 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty_like", nan_like)
     return nan_like
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small tensors: they gain nothing from threads, and on a
+    shared 2-core CPU threads that wait for each other make a run up to 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def poison_all(poison, monkeypatch):
+    """``poison``, and ``Tensor.new_empty`` too: the gated cells' launchers allocate with it."""
+    real = torch.Tensor.new_empty
+
+    def nan_new_empty(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_new_empty)
+
+
+def forward_backward(fn, inputs, upstream, dtype, device=DEVICE):
+    """``fn``'s outputs for ``inputs`` (None where absent) cast to ``dtype`` on ``device``, then the
+    gradient of each input for the ``upstream`` gradients of those outputs."""
+    leaves = [t.to(device, dtype).detach().requires_grad_() if t is not None else None for t in inputs]
+    outputs = fn(*leaves)
+    torch.autograd.backward(outputs, [u.to(device, dtype) for u in upstream])
+    return [*outputs] + [t.grad if t is not None else None for t in leaves]
+
+
+def assert_matches_reference(names, fused, ref64, ref_low, dtype, bound):
+    """Each of ``fused`` (outputs, then gradients) against the float64 reference ``ref64``: same dtype
+    and shape, finite, and within ``bound``, or below float64 no worse than 3x the reference run in
+    ``dtype`` (``ref_low``), since a sum that cancels, like a (4, 1) dw_hh, has a relative error no
+    bound on the dtype covers. None where the reference has None."""
+    for i, (name, a, b) in enumerate(zip(names, fused, ref64)):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        err = rel_err(a, b)
+        limit = bound if dtype == torch.float64 else max(bound, 3 * rel_err(ref_low[i], b))
+        assert err <= limit, f"{name}: relative error {err:.2e} > {limit:.2e}"

@@ -14,18 +14,10 @@ import fastrnn
 
 from .conftest import rel_err
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 BOTH = pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 F64 = torch.float64
 CELLS = {"lstm": (nn.LSTM, fastrnn.LSTM), "gru": (nn.GRU, fastrnn.GRU)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads (see tests/test_lstm.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pair(cell, *args, dtype=F64, seed=0, **kwargs):
@@ -287,5 +279,5 @@ def test_double_backward_is_a_clear_error(cell):
     x = torch.randn(5, 2, 3, requires_grad=True)
     y, _ = CELLS[cell][1](3, 4)(x)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match="double backward .* fastrnn\.(LSTM|GRU) is not supported"):
+    with pytest.raises(NotImplementedError, match=r"double backward .* fastrnn\.(LSTM|GRU) is not supported"):
         g.sum().backward()

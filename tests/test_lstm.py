@@ -16,9 +16,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastrnn.lstm import lstm_bwd_op, lstm_fwd_op, lstm_recurrence, lstm_reference
 
-from .conftest import TOL, rel_err
+from .conftest import DEVICE, TOL, assert_matches_reference, forward_backward, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["torch", "triton"]
 BOUND = {**TOL, torch.float64: 1e-9}
 # (T, B, H, P): P is proj_size, 0 for none
@@ -35,28 +35,6 @@ FLAG_IDS = ["-".join(name for name, on in zip(("rev", "len", "h0", "c0"), f) if 
 NAMES = ["y", "h_n", "c_n", "dx_proj", "dh0", "dc0", "dw_hh", "dw_hr"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads, and on a shared 2-core CPU threads that
-    wait for each other make a run up to 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def poison_all(poison, monkeypatch):
-    """``poison``, and ``Tensor.new_empty`` too: the launchers allocate y, c with it."""
-    real = torch.Tensor.new_empty
-
-    def nan_new_empty(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", nan_new_empty)
-
-
 def make_inputs(T, B, H, P, seed, lengths=False, h0=True, c0=True):
     """x_proj (T, B, 4H), h0 (B, P), c0 (B, H), w_hh (4H, P), w_hr (P, H) or None, lengths (B,)."""
     g = torch.Generator().manual_seed(seed)
@@ -70,14 +48,6 @@ def make_inputs(T, B, H, P, seed, lengths=False, h0=True, c0=True):
     if lens is not None:
         lens[0] = T  # one sequence runs to the end
     return [x_proj, h_0, c_0, w_hh, w_hr], lens
-
-
-def forward_backward(fn, inputs, upstream, dtype):
-    """y, h_n, c_n and the gradients of (x_proj, h0, c0, w_hh, w_hr) for upstream (dy, dh_n, dc_n)."""
-    leaves = [t.to(DEVICE, dtype).detach().requires_grad_() if t is not None else None for t in inputs]
-    outputs = fn(*leaves)
-    torch.autograd.backward(outputs, [u.to(DEVICE, dtype) for u in upstream])
-    return [*outputs] + [t.grad if t is not None else None for t in leaves]
 
 
 def op(reverse, lengths, backend):
@@ -102,19 +72,8 @@ def check_against_reference(T, B, H, P, dtype, reverse, lengths, h0=True, c0=Tru
         return lstm_reference(*a, reverse, lens)
     ref64 = forward_backward(reference, inputs, upstream, torch.float64)
     fused = forward_backward(op(reverse, lens, backend), inputs, upstream, dtype)
-    if dtype != torch.float64:
-        # within the dtype's bound, or no worse than 3x the reference loop run in the same dtype (a
-        # sum that cancels, like a (4, 1) dw_hh, has a relative error no bound on the dtype covers)
-        ref_low = forward_backward(reference, inputs, upstream, dtype)
-    for i, (name, a, b) in enumerate(zip(NAMES, fused, ref64)):
-        if b is None:
-            assert a is None, name
-            continue
-        assert a.dtype == dtype and a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name} has non-finite values"
-        err = rel_err(a, b)
-        limit = BOUND[dtype] if dtype == torch.float64 else max(BOUND[dtype], 3 * rel_err(ref_low[i], b))
-        assert err <= limit, f"{name}: relative error {err:.2e} > {limit:.2e}"
+    ref_low = forward_backward(reference, inputs, upstream, dtype) if dtype != torch.float64 else None
+    assert_matches_reference(NAMES, fused, ref64, ref_low, dtype, BOUND[dtype])
 
 
 @pytest.mark.parametrize("backend,T,B,H,P,dtype", CASES, ids=CASE_IDS)
