@@ -135,11 +135,12 @@ def _tiled(variant: str, block_b: int, block_n: int, block_h: int, block_k: int,
 def gated_tile_kwargs(config: Config, H: int, K: int) -> dict:
     """The block constexprs of a gated cell's tiled kernel whose product reduces over K (H in the
     forward; all gates' H in the backward): ``config.block_k`` chunks H, and where it covers H,
-    w_hh stays on chip, all K of it."""
+    w_hh stays on chip, all K of it. Every chunk a product reduces over (BLOCK_K // SPLIT_K) keeps
+    16 or more, as ``tl.dot`` requires: a K below 16 (H = 1, a proj_size below 16) is padded, masked."""
     resident = config.block_k >= H
-    return dict(BLOCK_B=config.block_b, BLOCK_N=config.block_n, SPLIT_K=config.split_k,
-                BLOCK_K=triton.next_power_of_2(K) if resident else config.block_k, W_RESIDENT=resident,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+    block_k = max(16, triton.next_power_of_2(K)) if resident else config.block_k
+    return dict(BLOCK_B=config.block_b, BLOCK_N=config.block_n, SPLIT_K=max(1, min(config.split_k, block_k // 16)),
+                BLOCK_K=block_k, W_RESIDENT=resident, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # Triton's largest block (TRITON_MAX_TENSOR_NUMEL): the interpreter refuses any bigger tensor.

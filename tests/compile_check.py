@@ -266,17 +266,22 @@ def sweep_cases():
 def representative_cases(cases):
     """The CI sweep: of every group of cases that share a cell, direction, dtype (fp16 aside: it
     compiles as bf16), variant and whether w_hh stays on chip, the configuration that holds the most
-    per thread (the whole tile over the warps) and the one with the largest accumulator per thread
-    (where spills come first), plus what the benchmark suite launches. The whole sweep takes hours on
-    two cores; this one minutes."""
+    per thread (the whole tile over the warps), the one with the largest accumulator per thread
+    (where spills come first) and the case with the smallest hidden size below 32 (where a
+    product's reduction, H or lstm-proj's H // 2, falls below tl.dot's 16), plus what the
+    benchmark suite launches. The whole sweep takes hours on two cores; this one minutes."""
     groups: dict[tuple, dict] = {}
+    smallest: dict[tuple, tuple] = {}
     for case in cases:
         cell, direction, B, H, dtype_name, flags = case
         if dtype_name == "fp16":  # compiles as bf16 does, within two registers wherever compared here
             continue
         cfg = ladder(cell, B, H, dtype_name)[0]
-        groups.setdefault((cell, direction, dtype_name, cfg.variant, cfg.block_k >= H), {}).setdefault(cfg, case)
-    picked = []
+        group = (cell, direction, dtype_name, cfg.variant, cfg.block_k >= H)
+        groups.setdefault(group, {}).setdefault(cfg, case)
+        if H < 32 and (group not in smallest or H < smallest[group][3]):  # K = H, or P = H // 2
+            smallest[group] = case
+    picked = [c for i, c in enumerate(smallest.values()) if c not in list(smallest.values())[:i]]
     for by_cfg in groups.values():
         def tile(c):
             return c.block_b * c.block_n * c.block_k / c.num_warps
@@ -285,7 +290,7 @@ def representative_cases(cases):
             return c.block_b * c.block_n / c.num_warps
 
         top = [max(by_cfg, key=tile), max(by_cfg, key=accumulator)]
-        picked += [by_cfg[c] for c in dict.fromkeys(top)]
+        picked += [by_cfg[c] for c in dict.fromkeys(top) if by_cfg[c] not in picked]
     published = {(cell, B, H, dtype_name, ()) for cell in GATES for B, H in SUITE.values()
                  for dtype_name in ("tf32", "bf16")}  # what the benchmark suite launches
     return picked + [c for c in cases if c not in picked and

@@ -78,3 +78,42 @@ def test_choice_is_logged(caplog, monkeypatch):
     with caplog.at_level("DEBUG", logger="fastrnn"):
         config.pick_config(4, 32, torch.float32, "cpu")
     assert "resident" in caplog.text
+
+
+def _gated_launch(cell, direction, B, H, P, cfg):
+    """The launch constexprs of a gated cell's launcher for ``cfg``, on meta tensors (as
+    tests/compile_check.py builds them)."""
+    from fastrnn.kernels.gru import gru_bwd_launch, gru_fwd_launch
+    from fastrnn.kernels.lstm import lstm_bwd_launch, lstm_fwd_launch
+
+    def empty(*shape):
+        return torch.empty(*shape, device="meta")
+    T, h0, lengths = 2, empty(B, P), torch.empty(B, dtype=torch.int64, device="meta")
+    if cell == "gru":
+        w_hh, gates = empty(3 * H, H), empty(T, B, 4 * H)
+        if direction == "fwd":
+            return gru_fwd_launch(empty(T, B, 3 * H), h0, w_hh, empty(H), lengths, empty(T, B, H), gates, True, cfg)
+        return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, h0, w_hh, lengths,
+                              empty(T, B, 3 * H), empty(B, H), True, cfg)
+    w_hh, w_hr, gates = empty(4 * H, P), (empty(P, H) if P != H else None), empty(T, B, 4 * H)
+    if direction == "fwd":
+        return lstm_fwd_launch(empty(T, B, 4 * H), h0, empty(B, H), w_hh, w_hr, lengths, empty(T, B, P),
+                               empty(T, B, H), gates, True, cfg)
+    return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates, empty(B, H), w_hh,
+                           w_hr, lengths, empty(T, B, 4 * H), empty(B, H), True, cfg)
+
+
+@pytest.mark.parametrize("cell,H,P", [("gru", 1, 1), ("gru", 15, 15), ("lstm", 1, 1), ("lstm", 7, 7),
+                                      ("lstm", 17, 8), ("lstm", 64, 32), ("lstm", 100, 1), ("lstm", 200, 40)])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("B", [1, 33])
+def test_gated_launches_give_tl_dot_chunks_of_16(fake_gpu, cell, H, P, direction, B):
+    """Every candidate a gated launcher can be handed reduces in chunks of 16 or more (BLOCK_K //
+    SPLIT_K, and the projection's BLOCK_KP), as tl.dot requires on a GPU; the interpreter does not
+    check it, so this is where a hidden or projection size below 16 would be caught on CPU."""
+    for cfg in config._pick_configs(B, H, torch.float32, fake_gpu, "", 4 if cell == "lstm" else 3):
+        kwargs = _gated_launch(cell, direction, B, H, P, cfg)[3]
+        assert kwargs["BLOCK_K"] // kwargs["SPLIT_K"] >= 16, (cfg, kwargs)
+        assert kwargs["BLOCK_B"] >= 16 and kwargs["BLOCK_N"] >= 16
+        if kwargs.get("PROJ"):
+            assert kwargs["BLOCK_KP"] >= 16 and kwargs["BLOCK_P"] >= 16
