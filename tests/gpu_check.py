@@ -87,7 +87,7 @@ def run(mod, ref, x, h0, dy):
     return [y, h_n, x.grad, h0.grad, mod.weight_ih_l0.grad, mod.weight_hh_l0.grad, b]
 
 
-GATED = {"lstm": (nn.LSTM, "LSTM"), "gru": (nn.GRU, "GRU")}
+GATED = {"lstm": (nn.LSTM, "LSTM"), "lstm-proj": (nn.LSTM, "LSTM"), "gru": (nn.GRU, "GRU")}  # lstm-proj: P = H // 2
 
 
 def gated_parity(cell, shapes, dtypes, device, lines) -> bool:
@@ -99,18 +99,22 @@ def gated_parity(cell, shapes, dtypes, device, lines) -> bool:
     lines += [f"| {cell} B | T | I | H | dtype | fastrnn max rel err | cuDNN max rel err | status |",
               "|---|---|---|---|---|---|---|---|"]
     for B, T, I, H in shapes:
+        if cell == "lstm-proj" and H < 2:
+            continue  # proj_size must be below hidden_size
         torch.manual_seed(0)
-        ref = torch_cls(I, H, dtype=torch.float64, device=device)
+        kw = dict(proj_size=H // 2) if cell == "lstm-proj" else {}  # reductions over P < 16 too
+        ref = torch_cls(I, H, dtype=torch.float64, device=device, **kw)
         x64 = torch.randn(T, B, I, dtype=torch.float64, device=device)
-        hx64 = [torch.randn(1, B, H, dtype=torch.float64, device=device) for _ in range(2 if cell == "lstm" else 1)]
+        widths = [kw.get("proj_size", H), H][:1 if cell == "gru" else 2]  # h0 (and c0)
+        hx64 = [torch.randn(1, B, w, dtype=torch.float64, device=device) for w in widths]
         os.environ["FASTRNN_BACKEND"] = "torch"
-        want = run_cell(getattr(fastrnn, name)(I, H, dtype=torch.float64, device=device), ref, x64, hx64)
+        want = run_cell(getattr(fastrnn, name)(I, H, dtype=torch.float64, device=device, **kw), ref, x64, hx64)
         os.environ["FASTRNN_BACKEND"] = "triton"
         for dname in dtypes:
             dtype = DTYPES[dname]
             torch.backends.cudnn.allow_tf32 = dname == "tf32"
-            got = run_cell(getattr(fastrnn, name)(I, H, dtype=dtype, device=device), ref, x64, hx64, dtype)
-            cudnn = run_cell(torch_cls(I, H, dtype=dtype, device=device), ref, x64, hx64, dtype) \
+            got = run_cell(getattr(fastrnn, name)(I, H, dtype=dtype, device=device, **kw), ref, x64, hx64, dtype)
+            cudnn = run_cell(torch_cls(I, H, dtype=dtype, device=device, **kw), ref, x64, hx64, dtype) \
                 if device == "cuda" and dname != "fp64" else None
             err = max(rel(g, w) for g, w in zip(got, want))
             cudnn_err = max(rel(g, w) for g, w in zip(cudnn, want)) if cudnn else float("nan")
