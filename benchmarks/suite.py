@@ -26,7 +26,7 @@ MODES = ("fwd", "fwdbwd")
 PROVIDERS = ("fastrnn", "cudnn", "scratch")
 
 
-CELLS = {"rnn": (nn.RNN, fastrnn.RNN), "lstm": (nn.LSTM, fastrnn.LSTM), "gru": (nn.GRU, fastrnn.GRU)}
+CELLS = {name: (cell.torch_module, cell.module) for name, cell in fastrnn.CELLS.items()}
 
 
 def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device: str = "cuda",

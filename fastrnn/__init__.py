@@ -3,14 +3,14 @@ kernels; drop-ins for torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU."""
 
 import torch as _torch
 
-from .gru import gru_recurrence, gru_reference
-from .lstm import lstm_recurrence, lstm_reference
-from .ops import recurrence, recurrence_reference
-from .rnn import GRU, LSTM, RNN
+from .cells import CELLS, Cell
+from .elman import RNN, recurrence, recurrence_reference
+from .gru import GRU, gru_recurrence, gru_reference
+from .lstm import LSTM, lstm_recurrence, lstm_reference
 
 # A whole pickled model holding fastrnn's modules loads with torch.load's default weights_only=True.
-_torch.serialization.add_safe_globals([RNN, LSTM, GRU])
+_torch.serialization.add_safe_globals([cell.module for cell in CELLS.values()])
 
-__all__ = ["RNN", "LSTM", "GRU", "recurrence", "recurrence_reference", "lstm_recurrence",
+__all__ = ["RNN", "LSTM", "GRU", "CELLS", "Cell", "recurrence", "recurrence_reference", "lstm_recurrence",
            "lstm_reference", "gru_recurrence", "gru_reference"]
 __version__ = "0.1.0"

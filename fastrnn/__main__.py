@@ -1,5 +1,7 @@
+"""``python -m fastrnn``: the ``fastrnn`` command (``fastrnn.charlm.cli``)."""
+
 import sys
 
-from .cli import main
+from .charlm.cli import main
 
 sys.exit(main())

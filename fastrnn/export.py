@@ -24,7 +24,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 def onnx_forward(rnn: nn.RNNBase, input: Tensor | PackedSequence, hx):
     """What the module's forward returns, in operators the ONNX exporters translate."""
-    torch_forward = {"LSTM": nn.LSTM.forward, "GRU": nn.GRU.forward}.get(rnn.mode, nn.RNN.forward)
+    from .cells import cell_of  # (the registry imports the modules, which import this file)
+
+    torch_forward = cell_of(rnn).torch_module.forward  # torch's own, even after a swap
     use_rnn_nodes = (rnn.mode.startswith("RNN_") and torch.compiler.is_exporting()
                      and hasattr(torch.onnx, "ops") and not isinstance(input, PackedSequence))
     if not use_rnn_nodes:

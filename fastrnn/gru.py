@@ -17,9 +17,13 @@ from typing import Optional
 
 import torch
 
-from .ops import (_acc_dtype, _at_step, _check_operands, _edge_step, _lengths_on_device, _valid_steps,
-                  get_backend, refuse_double_backward)
-from .lstm import _first_rows, _huge_pages, _sigmoid_backward, _sum_with_previous, _tanh_backward, _to_acc
+from torch.nn import functional as F
+
+from .backend import get_backend, loop
+from .module import FusedRNNBase, bias_sum
+from .op import own_precision, refuse_double_backward
+from .sequence import (acc_dtype, as_dtype, at_step, check_operands, edge_step, huge_pages, lengths_on_device,
+                       sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -33,7 +37,7 @@ def gru_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Ten
     T, B, G = x_proj.shape
     H = G // 3
     h = h0 if h0 is not None else x_proj.new_zeros(B, H)
-    valid = _valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    valid = valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
     ys: list[torch.Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         x_r, x_z, x_n = x_proj[t].chunk(3, 1)  # (B, 3H) -> 3 x (B, H)
@@ -65,12 +69,12 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None):
     In fp32/fp64 each step writes straight into its slices of the outputs; fp16/bf16 steps run in
     fp32 buffers and are copied out."""
     T, B, G = x_proj.shape
-    H, acc = G // 3, _acc_dtype(x_proj.dtype)
-    y, gates = _huge_pages(x_proj.new_empty(T, B, H)), _huge_pages(x_proj.new_empty(T, B, 4 * H))
+    H, acc = G // 3, acc_dtype(x_proj.dtype)
+    y, gates = huge_pages(x_proj.new_empty(T, B, H)), huge_pages(x_proj.new_empty(T, B, 4 * H))
     direct = x_proj.dtype == acc  # the outputs are the working buffers
     w_hh_t = w_hh.to(acc).t().contiguous()  # (H, 3H): the faster layout for the product
     b_hn = b_hn.to(acc) if b_hn is not None else None
-    valid = _valid_steps(T, lengths, x_proj.device)
+    valid = valid_steps(T, lengths, x_proj.device)
     if valid is None:  # the state is the previous step's output, or h0 (read only)
         h = h0.to(acc) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     else:  # the state is carried past each sequence's end, in a buffer of its own
@@ -119,12 +123,12 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
     dh * [(1-z) (1-n^2)])``; a step is then its product, a few in-place products on ``d_x[t]`` and the
     copy of ``d_hh[t] = (dr, dz, dn r)``, which feeds dh through w_hh."""
     T, B, H = y.shape
-    acc = _acc_dtype(y.dtype)
+    acc = acc_dtype(y.dtype)
     direct = y.dtype == acc  # d_x is the working buffer
     w_hh = w_hh.to(acc)
-    d_x = _huge_pages(y.new_empty(T, B, 3 * H))
-    k = d_x if direct else _huge_pages(torch.empty(T, B, 3 * H, dtype=acc, device=y.device))
-    gates_a = _to_acc(gates, acc)
+    d_x = huge_pages(y.new_empty(T, B, 3 * H))
+    k = d_x if direct else huge_pages(torch.empty(T, B, 3 * H, dtype=acc, device=y.device))
+    gates_a = to_acc(gates, acc)
     r, z, n, hn = (gates_a[..., m * H:(m + 1) * H] for m in range(4))
     k_r, k_z, k_n = (k[..., m * H:(m + 1) * H] for m in range(3))
     torch.addcmul(hn, hn, r, value=-1, out=k_r)  # hn (1 - r)
@@ -141,15 +145,15 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
     else:
         torch.sub(h0_a, n[edge], out=k_z[edge])
         if lengths is not None and reverse:
-            first = _first_rows(k, _edge_step(T, reverse, lengths, y.device))
+            first = step_rows(k, edge_step(T, reverse, lengths, y.device))
             k_z[first] = h0_a - n[first]
-    _sigmoid_backward(k_z, z, grad_input=k_z)
-    _tanh_backward(torch.sub(z.new_ones(()), z, out=k_n), n, grad_input=k_n)  # (1 - z) (1 - n^2)
-    valid = _valid_steps(T, lengths, y.device)
+    sigmoid_backward(k_z, z, grad_input=k_z)
+    tanh_backward(torch.sub(z.new_ones(()), z, out=k_n), n, grad_input=k_n)  # (1 - z) (1 - n^2)
+    valid = valid_steps(T, lengths, y.device)
     if valid is not None:
         k_n.masked_fill_(~valid, 0.0)  # past each end r, z, n, hn are zero, so are k_r, k_z; k_n is not
 
-    last = _edge_step(T, not reverse, lengths, y.device)
+    last = edge_step(T, not reverse, lengths, y.device)
     dh_n = dh_n.to(acc)
     at_last = None  # (T, B, 1): 1 at the step h_n was read at, else 0
     if not isinstance(last, int):
@@ -206,12 +210,8 @@ def gru_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Ten
                b_hn: Optional[torch.Tensor], reverse: bool, lengths: Optional[torch.Tensor],
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on x_proj's device."""
-    if backend == "triton":
-        from fastrnn.kernels import gru_fwd as fwd
-    else:
-        fwd = gru_fwd_torch
-    y, gates = fwd(x_proj, h0, w_hh, b_hn, reverse, lengths)
-    return y, gates, _at_step(y, _edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
+    y, gates = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths)
+    return y, gates, at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
 
 
 @gru_fwd_op.register_fake
@@ -226,11 +226,7 @@ def gru_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, gates: tor
                h0: Optional[torch.Tensor], w_hh: torch.Tensor, reverse: bool,
                lengths: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``."""
-    if backend == "triton":
-        from fastrnn.kernels import gru_bwd as bwd
-    else:
-        bwd = gru_bwd_torch
-    return bwd(dy, dh_n, y, gates, h0, w_hh, reverse, lengths)
+    return loop(backend, "gru", "gru_bwd", gru_bwd_torch)(dy, dh_n, y, gates, h0, w_hh, reverse, lengths)
 
 
 @gru_bwd_op.register_fake
@@ -247,6 +243,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_b_hn, ctx.reverse, ctx.backend = b_hn is not None, reverse, backend
 
 
+@own_precision
 def _backward(ctx, dy, _d_gates, dh_n):
     y, gates, h0, w_hh, lengths = ctx.saved_tensors
     T, _, H = y.shape
@@ -254,16 +251,16 @@ def _backward(ctx, dy, _d_gates, dh_n):
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
     d_x, dh0_local = gru_bwd_op(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend)
     need_x, need_h0, need_w_hh, need_b_hn = ctx.needs_input_grad[:4]
-    first = _edge_step(T, ctx.reverse, lengths, y.device)
+    first = edge_step(T, ctx.reverse, lengths, y.device)
     # d_hh = (dr_pre, dz_pre, dn_pre * r), as its two parts: d_x's first two thirds and dn_r
     dn_r = d_x[..., 2 * H:] * gates[..., :H] if need_w_hh or need_b_hn or need_h0 else None  # (T, B, H)
     d_rz = d_x[..., :2 * H]
     dh0 = None
     if h0 is not None and need_h0:
-        dh0 = dh0_local + torch.cat((_at_step(d_rz, first), _at_step(dn_r, first)), 1) @ w_hh
+        dh0 = dh0_local + torch.cat((at_step(d_rz, first), at_step(dn_r, first)), 1) @ w_hh
     dw_hh = None
     if need_w_hh:  # sum_t d_hh[t].T @ h_{t-1}: (3H, H)
-        dw_hh = torch.cat([_sum_with_previous(d, y, h0, _at_step(d, first), ctx.reverse)
+        dw_hh = torch.cat([sum_with_previous(d, y, h0, at_step(d, first), ctx.reverse)
                            for d in (d_rz, dn_r)])
     db_hn = dn_r.sum((0, 1)) if ctx.has_b_hn and need_b_hn else None
     dx_proj = d_x if need_x else None
@@ -296,11 +293,39 @@ def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Te
         raise RuntimeError(f"b_hn must be ({H},), got {tuple(b_hn.shape)}")
     if h0 is not None and tuple(h0.shape) != (B, H):
         raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
-    _check_operands(x_proj, w_hh=w_hh, b_hn=b_hn, h0=h0)
+    check_operands(x_proj, w_hh=w_hh, b_hn=b_hn, h0=h0)
     if lengths is not None:
-        lengths = _lengths_on_device(lengths, T, B, x_proj.device)
+        lengths = lengths_on_device(lengths, T, B, x_proj.device)
     if T == 0 or B == 0:
         return gru_reference(x_proj, h0, w_hh, b_hn, reverse, lengths)
-    backend = "torch" if x_proj.device.type == "meta" else get_backend(x_proj.device)
+    backend = get_backend(x_proj.device)
     y, _, h_n = gru_fwd_op(x_proj, h0, w_hh, b_hn, reverse, lengths, backend)
     return y, h_n
+
+
+# --------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------
+
+
+class GRU(FusedRNNBase):
+    """GRU, gate order r, z, n, ``n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))`` as
+    ``torch.nn.GRU``; same arguments, shapes and results."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def _run_direction(self, x, suffix, start, reverse, lengths):
+        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+        b_hn = None
+        b = None
+        if self.bias:  # b_hr and b_hz fold into the input projection; b_hn is scaled by r
+            H = self.hidden_size
+            b = bias_sum(b_ih, torch.cat((b_hh[:2 * H], b_hh.new_zeros(H))))
+            b_hn = b_hh[2 * H:]
+        x_proj = F.linear(x, w_ih, b)  # (T, B, 3H)
+        w_hh, b_hn, h0 = as_dtype(x_proj.dtype, w_hh, b_hn, start[0] if start else None)
+        y, h_n = gru_recurrence(x_proj, h0, w_hh, b_hn, reverse=reverse, lengths=lengths)
+        return y, (h_n,)

@@ -18,8 +18,14 @@ from typing import Optional
 
 import torch
 
-from .ops import (_acc_dtype, _at_step, _check_operands, _edge_step, _lengths_on_device, _valid_steps,
-                  get_backend, refuse_double_backward)
+from torch.nn import functional as F
+from torch import nn
+
+from .backend import get_backend, loop
+from .module import FusedRNNBase, bias_sum
+from .op import own_precision, refuse_double_backward
+from .sequence import (acc_dtype, add_at, as_dtype, at_step, check_operands, edge_step, huge_pages, lengths_on_device,
+                       sigmoid_backward, shifted, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -34,7 +40,7 @@ def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tens
     H, P = G // 4, w_hh.shape[1]
     h = h0 if h0 is not None else x_proj.new_zeros(B, P)
     c = c0 if c0 is not None else x_proj.new_zeros(B, H)
-    valid = _valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    valid = valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
     ys: list[torch.Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         z_i, z_f, z_g, z_o = torch.addmm(x_proj[t], h, w_hh.t()).chunk(4, 1)  # (B, 4H) -> 4 x (B, H)
@@ -58,47 +64,6 @@ def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_madvise():
-    """libc's ``madvise`` (Linux), or None."""
-    try:
-        import ctypes
-        import sys
-        if not sys.platform.startswith("linux"):
-            return None
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-        return madvise
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-_madvise = _load_madvise()
-_MADV_HUGEPAGE, _PAGE, _HUGE_MIN = 14, 4096, 4 << 20
-
-
-def _huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """``t``, a large buffer fresh from the CPU allocator and not yet written, with Linux asked to back
-    it with 2 MiB pages (MADV_HUGEPAGE, where transparent huge pages are set to ``madvise``): the first
-    write to each 4 KiB page of fresh memory is a page fault, and for the outputs of a whole sequence
-    those cost as much as the step products. Advice only: values are untouched, and it is skipped
-    where it cannot apply."""
-    if _madvise is None or t.device.type != "cpu":
-        return t
-    storage = t.untyped_storage()
-    if storage.nbytes() >= _HUGE_MIN:
-        start = -(-storage.data_ptr() // _PAGE) * _PAGE  # the whole pages inside the buffer
-        end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
-        _madvise(start, end - start, _MADV_HUGEPAGE)  # failure is harmless: the pages stay small
-    return t
-
-
-def _to_acc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``t.to(acc)``, into a buffer backed by huge pages when it is a copy."""
-    if t.dtype == acc:
-        return t
-    return _huge_pages(torch.empty(t.shape, dtype=acc, device=t.device)).copy_(t)
-
-
 def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None):
     """The forward launcher's twin: ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)`` (i, f, g,
     o after their nonlinearity), all zero past each sequence's end; no autograd graph.
@@ -107,13 +72,13 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None)
     ``gates[t]``, whose gates then take their nonlinearity in place), with no temporary per step;
     fp16/bf16 steps run in fp32 buffers and are copied out."""
     T, B, G = x_proj.shape
-    H, P, acc = G // 4, w_hh.shape[1], _acc_dtype(x_proj.dtype)
-    gates = _huge_pages(torch.empty_like(x_proj, memory_format=torch.contiguous_format))
-    y, c = _huge_pages(x_proj.new_empty(T, B, P)), _huge_pages(x_proj.new_empty(T, B, H))
+    H, P, acc = G // 4, w_hh.shape[1], acc_dtype(x_proj.dtype)
+    gates = huge_pages(torch.empty_like(x_proj, memory_format=torch.contiguous_format))
+    y, c = huge_pages(x_proj.new_empty(T, B, P)), huge_pages(x_proj.new_empty(T, B, H))
     direct = x_proj.dtype == acc  # the outputs are the working buffers
     w_hh_t = w_hh.to(acc).t().contiguous()  # (P, 4H): the faster layout for the product
     w_hr_t = w_hr.to(acc).t().contiguous() if w_hr is not None else None
-    valid = _valid_steps(T, lengths, x_proj.device)
+    valid = valid_steps(T, lengths, x_proj.device)
     if valid is None:  # the states are the previous step's outputs, or h0, c0 (read only)
         h = h0.to(acc) if h0 is not None else x_proj.new_zeros(B, P, dtype=acc)
         c_prev = c0.to(acc) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
@@ -160,15 +125,6 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None)
     return y, c, gates
 
 
-_sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # (dy, y, out): dy * y * (1 - y)
-_tanh_backward = torch.ops.aten.tanh_backward.grad_input  # (dy, y, out): dy * (1 - y^2)
-
-
-def _first_rows(x: torch.Tensor, first: torch.Tensor | int) -> torch.Tensor | tuple:
-    """The index of each sequence's row ``first`` (from ``_edge_step``) in ``x (T, B, ...)``."""
-    return first if isinstance(first, int) else (first, torch.arange(x.shape[1], device=x.device))
-
-
 def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None):
     """The backward launcher's twin, walking time in reverse: ``d_gates (T, B, 4H)``, the gradient of
     the pre-activations (zero past each end), and ``dc0 (B, H)`` (zeros when c0 is None). Reads
@@ -181,39 +137,39 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
     in-place products on ``d_gates[t]`` and ``dc_carry = dc * f``."""
     T, B, G = gates.shape
     H = G // 4
-    acc = _acc_dtype(gates.dtype)
+    acc = acc_dtype(gates.dtype)
     direct = gates.dtype == acc  # d_gates is the working buffer
     w_hh = w_hh.to(acc)
     w_hr = w_hr.to(acc) if w_hr is not None else None
-    d_gates = _huge_pages(torch.empty_like(gates))
-    k = d_gates if direct else _huge_pages(torch.empty(gates.shape, dtype=acc, device=gates.device))
-    gates_a, c_a = _to_acc(gates, acc), _to_acc(c, acc)
+    d_gates = huge_pages(torch.empty_like(gates))
+    k = d_gates if direct else huge_pages(torch.empty(gates.shape, dtype=acc, device=gates.device))
+    gates_a, c_a = to_acc(gates, acc), to_acc(c, acc)
     i, f, g, o = (gates_a[..., n * H:(n + 1) * H] for n in range(4))
     k_i, k_f, k_g, k_o = (k[..., n * H:(n + 1) * H] for n in range(4))
-    _sigmoid_backward(g, i, grad_input=k_i)
+    sigmoid_backward(g, i, grad_input=k_i)
     # c_{t-1} f (1 - f): c one step back along the walk, c0 (or zeros) at each sequence's first step;
     # a reverse walk's first step lengths[b] - 1 reads c[lengths[b]] = 0 before c0 is put there
     if reverse:
-        _sigmoid_backward(c_a[1:], f[:-1], grad_input=k_f[:-1])
+        sigmoid_backward(c_a[1:], f[:-1], grad_input=k_f[:-1])
     else:
-        _sigmoid_backward(c_a[:-1], f[1:], grad_input=k_f[1:])
+        sigmoid_backward(c_a[:-1], f[1:], grad_input=k_f[1:])
     edge = T - 1 if reverse else 0
     if c0 is None:
         k_f[edge].zero_()
     else:
         c0_a = c0.to(acc)
-        _sigmoid_backward(c0_a, f[edge], grad_input=k_f[edge])
+        sigmoid_backward(c0_a, f[edge], grad_input=k_f[edge])
         if lengths is not None and reverse:
-            first = _first_rows(k, _edge_step(T, reverse, lengths, gates.device))
+            first = step_rows(k, edge_step(T, reverse, lengths, gates.device))
             k_f[first] = torch.ops.aten.sigmoid_backward(c0_a, f[first])
-    _tanh_backward(i, g, grad_input=k_g)
-    a = torch.tanh(c_a, out=_huge_pages(torch.empty_like(c_a)))
-    _sigmoid_backward(a, o, grad_input=k_o)
-    _tanh_backward(o, a, grad_input=a)  # a = o (1 - tanh(c)^2): dc_t's share of dm_t
+    tanh_backward(i, g, grad_input=k_g)
+    a = torch.tanh(c_a, out=huge_pages(torch.empty_like(c_a)))
+    sigmoid_backward(a, o, grad_input=k_o)
+    tanh_backward(o, a, grad_input=a)  # a = o (1 - tanh(c)^2): dc_t's share of dm_t
     # past each sequence's end every gate is zero, so are these factors, and so is d_gates there
 
-    valid = _valid_steps(T, lengths, gates.device)
-    last = _edge_step(T, not reverse, lengths, gates.device)
+    valid = valid_steps(T, lengths, gates.device)
+    last = edge_step(T, not reverse, lengths, gates.device)
     dh_n, dc_n = dh_n.to(acc), dc_n.to(acc)
     at_last = None  # (T, B, 1): 1 at the step h_n, c_n were read at, else 0
     if not isinstance(last, int):
@@ -275,13 +231,9 @@ def lstm_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[t
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``, ``c_n (B, H)``;
     ``lengths`` on x_proj's device."""
-    if backend == "triton":
-        from fastrnn.kernels import lstm_fwd as fwd
-    else:
-        fwd = lstm_fwd_torch
-    y, c, gates = fwd(x_proj, h0, c0, w_hh, w_hr, reverse, lengths)
-    last = _edge_step(y.shape[0], not reverse, lengths, y.device)
-    return y, c, gates, _at_step(y, last).clone(), _at_step(c, last).clone()
+    y, c, gates = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse, lengths)
+    last = edge_step(y.shape[0], not reverse, lengths, y.device)
+    return y, c, gates, at_step(y, last).clone(), at_step(c, last).clone()
 
 
 @lstm_fwd_op.register_fake
@@ -299,11 +251,7 @@ def lstm_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: tor
                 reverse: bool, lengths: Optional[torch.Tensor], backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``."""
-    if backend == "triton":
-        from fastrnn.kernels import lstm_bwd as bwd
-    else:
-        bwd = lstm_bwd_torch
-    return bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths)
+    return loop(backend, "lstm", "lstm_bwd", lstm_bwd_torch)(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths)
 
 
 @lstm_bwd_op.register_fake
@@ -319,6 +267,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse, ctx.backend = reverse, backend
 
 
+@own_precision
 def _backward(ctx, dy, _dc, _d_gates, dh_n, dc_n):
     y, c, gates, h0, c0, w_hh, w_hr, lengths = ctx.saved_tensors
     T = y.shape[0]
@@ -328,9 +277,9 @@ def _backward(ctx, dy, _dc, _d_gates, dh_n, dc_n):
     d_gates, dc0 = lstm_bwd_op(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, ctx.reverse, lengths,
                                ctx.backend)
     need_x, need_h0, need_c0, need_w_hh, need_w_hr = ctx.needs_input_grad[:5]
-    d_first = _at_step(d_gates, _edge_step(T, ctx.reverse, lengths, y.device))  # (B, 4H)
+    d_first = at_step(d_gates, edge_step(T, ctx.reverse, lengths, y.device))  # (B, 4H)
     dh0 = d_first @ w_hh if h0 is not None and need_h0 else None
-    dw_hh = _sum_with_previous(d_gates, y, h0, d_first, ctx.reverse) if need_w_hh else None  # (4H, P)
+    dw_hh = sum_with_previous(d_gates, y, h0, d_first, ctx.reverse) if need_w_hh else None  # (4H, P)
     dw_hr = None
     if w_hr is not None and need_w_hr:
         dw_hr = _dw_hr(dy, dh_n, d_gates, c, gates, w_hh, ctx.reverse, lengths)
@@ -339,31 +288,14 @@ def _backward(ctx, dy, _dc, _d_gates, dh_n, dc_n):
     return dx_proj, dh0, dc0, dw_hh, dw_hr, None, None, None
 
 
-def _sum_with_previous(d: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None,
-                       d_first: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """``sum_t d[t].T @ h_{t-1}``, (N, P), for ``d (T, B, N)`` zero past each sequence's end and
-    ``d_first (B, N)`` its rows at each sequence's first step: ``h_{t-1}`` is ``y (T, B, P)`` one step
-    back along the walk (zero past each end, so a reverse walk's first step ``lengths[b] - 1`` reads
-    zeros there), plus ``h0`` at each first step; without building ``h_{t-1}`` for every step."""
-    N, P = d.shape[2], y.shape[2]
-    d_, y_ = (d[:-1], y[1:]) if reverse else (d[1:], y[:-1])
-    out = d_.reshape(-1, N).T @ y_.reshape(-1, P)
-    return out if h0 is None else out.addmm_(d_first.T, h0)
-
-
 def _dw_hr(dy, dh_n, d_gates, c, gates, w_hh, reverse, lengths):
     """``sum_t dh_t.T @ m_t``, (P, H): ``dh_t = dy[t] + d_gates[t_next] @ w_hh`` (+ dh_n at the last
     step) recomputed for all steps at once, ``m_t = o * tanh(c_t)`` (zero past each end, so the
     terms there are too)."""
     T, B, P = dy.shape
-    dh = dy.clone()
-    dh_next = d_gates @ w_hh  # (T, B, 4H) -> (T, B, P)
-    if reverse:
-        dh[1:] += dh_next[:-1]
-    else:
-        dh[:-1] += dh_next[1:]
-    last = _edge_step(T, not reverse, lengths, dy.device)
-    dh[last if isinstance(last, int) else (last, torch.arange(B, device=dy.device))] += dh_n
+    dh_next = d_gates @ w_hh  # (T, B, 4H) -> (T, B, P), out of place throughout (vmap takes it)
+    dh = dy + shifted(dh_next, later=not reverse)
+    dh = add_at(dh, edge_step(T, not reverse, lengths, dy.device), dh_n)
     m = gates.chunk(4, 2)[3] * c.tanh()  # (T, B, H)
     return dh.reshape(-1, P).T @ m.reshape(-1, m.shape[2])
 
@@ -398,11 +330,46 @@ def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Ten
         raise RuntimeError(f"Expected hidden[0] size ({B}, {P}), got {list(h0.shape)}")
     if c0 is not None and tuple(c0.shape) != (B, H):
         raise RuntimeError(f"Expected hidden[1] size ({B}, {H}), got {list(c0.shape)}")
-    _check_operands(x_proj, w_hh=w_hh, w_hr=w_hr, h0=h0, c0=c0)
+    check_operands(x_proj, w_hh=w_hh, w_hr=w_hr, h0=h0, c0=c0)
     if lengths is not None:
-        lengths = _lengths_on_device(lengths, T, B, x_proj.device)
+        lengths = lengths_on_device(lengths, T, B, x_proj.device)
     if T == 0 or B == 0:
         return lstm_reference(x_proj, h0, c0, w_hh, w_hr, reverse, lengths)
-    backend = "torch" if x_proj.device.type == "meta" else get_backend(x_proj.device)
+    backend = get_backend(x_proj.device)
     y, _, _, h_n, c_n = lstm_fwd_op(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend)
     return y, h_n, c_n
+
+
+# --------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------
+
+
+class LSTM(FusedRNNBase):
+    """LSTM, gate order i, f, g, o, with ``proj_size`` as ``torch.nn.LSTM``; same arguments, shapes
+    and results: ``forward(input, (h0, c0)) -> output, (h_n, c_n)``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def _state_sizes(self):
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+    def _state_parts(self, hx):
+        return (hx[0], hx[1])
+
+    def _public_state(self, parts):
+        return (parts[0], parts[1])
+
+    def _run_direction(self, x, suffix, start, reverse, lengths):
+        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+        x_proj = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # (T, B, 4H)
+        w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
+        h0, c0 = start if start else (None, None)
+        w_hh, w_hr, h0, c0 = as_dtype(x_proj.dtype, w_hh, w_hr, h0, c0)
+        y, h_n, c_n = lstm_recurrence(x_proj, h0, c0, w_hh, w_hr, reverse=reverse, lengths=lengths)
+        return y, (h_n, c_n)

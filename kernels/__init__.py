@@ -1,17 +1,26 @@
 """Fused Triton kernels for the recurrences of fastrnn (installed as ``fastrnn.kernels``).
 
-Elman: ``recurrence_fwd`` writes every hidden state, ``recurrence_bwd`` the pre-activation gradient.
-LSTM: ``lstm_fwd`` / ``lstm_bwd``; GRU: ``gru_fwd`` / ``gru_bwd``. The autograd Functions that pair
-them live in ``fastrnn.ops``, ``fastrnn.lstm`` and ``fastrnn.gru``; the launch machinery every cell
-shares (variants, cooperative launch, grid barrier, configuration) in ``launch.py``, ``common.py`` and
-``config.py``.
+One file per cell, forward and backward together: ``elman.py`` (``elman_fwd`` writes every hidden
+state, ``elman_bwd`` the pre-activation gradient), ``lstm.py`` (``lstm_fwd`` / ``lstm_bwd``) and
+``gru.py`` (``gru_fwd`` / ``gru_bwd``). What the cells share: ``common.py`` (arithmetic, products,
+the walk over time, the grid barrier), ``gates.py`` (a gated cell's per-gate loads, stores and
+weights), ``config.py`` (variants and block sizes) and ``launch.py`` (how a kernel runs over a
+sequence). The ops that pair the launchers live in ``fastrnn.elman``, ``fastrnn.lstm``, ``fastrnn.gru``.
 """
 
+import os
+
 from .config import Config, pick_config, pick_configs
+from .elman import elman_bwd, elman_fwd
 from .gru import gru_bwd, gru_fwd
 from .lstm import lstm_bwd, lstm_fwd
-from .recurrence_bwd import recurrence_bwd
-from .recurrence_fwd import recurrence_fwd
 
-__all__ = ["Config", "pick_config", "pick_configs", "recurrence_fwd", "recurrence_bwd", "lstm_fwd", "lstm_bwd",
-           "gru_fwd", "gru_bwd"]
+if os.environ.get("TRITON_INTERPRET", "0") == "1" and os.environ.get("FASTRNN_CHECK_BOUNDS", "0") == "1":
+    from .bounds import check_bounds
+
+    check_bounds()
+
+recurrence_fwd, recurrence_bwd = elman_fwd, elman_bwd  # the Elman launchers' earlier names
+
+__all__ = ["Config", "pick_config", "pick_configs", "elman_fwd", "elman_bwd", "lstm_fwd", "lstm_bwd",
+           "gru_fwd", "gru_bwd", "recurrence_fwd", "recurrence_bwd"]

@@ -91,7 +91,8 @@ def matmul(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def weight_block(w_ptr, o_k, o_n, stride_wk, stride_wn, K, N):
     """Block ``W[k, n]`` of a (K, N) matrix addressed through strides, zero outside (w_hh.T is w_hh
-    with its strides swapped), shape (len(o_k), len(o_n))."""
+    with its strides swapped), shape (len(o_k), len(o_n)); ``o_k``, ``o_n`` int64, so the offsets
+    stay exact past 2^31 elements."""
     return tl.load(w_ptr + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
                    mask=(o_k[:, None] < K) & (o_n[None, :] < N), other=0.0)
 
@@ -101,7 +102,7 @@ def weight_chunks(w_ptr, k0, o_n, stride_wk, stride_wn, K, N, SPLIT_K: tl.conste
                   CHUNK: tl.constexpr):
     """``W[k0 + s * CHUNK + c, o_n]`` as (SPLIT_K, CHUNK, BLOCK_N): a block of rows of W cut into
     SPLIT_K chunks of the reduction, zero outside the (K, N) matrix."""
-    o_k = k0 + tl.arange(0, SPLIT_K)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, :, None]
+    o_k = k0 + (tl.arange(0, SPLIT_K)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, :, None]).to(tl.int64)
     o_n3 = o_n[None, None, :]
     return tl.load(w_ptr + o_k * stride_wk + o_n3 * stride_wn, mask=(o_k < K) & (o_n3 < N), other=0.0)
 
@@ -112,7 +113,7 @@ def source_chunks(src_ptr, k0, o_b, m_rows, B, K, stride_b, SPLIT_K: tl.constexp
     """``src[o_b, k0 + s * CHUNK + c]`` as (SPLIT_K, BLOCK_B, CHUNK), zero outside (B, K) and in the
     rows outside ``m_rows (BLOCK_B, 1)``. ``src`` is one step that other programs wrote, so it is
     read through L2 (``.cg``), never from this SM's L1."""
-    o_k = k0 + tl.arange(0, SPLIT_K)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+    o_k = k0 + (tl.arange(0, SPLIT_K)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]).to(tl.int64)
     rows = o_b[None, :, None]
     return tl.load(src_ptr + rows * stride_b + o_k, mask=(rows < B) & m_rows[None] & (o_k < K),
                    other=0.0, cache_modifier=".cg")
@@ -201,3 +202,10 @@ def grid_barrier(sync_ptr, rank, n_programs):
     while (before ^ now).to(tl.uint32, bitcast=True) < 0x80000000:  # the top bit has not flipped yet
         now = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()  # no thread of this program reads the others' stores before the flip
+
+
+@triton.jit
+def wide(x):
+    """``x`` as int64, a scalar argument or a constexpr alike (Triton makes an argument equal to 1 a
+    constexpr), so that offsets built from it stay exact past 2^31."""
+    return x + tl.zeros([], tl.int64)

@@ -26,7 +26,22 @@ import triton
 
 logger = logging.getLogger("fastrnn")
 
-VARIANTS = ("resident", "tiled", "stepwise")
+VARIANTS = ("resident", "tiled", "stepwise")  # every variant; a cell's launchers say which it has
+GATED_VARIANTS = ("tiled", "stepwise")  # the LSTM's and GRU's: a program owns all gates of its units
+
+
+def fp32_uses_tf32() -> bool:
+    """Whether fp32 products run in TF32, by the flag cuDNN's RNN itself follows:
+    ``torch.backends.cudnn.rnn.fp32_precision`` ("tf32" or "ieee"; "none" defers to cuDNN's, then
+    to torch's ``fp32_precision``), or on a torch without those settings ``cudnn.allow_tf32``. (Reading
+    ``allow_tf32`` raises once a program has set any ``fp32_precision``.)"""
+    backends = torch.backends
+    rnn = getattr(backends.cudnn, "rnn", None)
+    for owner in (rnn, backends.cudnn, backends):
+        precision = getattr(owner, "fp32_precision", None)
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    return bool(backends.cudnn.allow_tf32)
 
 
 @dataclass(frozen=True)
@@ -46,9 +61,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1) -> tuple[Config, ...]:
-    """The candidate configurations for ``B`` sequences of ``H`` units of a cell with ``gates`` gates
-    per unit (Elman 1, GRU 3, LSTM 4), in order of preference. The launcher (``launch.run_sequence``)
+def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1,
+                 cell: str = "elman", variants: tuple[str, ...] = VARIANTS) -> tuple[Config, ...]:
+    """The candidate configurations for ``B`` sequences of ``H`` units of ``cell``, with ``gates``
+    gates per unit (Elman 1, GRU 3, LSTM 4) and kernels for ``variants``, in order of preference. The launcher (``launch.run_sequence``)
     runs the first whose compiled kernel fits the GPU (at most ``launch.MAX_STACK`` bytes of local
     memory per thread, shared memory within a program's limit, a tiled grid resident at once); the
     last, the smallest stepwise tile, runs regardless. What fits is the compiler's to say (ptxas
@@ -57,8 +73,11 @@ def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates
     forced = os.environ.get("FASTRNN_VARIANT", "")
     if forced and forced not in VARIANTS:
         raise ValueError(f"FASTRNN_VARIANT must be one of {', '.join(VARIANTS)}; got {forced!r}")
+    if forced and forced not in variants:
+        raise ValueError(f"FASTRNN_VARIANT={forced}: the {cell} cell has no {forced} variant; its variants "
+                         f"are {', '.join(variants)}")
     device = torch.device(device)
-    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    tf32 = dtype == torch.float32 and device.type == "cuda" and fp32_uses_tf32()
     configs = _pick_configs(B, H, dtype, device, forced, gates, tf32)
     logger.debug("fastrnn: B=%d H=%d gates=%d %s on %s -> %s", B, H, gates, dtype, device, configs)
     return configs
@@ -161,14 +180,14 @@ def _interpreter_config(block_h: int, block_k: int, forced: str, gates: int = 1)
 
 
 def dtype_flags(dtype: torch.dtype, device: torch.device, fast: bool = False) -> dict:
-    """Accumulator dtype and tl.dot precision: fp32 products use TF32 exactly when
-    ``torch.backends.cudnn.allow_tf32`` is on, as ``torch.nn.RNN`` (cuDNN) does, and else 3xTF32
+    """Accumulator dtype and tl.dot precision: fp32 products use TF32 exactly when cuDNN's RNN does
+    (``fp32_uses_tf32``), and else 3xTF32
     (fp32's precision from the tensor cores). With ``fast``, FAST: the hardware's approximate tanh
     on the paths whose products are TF32, bf16 or fp16 anyway."""
     import triton.language as tl
 
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    tf32 = dtype == torch.float32 and device.type == "cuda" and fp32_uses_tf32()
     flags = {"ACC_DTYPE": acc, "PRECISION": "tf32" if tf32 else "tf32x3"}
     if fast:
         flags["FAST"] = tf32 or dtype in (torch.float16, torch.bfloat16)

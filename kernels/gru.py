@@ -19,9 +19,9 @@ import triton.language as tl
 
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, tanh, walk_step, weight_chunks)
-from .config import dtype_flags, gated_tile_kwargs, pick_configs
+from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
+from .gates import gate_weights, load_gate, store_gate
 from .launch import run_sequence
-from .lstm import _gate_weights, _load_gate, _store_gate
 
 
 @triton.jit
@@ -38,19 +38,19 @@ def _gate_products(hh_r, hh_z, hh_n, src_ptr, m_rows, o_b, o_n, B, H, stride_b, 
     else:
         for k0 in range(0, H, BLOCK_K):
             b_h = source_chunks(src_ptr, k0, o_b, m_rows, B, H, stride_b, SPLIT_K, CHUNK)
-            hh_r += split_k_product(b_h, _gate_weights(w_hh_ptr, 0, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
+            hh_r += split_k_product(b_h, gate_weights(w_hh_ptr, 0, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
                                     PRECISION)
-            hh_z += split_k_product(b_h, _gate_weights(w_hh_ptr, 1, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
+            hh_z += split_k_product(b_h, gate_weights(w_hh_ptr, 1, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
                                     PRECISION)
-            hh_n += split_k_product(b_h, _gate_weights(w_hh_ptr, 2, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
+            hh_n += split_k_product(b_h, gate_weights(w_hh_ptr, 2, k0, o_n, H, H, stride_w, SPLIT_K, CHUNK),
                                     PRECISION)
     return hh_r, hh_z, hh_n
 
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
-def _gru_fwd_kernel(
+def gru_fwd_kernel(
     x_proj_ptr,  # (T, B, 3H) input projection plus b_ih and b_hr, b_hz
-    h0_ptr,  # (B, H) initial state (unused unless HAS_H0)
+    h_state_ptr,  # (B, H) in/out, ACC_DTYPE: the state between launches, h0 (or zeros) at first
     h0_proj_ptr,  # (B, 3H) h0 @ w_hh.T in the accumulator's precision (unused unless HAS_H0)
     w_hh_ptr,  # (3H, H)
     b_hn_ptr,  # (H,) (unused unless HAS_B_HN)
@@ -58,9 +58,9 @@ def _gru_fwd_kernel(
     y_ptr,  # (T, B, H) out: every h_t; also where h_{t-1} is read back from
     gates_ptr,  # (T, B, 4H) out: r, z, n, hn
     T, B, H,
-    stride_xt, stride_xb,  # x_proj and h0_proj (rows of 3H)
-    stride_yt, stride_yb,  # y and h0 (rows of H)
-    stride_gt, stride_gb,  # gates (rows of 4H)
+    stride_xt, stride_xb, stride_h0b,  # x_proj, h0_proj
+    stride_yt, stride_yb, stride_sb,  # y, h_state
+    stride_gt, stride_gb,  # gates
     stride_w,
     sync_ptr, step_begin, n_steps,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_B_HN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
@@ -76,20 +76,20 @@ def _gru_fwd_kernel(
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     CHUNK: tl.constexpr = BLOCK_K // SPLIT_K
     if W_RESIDENT:
-        b_wr = _gate_weights(w_hh_ptr, 0, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
-        b_wz = _gate_weights(w_hh_ptr, 1, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
-        b_wn = _gate_weights(w_hh_ptr, 2, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
+        b_wr = gate_weights(w_hh_ptr, 0, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
+        b_wz = gate_weights(w_hh_ptr, 1, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
+        b_wn = gate_weights(w_hh_ptr, 2, 0, o_n, H, H, stride_w, SPLIT_K, CHUNK)
     else:
         b_wr, b_wz, b_wn = 0.0, 0.0, 0.0  # unused: _gate_products streams w_hh
     b_hn_bias = tl.zeros([1, BLOCK_N], dtype=ACC_DTYPE)
     if HAS_B_HN:
         b_hn_bias += tl.load(b_hn_ptr + o_n[None, :], mask=o_n[None, :] < H, other=0.0).to(ACC_DTYPE)
-    # this program's units of h_{t-1} stay in registers; a launch starts from those of its first step
-    t, t_prev, m_prev, m_first = walk_step(step_begin, T, b_len, REVERSE)
-    p_bn = o_b[:, None] * stride_yb + o_n[None, :]
-    b_h = tl.load(y_ptr + t_prev * stride_yt + p_bn, mask=m_bn & m_prev, other=0.0).to(ACC_DTYPE)
-    if HAS_H0:
-        b_h += tl.load(h0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+    # this program's units of h_{t-1} stay in registers, in ACC_DTYPE also between the launches of
+    # the stepwise variant (h_state); past a sequence's end the state is carried unchanged, so h0 is
+    # still there at a reverse walk's first step
+    p_state = h_state_ptr + o_b[:, None] * stride_sb + o_n[None, :]
+    b_h = tl.load(p_state, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    p_bn = o_b[:, None] * stride_yb + o_n[None, :]  # this program's units in a step of y
 
     for s in range(step_begin, step_begin + n_steps):
         t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
@@ -98,32 +98,33 @@ def _gru_fwd_kernel(
         hh_n = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE) + b_hn_bias
         if HAS_H0:  # at a sequence's first step h_{t-1} is h0, whose product the caller made once
             m_h0 = m_bn & m_first
-            hh_r += _load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_xb, m_h0, ACC_DTYPE)
-            hh_z += _load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_xb, m_h0, ACC_DTYPE)
-            hh_n += _load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_xb, m_h0, ACC_DTYPE)
+            hh_r += load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
+            hh_z += load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
+            hh_n += load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
         hh_r, hh_z, hh_n = _gate_products(hh_r, hh_z, hh_n, y_ptr + t_prev * stride_yt, m_prev, o_b, o_n,
                                           B, H, stride_yb, w_hh_ptr, stride_w, b_wr, b_wz, b_wn, PRECISION,
                                           BLOCK_K, SPLIT_K, W_RESIDENT)
         p_x = x_proj_ptr + t * stride_xt
-        r = sigmoid(_load_gate(p_x, 0, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + hh_r, FAST)
-        z = sigmoid(_load_gate(p_x, 1, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + hh_z, FAST)
-        n = tanh(_load_gate(p_x, 2, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + r * hh_n, FAST)
+        r = sigmoid(load_gate(p_x, 0, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + hh_r, FAST)
+        z = sigmoid(load_gate(p_x, 1, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + hh_z, FAST)
+        n = tanh(load_gate(p_x, 2, o_b, o_n, H, stride_xb, m_bn, ACC_DTYPE) + r * hh_n, FAST)
         valid = t < b_len  # (BLOCK_B, 1): zero past each sequence's end, the state carried along
         b_h_new = (1.0 - z) * n + z * b_h
         b_h = tl.where(valid, b_h_new, b_h)
         tl.store(y_ptr + t * stride_yt + p_bn, tl.where(valid, b_h_new, 0.0).to(y_ptr.dtype.element_ty),
                  mask=m_bn)
         p_g = gates_ptr + t * stride_gt
-        _store_gate(p_g, 0, tl.where(valid, r, 0.0), o_b, o_n, H, stride_gb, m_bn)
-        _store_gate(p_g, 1, tl.where(valid, z, 0.0), o_b, o_n, H, stride_gb, m_bn)
-        _store_gate(p_g, 2, tl.where(valid, n, 0.0), o_b, o_n, H, stride_gb, m_bn)
-        _store_gate(p_g, 3, tl.where(valid, hh_n, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        store_gate(p_g, 0, tl.where(valid, r, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        store_gate(p_g, 1, tl.where(valid, z, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        store_gate(p_g, 2, tl.where(valid, n, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        store_gate(p_g, 3, tl.where(valid, hh_n, 0.0), o_b, o_n, H, stride_gb, m_bn)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+    tl.store(p_state, b_h, mask=m_bn)
 
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
-def _gru_bwd_kernel(
+def gru_bwd_kernel(
     dy_ptr,  # (T, B, H) gradient of y
     dh_n_ptr,  # (B, H) gradient of h_n
     y_ptr,  # (T, B, H) every h_t
@@ -133,11 +134,13 @@ def _gru_bwd_kernel(
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     d_x_ptr,  # (T, B, 3H) out: dr, dz, dn (the gradient of x_proj)
     d_hh_ptr,  # (2, B, 3H) scratch: dr, dz, dn * r of the last two steps, read back by all programs
-    dh_carry_ptr,  # (B, H) in/out: dh * z carried to the step before (zero at the start)
+    dh_carry_ptr,  # (B, H) in/out, ACC_DTYPE: dh * z carried to the step before (zero at the start)
     T, B, H,
-    stride_t, stride_b,  # dy, y (rows of H); dh_n, h0 and dh_carry share stride_b
-    stride_gt, stride_gb,  # gates (rows of 4H)
-    stride_xt, stride_xb,  # d_x and d_hh (rows of 3H)
+    stride_dyt, stride_dyb, stride_hnb,  # dy, dh_n
+    stride_yt, stride_yb, stride_h0b,  # y, h0
+    stride_gt, stride_gb,  # gates
+    stride_xt, stride_xb,  # d_x
+    stride_ht, stride_hb, stride_dcb,  # d_hh, dh_carry
     stride_w,
     sync_ptr, step_begin, n_steps,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr,
@@ -157,9 +160,10 @@ def _gru_bwd_kernel(
         t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n is the state after t = 0
     else:
         t_last = b_len - 1
-    p_bn = o_b[:, None] * stride_b + o_n[None, :]
-    b_dh_n = tl.load(dh_n_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
-    b_dh_carry = tl.load(dh_carry_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    p_y = o_b[:, None] * stride_yb + o_n[None, :]  # this program's units in a step of y
+    b_dh_n = tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_n[None, :], mask=m_bn, other=0.0).to(ACC_DTYPE)
+    p_dc = dh_carry_ptr + o_b[:, None] * stride_dcb + o_n[None, :]
+    b_dh_carry = tl.load(p_dc, mask=m_bn, other=0.0).to(ACC_DTYPE)
     if W_RESIDENT:  # w_hh[:, o_n], all 3H rows, loaded once
         b_w_all = weight_chunks(w_hh_ptr, 0, o_n, stride_w, 1, 3 * H, H, SPLIT_K, BLOCK_K // SPLIT_K)
     else:
@@ -169,36 +173,38 @@ def _gru_bwd_kernel(
         # the step the backward came from consumed h_t (t_next); h_{t-1} is y[t_prev], or h0 first
         t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
         m_prev, m_first = previous_step_masks(2 * t - t_next, b_len)
-        b_dh = tl.load(dy_ptr + t * stride_t + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+        b_dh = tl.load(dy_ptr + t * stride_dyt + o_b[:, None] * stride_dyb + o_n[None, :], mask=m_bn,
+                       other=0.0).to(ACC_DTYPE)
         b_dh += tl.where(t == t_last, b_dh_n, 0.0) + b_dh_carry
-        b_dh = carried_product(b_dh, d_hh_ptr + (t_next % 2) * stride_xt, m_next, o_b, o_n, B, 3 * H, H,
-                               stride_xb, w_hh_ptr, stride_w, 1, b_w_all, PRECISION, BLOCK_K, SPLIT_K,
+        b_dh = carried_product(b_dh, d_hh_ptr + (t_next % 2) * stride_ht, m_next, o_b, o_n, B, 3 * H, H,
+                               stride_hb, w_hh_ptr, stride_w, 1, b_w_all, PRECISION, BLOCK_K, SPLIT_K,
                                W_RESIDENT)
         p_g = gates_ptr + t * stride_gt
-        r = _load_gate(p_g, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
-        z = _load_gate(p_g, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
-        n = _load_gate(p_g, 2, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
-        hn = _load_gate(p_g, 3, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
-        b_h_prev = tl.load(y_ptr + (2 * t - t_next) * stride_t + p_bn, mask=m_bn & m_prev,
+        r = load_gate(p_g, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        z = load_gate(p_g, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        n = load_gate(p_g, 2, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        hn = load_gate(p_g, 3, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+        b_h_prev = tl.load(y_ptr + (2 * t - t_next) * stride_yt + p_y, mask=m_bn & m_prev,
                            other=0.0).to(ACC_DTYPE)
         if HAS_H0:
-            b_h_prev += tl.load(h0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+            b_h_prev += tl.load(h0_ptr + o_b[:, None] * stride_h0b + o_n[None, :], mask=m_bn & m_first,
+                                other=0.0).to(ACC_DTYPE)
         valid = t < b_len
         dn = tl.where(valid, b_dh * (1.0 - z) * (1.0 - n * n), 0.0)
         dz = tl.where(valid, b_dh * (b_h_prev - n) * z * (1.0 - z), 0.0)
         dr = tl.where(valid, dn * hn * r * (1.0 - r), 0.0)
         p_dx = d_x_ptr + t * stride_xt
-        _store_gate(p_dx, 0, dr, o_b, o_n, H, stride_xb, m_bn)
-        _store_gate(p_dx, 1, dz, o_b, o_n, H, stride_xb, m_bn)
-        _store_gate(p_dx, 2, dn, o_b, o_n, H, stride_xb, m_bn)
-        p_hh = d_hh_ptr + (t % 2) * stride_xt
-        _store_gate(p_hh, 0, dr, o_b, o_n, H, stride_xb, m_bn)
-        _store_gate(p_hh, 1, dz, o_b, o_n, H, stride_xb, m_bn)
-        _store_gate(p_hh, 2, dn * r, o_b, o_n, H, stride_xb, m_bn)
+        store_gate(p_dx, 0, dr, o_b, o_n, H, stride_xb, m_bn)
+        store_gate(p_dx, 1, dz, o_b, o_n, H, stride_xb, m_bn)
+        store_gate(p_dx, 2, dn, o_b, o_n, H, stride_xb, m_bn)
+        p_hh = d_hh_ptr + (t % 2) * stride_ht
+        store_gate(p_hh, 0, dr, o_b, o_n, H, stride_hb, m_bn)
+        store_gate(p_hh, 1, dz, o_b, o_n, H, stride_hb, m_bn)
+        store_gate(p_hh, 2, dn * r, o_b, o_n, H, stride_hb, m_bn)
         b_dh_carry = tl.where(valid, b_dh * z, b_dh_carry)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
-    tl.store(dh_carry_ptr + p_bn, b_dh_carry.to(dh_carry_ptr.dtype.element_ty), mask=m_bn)
+    tl.store(p_dc, b_dh_carry.to(dh_carry_ptr.dtype.element_ty), mask=m_bn)
 
 
 def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, config=None):
@@ -207,33 +213,37 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, config=Non
     ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end."""
     T, B, G = x_proj.shape
     H = G // 3
-    x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)
     if T == 0 or B == 0:
         return y, gates
-    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3)
+    x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
+    b_hn, lengths = (t.contiguous() if t is not None else None for t in (b_hn, lengths))
+    acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+    h_state = h0.to(acc, copy=True) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3, cell="gru",
+                                                            variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
-        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0, w_hh, b_hn, lengths, y, gates, reverse, cfg),
+        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, y, gates, reverse, cfg),
                      configs, T, x_proj.device)
     return y, gates
 
 
-def gru_fwd_launch(x_proj, h0, w_hh, b_hn, lengths, y, gates, reverse, config):
-    """``(kernel, grid, args, kwargs)`` of the GRU forward for ``config``."""
+def gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, y, gates, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the GRU forward for ``config``: operands with a contiguous
+    last dimension, ``h_state (B, H)`` the state in the accumulator's precision (h0 or zeros)."""
     T, B, G = x_proj.shape
     H = G // 3
     h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
     if h0 is not None:
-        acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
-        h0 = h0.contiguous()
-        h0_proj = (h0.to(acc) @ w_hh.to(acc).T).contiguous()  # (B, 3H)
-    args = (x_proj, h0 if h0 is not None else y, h0_proj, w_hh, b_hn.contiguous() if b_hn is not None else y,
-            lengths if lengths is not None else x_proj, y, gates, T, B, H, x_proj.stride(0),
-            x_proj.stride(1), y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), w_hh.stride(0))
+        h0_proj = (h0.to(h_state.dtype) @ w_hh.to(h_state.dtype).T).contiguous()  # (B, 3H)
+    args = (x_proj, h_state, h0_proj, w_hh, b_hn if b_hn is not None else y,
+            lengths if lengths is not None else x_proj, y, gates, T, B, H, x_proj.stride(0), x_proj.stride(1),
+            h0_proj.stride(0), y.stride(0), y.stride(1), h_state.stride(0), gates.stride(0), gates.stride(1),
+            w_hh.stride(0))
     kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_B_HN=b_hn is not None,
                   HAS_LENGTHS=lengths is not None, **gated_tile_kwargs(config, H, H),
                   **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
-    return _gru_fwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
+    return gru_fwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
 def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, config=None):
@@ -241,26 +251,49 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, config=No
     ``dh0_local (B, H)``, the gradient of h0 through z (the caller adds its path through w_hh)."""
     T, B, H = y.shape
     d_x = y.new_empty(T, B, 3 * H)
-    dh0_local = torch.zeros(B, H, dtype=y.dtype, device=y.device)  # the carry: dh * z
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    dh_carry = y.new_zeros(B, H, dtype=acc)  # dh * z, carried in the accumulator's precision
     if T == 0 or B == 0:
-        return d_x, dh0_local
-    configs = (config,) if config else pick_configs(B, H, y.dtype, y.device, gates=3)
-    with torch.cuda.device_of(y):
-        run_sequence(lambda cfg: gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, dh0_local, reverse,
-                                                cfg), configs, T, y.device)
-    return d_x, dh0_local
-
-
-def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, dh_carry, reverse, config):
-    """``(kernel, grid, args, kwargs)`` of the GRU backward for ``config``."""
-    T, B, H = y.shape
+        return d_x, dh_carry.to(y.dtype)
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
     y, gates, w_hh = y.contiguous(), gates.contiguous(), w_hh.contiguous()
-    h0 = h0.contiguous() if h0 is not None else None
+    h0, lengths = (t.contiguous() if t is not None else None for t in (h0, lengths))
     d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
+    configs = (config,) if config else pick_configs(B, H, y.dtype, y.device, gates=3, cell="gru",
+                                                            variants=GATED_VARIANTS)
+    with torch.cuda.device_of(y):
+        run_sequence(lambda cfg: gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, d_hh, dh_carry,
+                                                reverse, cfg), configs, T, y.device)
+    return d_x, dh_carry.to(y.dtype)
+
+
+def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, d_hh, dh_carry, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the GRU backward for ``config``: operands with a contiguous
+    last dimension, ``d_hh (2, B, 3H)`` scratch, ``dh_carry (B, H)`` zeros in the accumulator's
+    precision."""
+    T, B, H = y.shape
     args = (dy, dh_n, y, gates, h0 if h0 is not None else y, w_hh, lengths if lengths is not None else y,
-            d_x, d_hh, dh_carry, T, B, H, dy.stride(0), dy.stride(1), gates.stride(0), gates.stride(1),
-            d_x.stride(0), d_x.stride(1), w_hh.stride(0))
+            d_x, d_hh, dh_carry, T, B, H, dy.stride(0), dy.stride(1), dh_n.stride(0), y.stride(0), y.stride(1),
+            h0.stride(0) if h0 is not None else 0, gates.stride(0), gates.stride(1), d_x.stride(0),
+            d_x.stride(1), d_hh.stride(0), d_hh.stride(1), dh_carry.stride(0), w_hh.stride(0))
     kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
                   **gated_tile_kwargs(config, H, 3 * H), **dtype_flags(y.dtype, y.device))
-    return _gru_bwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
+    return gru_bwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
+
+
+def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None):
+    """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
+    specialised), as the launchers build it: what the compile sweep compiles. (``P`` is the LSTM's.)"""
+    T = 2
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def empty(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device="meta")
+
+    lens = empty(B, dt=torch.int64) if lengths else None
+    w_hh, gates = empty(3 * H, H), empty(T, B, 4 * H)
+    if direction == "fwd":
+        return gru_fwd_launch(empty(T, B, 3 * H), empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, empty(H),
+                              lens, empty(T, B, H), gates, reverse, config)
+    return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, empty(B, H) if h0 else None, w_hh,
+                          lens, empty(T, B, 3 * H), empty(2, B, 3 * H), empty(B, H, dt=acc), reverse, config)

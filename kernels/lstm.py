@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, tanh, walk_step, weight_chunks)
-from .config import dtype_flags, gated_tile_kwargs, pick_configs
+from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
+from .gates import gate_weights, load_gate, store_gate
 from .launch import run_sequence
 
 
@@ -43,81 +44,61 @@ def _gate_products(z_i, z_f, z_g, z_o, src_ptr, m_rows, o_b, o_n, B, H, K, strid
     else:
         for k0 in range(0, K, BLOCK_K):
             b_h = source_chunks(src_ptr, k0, o_b, m_rows, B, K, stride_b, SPLIT_K, CHUNK)
-            z_i += split_k_product(b_h, _gate_weights(w_hh_ptr, 0, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+            z_i += split_k_product(b_h, gate_weights(w_hh_ptr, 0, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
                                    PRECISION)
-            z_f += split_k_product(b_h, _gate_weights(w_hh_ptr, 1, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+            z_f += split_k_product(b_h, gate_weights(w_hh_ptr, 1, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
                                    PRECISION)
-            z_g += split_k_product(b_h, _gate_weights(w_hh_ptr, 2, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+            z_g += split_k_product(b_h, gate_weights(w_hh_ptr, 2, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
                                    PRECISION)
-            z_o += split_k_product(b_h, _gate_weights(w_hh_ptr, 3, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
+            z_o += split_k_product(b_h, gate_weights(w_hh_ptr, 3, k0, o_n, H, K, stride_w, SPLIT_K, CHUNK),
                                    PRECISION)
     return z_i, z_f, z_g, z_o
 
 
 @triton.jit
-def _gate_weights(w_hh_ptr, gate, k0, o_n, H, K, stride_w, SPLIT_K: tl.constexpr, CHUNK: tl.constexpr):
-    """Rows ``k0 ...`` of ``w_hh.T`` (K of them) for the units ``o_n`` of one gate:
-    (SPLIT_K, CHUNK, BLOCK_N)."""
-    return weight_chunks(w_hh_ptr + gate * H * stride_w, k0, o_n, 1, stride_w, K, H, SPLIT_K, CHUNK)
-
-
-@triton.jit
-def _load_gate(ptr, gate, o_b, o_n, H, stride_b, mask, ACC_DTYPE: tl.constexpr):
-    """Gate ``gate`` of one step of a (., B, G x H) tensor: (BLOCK_B, BLOCK_N) in ACC_DTYPE."""
-    return tl.load(ptr + o_b[:, None] * stride_b + gate * H + o_n[None, :], mask=mask,
-                   other=0.0).to(ACC_DTYPE)
-
-
-@triton.jit
-def _store_gate(ptr, gate, value, o_b, o_n, H, stride_b, mask):
-    tl.store(ptr + o_b[:, None] * stride_b + gate * H + o_n[None, :],
-             value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _input_gates(x_ptr, h0_proj_ptr, o_b, o_n, H, stride_b, m_bn, m_first, HAS_H0: tl.constexpr,
+def _input_gates(x_ptr, h0_proj_ptr, o_b, o_n, H, stride_b, stride_h0b, m_bn, m_first, HAS_H0: tl.constexpr,
                  ACC_DTYPE: tl.constexpr):
     """The step's ``x_proj`` of the four gates, plus ``h0 @ w_hh.T`` (made once by the caller)
     where a sequence starts: each (BLOCK_B, BLOCK_N)."""
-    z_i = _load_gate(x_ptr, 0, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
-    z_f = _load_gate(x_ptr, 1, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
-    z_g = _load_gate(x_ptr, 2, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
-    z_o = _load_gate(x_ptr, 3, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    z_i = load_gate(x_ptr, 0, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    z_f = load_gate(x_ptr, 1, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    z_g = load_gate(x_ptr, 2, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
+    z_o = load_gate(x_ptr, 3, o_b, o_n, H, stride_b, m_bn, ACC_DTYPE)
     if HAS_H0:
         m_h0 = m_bn & m_first
-        z_i += _load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
-        z_f += _load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
-        z_g += _load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
-        z_o += _load_gate(h0_proj_ptr, 3, o_b, o_n, H, stride_b, m_h0, ACC_DTYPE)
+        z_i += load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
+        z_f += load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
+        z_g += load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
+        z_o += load_gate(h0_proj_ptr, 3, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
     return z_i, z_f, z_g, z_o
 
 
 @triton.jit
 def _store_gates(ptr, i, f, g, o, valid, o_b, o_n, H, stride_b, m_bn):
     """The four gates of one step, zero past each sequence's end."""
-    _store_gate(ptr, 0, tl.where(valid, i, 0.0), o_b, o_n, H, stride_b, m_bn)
-    _store_gate(ptr, 1, tl.where(valid, f, 0.0), o_b, o_n, H, stride_b, m_bn)
-    _store_gate(ptr, 2, tl.where(valid, g, 0.0), o_b, o_n, H, stride_b, m_bn)
-    _store_gate(ptr, 3, tl.where(valid, o, 0.0), o_b, o_n, H, stride_b, m_bn)
+    store_gate(ptr, 0, tl.where(valid, i, 0.0), o_b, o_n, H, stride_b, m_bn)
+    store_gate(ptr, 1, tl.where(valid, f, 0.0), o_b, o_n, H, stride_b, m_bn)
+    store_gate(ptr, 2, tl.where(valid, g, 0.0), o_b, o_n, H, stride_b, m_bn)
+    store_gate(ptr, 3, tl.where(valid, o, 0.0), o_b, o_n, H, stride_b, m_bn)
 
 
 @triton.jit
-def _project(m_ptr, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_hr, ACC_DTYPE: tl.constexpr,
+def _project(m_ptr, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_mb, stride_hr, ACC_DTYPE: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
              BLOCK_KP: tl.constexpr):
     """``m @ w_hr.T`` for the projection's columns ``o_p``: ``m (B, H)`` is one step that all
     programs wrote; (BLOCK_B, BLOCK_P), zero past each sequence's end."""
     acc = tl.zeros([BLOCK_B, BLOCK_P], dtype=ACC_DTYPE)
-    acc = carried_product(acc, m_ptr, valid, o_b, o_p, B, H, P, H, w_hr_ptr, 1, stride_hr, 0.0,
+    acc = carried_product(acc, m_ptr, valid, o_b, o_p, B, H, P, stride_mb, w_hr_ptr, 1, stride_hr, 0.0,
                           PRECISION, BLOCK_KP, 1, False)
     return tl.where(valid, acc, 0.0)
 
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
-def _lstm_fwd_kernel(
+def lstm_fwd_kernel(
     x_proj_ptr,  # (T, B, 4H) input projection plus both biases
     h0_proj_ptr,  # (B, 4H) h0 @ w_hh.T in the accumulator's precision (unused unless HAS_H0)
-    c0_ptr,  # (B, H) initial cell state (unused unless HAS_C0)
+    c_state_ptr,  # (B, H) in/out, ACC_DTYPE: the cell state between launches, c0 (or zeros) at first
     w_hh_ptr,  # (4H, P)
     w_hr_ptr,  # (P, H) the projection (unused unless PROJ)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
@@ -126,12 +107,14 @@ def _lstm_fwd_kernel(
     gates_ptr,  # (T, B, 4H) out: i, f, g, o after their nonlinearities
     m_ptr,  # (2, B, H) scratch: o tanh(c) of the last two steps, all units (unused unless PROJ)
     T, B, H, P,  # P: the width of h, proj_size or H
-    stride_xt, stride_xb,  # x_proj, gates and h0_proj (rows of 4H)
-    stride_yt, stride_yb,  # y (rows of P)
-    stride_ct, stride_cb,  # c, c0 and m (rows of H)
+    stride_xt, stride_xb, stride_h0b,  # x_proj, h0_proj
+    stride_yt, stride_yb,  # y
+    stride_ct, stride_cb, stride_sb,  # c, c_state
+    stride_gt, stride_gb,  # gates
+    stride_mt, stride_mb,  # m
     stride_w, stride_hr,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= P: this program's rows of w_hh stay on chip all along
@@ -144,28 +127,28 @@ def _lstm_fwd_kernel(
     o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
-    p_bn = o_b[:, None] * stride_cb + o_n[None, :]
+    p_c = o_b[:, None] * stride_cb + o_n[None, :]  # this program's units in a step of c
+    p_m = o_b[:, None] * stride_mb + o_n[None, :]  # ... of m
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     CHUNK: tl.constexpr = BLOCK_K // SPLIT_K
     if W_RESIDENT:  # the four gates' w_hh.T columns of this program, (SPLIT_K, CHUNK, BLOCK_N) each
-        b_wi = _gate_weights(w_hh_ptr, 0, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
-        b_wf = _gate_weights(w_hh_ptr, 1, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
-        b_wg = _gate_weights(w_hh_ptr, 2, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
-        b_wo = _gate_weights(w_hh_ptr, 3, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+        b_wi = gate_weights(w_hh_ptr, 0, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+        b_wf = gate_weights(w_hh_ptr, 1, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+        b_wg = gate_weights(w_hh_ptr, 2, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
+        b_wo = gate_weights(w_hh_ptr, 3, 0, o_n, H, P, stride_w, SPLIT_K, CHUNK)
     else:
         b_wi, b_wf, b_wg, b_wo = 0.0, 0.0, 0.0, 0.0  # unused: _gate_products streams w_hh
-    # the cell state of this program's units stays in registers; a launch starts from c_{t-1} (c0
-    # at each sequence's first step) of its first step
-    t, t_prev, m_prev, m_first = walk_step(step_begin, T, b_len, REVERSE)
-    b_c = tl.load(c_ptr + t_prev * stride_ct + p_bn, mask=m_bn & m_prev, other=0.0).to(ACC_DTYPE)
-    if HAS_C0:
-        b_c += tl.load(c0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+    # the cell state of this program's units stays in registers, in ACC_DTYPE also between the
+    # launches of the stepwise variant (c_state); past a sequence's end it is carried unchanged, so
+    # c0 is still there at a reverse walk's first step
+    p_state = c_state_ptr + o_b[:, None] * stride_sb + o_n[None, :]
+    b_c = tl.load(p_state, mask=m_bn, other=0.0).to(ACC_DTYPE)
 
     for s in range(step_begin, step_begin + n_steps):
         t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
         valid = t < b_len  # (BLOCK_B, 1): zero past each sequence's end, the state carried along
         if PHASE != 2:
-            z_i, z_f, z_g, z_o = _input_gates(x_proj_ptr + t * stride_xt, h0_proj_ptr, o_b, o_n, H, stride_xb,
+            z_i, z_f, z_g, z_o = _input_gates(x_proj_ptr + t * stride_xt, h0_proj_ptr, o_b, o_n, H, stride_xb, stride_h0b,
                                               m_bn, m_first, HAS_H0, ACC_DTYPE)
             z_i, z_f, z_g, z_o = _gate_products(z_i, z_f, z_g, z_o, y_ptr + t_prev * stride_yt, m_prev, o_b,
                                                 o_n, B, H, P, stride_yb, w_hh_ptr, stride_w, b_wi, b_wf,
@@ -174,11 +157,11 @@ def _lstm_fwd_kernel(
             b_c_new = f * b_c + i * g
             b_c = tl.where(valid, b_c_new, b_c)
             b_m = tl.where(valid, o * tanh(b_c_new, FAST), 0.0)  # h_t, or what the projection takes
-            tl.store(c_ptr + t * stride_ct + p_bn, tl.where(valid, b_c_new, 0.0).to(c_ptr.dtype.element_ty),
+            tl.store(c_ptr + t * stride_ct + p_c, tl.where(valid, b_c_new, 0.0).to(c_ptr.dtype.element_ty),
                      mask=m_bn)
-            _store_gates(gates_ptr + t * stride_xt, i, f, g, o, valid, o_b, o_n, H, stride_xb, m_bn)
+            _store_gates(gates_ptr + t * stride_gt, i, f, g, o, valid, o_b, o_n, H, stride_gb, m_bn)
             if PROJ:
-                tl.store(m_ptr + (t % 2) * B * stride_cb + p_bn, b_m.to(m_ptr.dtype.element_ty), mask=m_bn)
+                tl.store(m_ptr + (t % 2) * stride_mt + p_m, b_m.to(m_ptr.dtype.element_ty), mask=m_bn)
             else:
                 tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_n[None, :],
                          b_m.to(y_ptr.dtype.element_ty), mask=m_bn)
@@ -187,32 +170,34 @@ def _lstm_fwd_kernel(
                 grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
             if PHASE != 1:
                 o_p = (pid_n * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-                b_h = _project(m_ptr + (t % 2) * B * stride_cb, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_hr,
+                b_h = _project(m_ptr + (t % 2) * stride_mt, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_mb, stride_hr,
                                ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_P, BLOCK_KP)
                 tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_p[None, :],
                          b_h.to(y_ptr.dtype.element_ty), mask=(o_b[:, None] < B) & (o_p[None, :] < P))
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
+    if PHASE != 2:
+        tl.store(p_state, b_c, mask=m_bn)
 
 
 @triton.jit
-def _grad_into_cell(dh_ptr, dh_n_ptr, d_gates_ptr, m_next, m_last, o_b, o_x, B, H, N, stride_b,
-                    w_hh_ptr, stride_w, b_w_all, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _grad_into_cell(dh_ptr, dh_n_ptr, d_gates_ptr, m_next, m_last, o_b, o_x, B, H, N, stride_dyb, stride_hnb,
+                    stride_dgb, w_hh_ptr, stride_w, b_w_all, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K: tl.constexpr, W_RESIDENT: tl.constexpr):
     """``dh_t`` for the columns ``o_x`` of h (N of them): ``dy[t]`` (at ``dh_ptr``), plus ``dh_n``
     where h_n was read, plus ``d_gates[t_next] @ w_hh`` (the gates' (B, 4H) step the other programs
     wrote): (BLOCK_B, BLOCK_X)."""
     m_bx = (o_b[:, None] < B) & (o_x[None, :] < N)
-    p_bx = o_b[:, None] * stride_b + o_x[None, :]
-    b_dh = tl.load(dh_ptr + p_bx, mask=m_bx, other=0.0).to(ACC_DTYPE)
-    b_dh += tl.load(dh_n_ptr + p_bx, mask=m_bx & m_last, other=0.0).to(ACC_DTYPE)
-    return carried_product(b_dh, d_gates_ptr, m_next, o_b, o_x, B, 4 * H, N, 4 * H, w_hh_ptr, stride_w, 1,
+    b_dh = tl.load(dh_ptr + o_b[:, None] * stride_dyb + o_x[None, :], mask=m_bx, other=0.0).to(ACC_DTYPE)
+    b_dh += tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_x[None, :], mask=m_bx & m_last,
+                    other=0.0).to(ACC_DTYPE)
+    return carried_product(b_dh, d_gates_ptr, m_next, o_b, o_x, B, 4 * H, N, stride_dgb, w_hh_ptr, stride_w, 1,
                            b_w_all, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
 
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
-def _lstm_bwd_kernel(
+def lstm_bwd_kernel(
     dy_ptr,  # (T, B, P) gradient of y
     dh_n_ptr,  # (B, P) gradient of h_n
     dc_n_ptr,  # (B, H) gradient of c_n
@@ -226,9 +211,11 @@ def _lstm_bwd_kernel(
     dc_carry_ptr,  # (B, H) in/out: dc * f carried to the step before (zero at the start; dc0 at the end)
     dh_buf_ptr,  # (2, B, P) scratch: dh of the last two steps, all columns (unused unless PROJ)
     T, B, H, P,
-    stride_t, stride_b,  # dy (rows of P); dh_n and dh_buf share stride_b
-    stride_ct, stride_cb,  # c (rows of H); dc_n, c0, dc_carry share stride_cb
-    stride_gt, stride_gb,  # gates and d_gates (rows of 4H)
+    stride_dyt, stride_dyb, stride_hnb,  # dy, dh_n
+    stride_ct, stride_cb, stride_cnb, stride_c0b,  # c, dc_n, c0
+    stride_gt, stride_gb,  # gates
+    stride_dgt, stride_dgb, stride_dcb,  # d_gates, dc_carry
+    stride_bt, stride_bb,  # dh_buf
     stride_w, stride_hr,
     sync_ptr, step_begin, n_steps,
     REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr,
@@ -245,14 +232,14 @@ def _lstm_bwd_kernel(
     o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
-    p_bn = o_b[:, None] * stride_cb + o_n[None, :]
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
     if REVERSE:
         t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n, c_n are the states after t = 0
     else:
         t_last = b_len - 1
-    b_dc_n = tl.load(dc_n_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
-    b_dc_carry = tl.load(dc_carry_ptr + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    b_dc_n = tl.load(dc_n_ptr + o_b[:, None] * stride_cnb + o_n[None, :], mask=m_bn, other=0.0).to(ACC_DTYPE)
+    p_dc = dc_carry_ptr + o_b[:, None] * stride_dcb + o_n[None, :]
+    b_dc_carry = tl.load(p_dc, mask=m_bn, other=0.0).to(ACC_DTYPE)
     if W_RESIDENT and not PROJ:  # w_hh[:, o_n], all 4H rows, loaded once
         b_w_all = weight_chunks(w_hh_ptr, 0, o_n, stride_w, 1, 4 * H, H, SPLIT_K, BLOCK_K // SPLIT_K)
     else:
@@ -263,57 +250,60 @@ def _lstm_bwd_kernel(
         # that consumed h_t (t_next); c_{t-1} is c[t_prev], or c0 at each sequence's first step
         t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
         m_last = t == t_last
-        p_dnext = d_gates_ptr + t_next * stride_gt
+        p_dnext = d_gates_ptr + t_next * stride_dgt
         if PROJ:
             if PHASE != 2:  # dh of this program's columns of h, for all programs to read
                 o_p = (pid_n * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-                b_dh = _grad_into_cell(dy_ptr + t * stride_t, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_p, B, H,
-                                       P, stride_b, w_hh_ptr, stride_w, 0.0, ACC_DTYPE, PRECISION, BLOCK_B,
+                b_dh = _grad_into_cell(dy_ptr + t * stride_dyt, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_p, B, H,
+                                       P, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, 0.0, ACC_DTYPE,
+                                       PRECISION, BLOCK_B,
                                        BLOCK_P, BLOCK_KP, 1, False)
-                tl.store(dh_buf_ptr + (t % 2) * B * stride_b + o_b[:, None] * stride_b + o_p[None, :],
+                tl.store(dh_buf_ptr + (t % 2) * stride_bt + o_b[:, None] * stride_bb + o_p[None, :],
                          b_dh.to(dh_buf_ptr.dtype.element_ty), mask=(o_b[:, None] < B) & (o_p[None, :] < P))
             if PHASE == 0:
                 grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
             b_dm = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE)  # dh @ w_hr for this program's units
-            b_dm = carried_product(b_dm, dh_buf_ptr + (t % 2) * B * stride_b, b_len >= 0, o_b, o_n, B, P, H,
-                                   stride_b, w_hr_ptr, stride_hr, 1, 0.0, PRECISION, BLOCK_KP, 1, False)
+            b_dm = carried_product(b_dm, dh_buf_ptr + (t % 2) * stride_bt, b_len >= 0, o_b, o_n, B, P, H,
+                                   stride_bb, w_hr_ptr, stride_hr, 1, 0.0, PRECISION, BLOCK_KP, 1, False)
         else:
-            b_dm = _grad_into_cell(dy_ptr + t * stride_t, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_n, B, H,
-                                   H, stride_b, w_hh_ptr, stride_w, b_w_all, ACC_DTYPE, PRECISION, BLOCK_B,
+            b_dm = _grad_into_cell(dy_ptr + t * stride_dyt, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_n, B, H,
+                                   H, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, b_w_all, ACC_DTYPE,
+                                   PRECISION, BLOCK_B,
                                    BLOCK_N, BLOCK_K, SPLIT_K, W_RESIDENT)
         if PHASE != 1:
-            b_dc_carry = _cell_grads(d_gates_ptr + t * stride_gt, gates_ptr + t * stride_gt, c_ptr, c0_ptr, t,
+            b_dc_carry = _cell_grads(d_gates_ptr + t * stride_dgt, gates_ptr + t * stride_gt, c_ptr, c0_ptr, t,
                                      t_next, b_dm, b_dc_carry, b_dc_n, m_last, b_len, o_b, o_n, H, stride_ct,
-                                     stride_cb, stride_gb, m_bn, HAS_C0, ACC_DTYPE)
+                                     stride_cb, stride_c0b, stride_gb, stride_dgb, m_bn, HAS_C0, ACC_DTYPE)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
     if PHASE != 1:
-        tl.store(dc_carry_ptr + p_bn, b_dc_carry.to(dc_carry_ptr.dtype.element_ty), mask=m_bn)
+        tl.store(p_dc, b_dc_carry.to(dc_carry_ptr.dtype.element_ty), mask=m_bn)
 
 
 @triton.jit
 def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, b_dm, b_dc_carry, b_dc_n, m_last, b_len,
-                o_b, o_n, H, stride_ct, stride_cb, stride_gb, m_bn, HAS_C0: tl.constexpr,
+                o_b, o_n, H, stride_ct, stride_cb, stride_c0b, stride_gb, stride_dgb, m_bn, HAS_C0: tl.constexpr,
                 ACC_DTYPE: tl.constexpr):
     """One step's gate gradients from ``dm`` (the gradient of o tanh(c_t)) and the carried
     ``dc_{t_next} f_{t_next}``; stores them (zero past each sequence's end) and returns the carry
     for the step before."""
-    p_bn = o_b[:, None] * stride_cb + o_n[None, :]
-    i = _load_gate(gates_ptr, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
-    f = _load_gate(gates_ptr, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
-    g = _load_gate(gates_ptr, 2, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
-    o = _load_gate(gates_ptr, 3, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    p_bn = o_b[:, None] * stride_cb + o_n[None, :]  # this program's units in a step of c
+    i = load_gate(gates_ptr, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    f = load_gate(gates_ptr, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    g = load_gate(gates_ptr, 2, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
+    o = load_gate(gates_ptr, 3, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
     b_c = tl.load(c_ptr + t * stride_ct + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
     m_prev, m_first = previous_step_masks(2 * t - t_next, b_len)  # c_{t-1}: c[t_prev], or c0 first
     b_c_prev = tl.load(c_ptr + (2 * t - t_next) * stride_ct + p_bn, mask=m_bn & m_prev, other=0.0)
     b_c_prev = b_c_prev.to(ACC_DTYPE)
     if HAS_C0:
-        b_c_prev += tl.load(c0_ptr + p_bn, mask=m_bn & m_first, other=0.0).to(ACC_DTYPE)
+        b_c_prev += tl.load(c0_ptr + o_b[:, None] * stride_c0b + o_n[None, :], mask=m_bn & m_first,
+                            other=0.0).to(ACC_DTYPE)
     tanh_c = tanh(b_c, False)
     b_dc = b_dm * o * (1.0 - tanh_c * tanh_c) + b_dc_carry + tl.where(m_last, b_dc_n, 0.0)
     valid = t < b_len
     _store_gates(d_gates_ptr, b_dc * g * i * (1.0 - i), b_dc * b_c_prev * f * (1.0 - f),
-                 b_dc * i * (1.0 - g * g), b_dm * tanh_c * o * (1.0 - o), valid, o_b, o_n, H, stride_gb, m_bn)
+                 b_dc * i * (1.0 - g * g), b_dm * tanh_c * o * (1.0 - o), valid, o_b, o_n, H, stride_dgb, m_bn)
     return tl.where(valid, b_dc * f, b_dc_carry)
 
 
@@ -324,38 +314,40 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, confi
     sequence's end."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
-    x_proj = x_proj.contiguous()
-    y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), torch.empty_like(x_proj)
+    y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G)
     if T == 0 or B == 0:
         return y, c, gates
-    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4)
+    x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
+    h0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (h0, w_hr, lengths))
+    acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+    c_state = c0.to(acc, copy=True) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4, cell="lstm",
+                                                            variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
-        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0, c0, w_hh, w_hr, lengths, y, c, gates, reverse, cfg),
-                     configs, T, x_proj.device, _phases(w_hr))
+        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, y, c, gates, reverse,
+                                                 cfg), configs, T, x_proj.device, _phases(w_hr))
     return y, c, gates
 
 
-def lstm_fwd_launch(x_proj, h0, c0, w_hh, w_hr, lengths, y, c, gates, reverse, config):
-    """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``."""
+def lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, y, c, gates, reverse, config):
+    """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``: operands with a contiguous
+    last dimension, ``c_state (B, H)`` the cell state in the accumulator's precision (c0 or zeros)."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
-    w_hh = w_hh.contiguous()
     h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
     if h0 is not None:
-        acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
-        h0_proj = (h0.to(acc) @ w_hh.to(acc).T).contiguous()  # (B, 4H)
-    c0 = c0.contiguous() if c0 is not None else None
-    w_hr = w_hr.contiguous() if w_hr is not None else None
+        h0_proj = (h0.to(c_state.dtype) @ w_hh.to(c_state.dtype).T).contiguous()  # (B, 4H)
     m = c.new_empty(2, B, H) if w_hr is not None else c  # the projection's input, all units
-    args = (x_proj, h0_proj, c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
-            lengths if lengths is not None else x_proj, y, c, gates, m, T, B, H, P, x_proj.stride(0),
-            x_proj.stride(1), y.stride(0), y.stride(1), c.stride(0), c.stride(1), w_hh.stride(0),
-            w_hr.stride(0) if w_hr is not None else 0)
+    args = (x_proj, h0_proj, c_state, w_hh, w_hr if w_hr is not None else w_hh,
+            lengths if lengths is not None else x_proj, y, c, gates, m, T, B, H, P,
+            x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
+            c.stride(0), c.stride(1), c_state.stride(0), gates.stride(0), gates.stride(1), m.stride(0), m.stride(1),
+            w_hh.stride(0), w_hr.stride(0) if w_hr is not None else 0)
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
-    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_C0=c0 is not None,
-                  HAS_LENGTHS=lengths is not None, **gated_tile_kwargs(config, P, P),
-                  **_projection_blocks(w_hr, P, grid[1], config), **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
-    return _lstm_fwd_kernel, grid, args, kwargs
+    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
+                  **gated_tile_kwargs(config, P, P), **_projection_blocks(w_hr, P, grid[1], config),
+                  **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
+    return lstm_fwd_kernel, grid, args, kwargs
 
 
 def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
@@ -364,36 +356,43 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     ``dc0 (B, H)`` (zeros without c0). ``y`` and ``h0`` are not read (the autograd formula's products
     use them)."""
     T, B, G = gates.shape
-    H = G // 4
-    d_gates = torch.empty_like(gates)
-    dc0 = torch.zeros(B, H, dtype=gates.dtype, device=gates.device)  # the carry: dc * f
-    if T == 0 or B == 0:
-        return d_gates, dc0
-    configs = (config,) if config else pick_configs(B, H, gates.dtype, gates.device, gates=4)
-    with torch.cuda.device_of(gates):
-        run_sequence(lambda cfg: lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates, dc0,
-                                                 reverse, cfg), configs, T, gates.device, _phases(w_hr))
-    return d_gates, dc0 if c0 is not None else dc0.zero_()
-
-
-def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates, dc_carry, reverse, config):
-    """``(kernel, grid, args, kwargs)`` of the LSTM backward for ``config``."""
-    T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
+    d_gates = gates.new_empty(T, B, G)
+    acc = torch.float64 if gates.dtype == torch.float64 else torch.float32
+    dc_carry = gates.new_zeros(B, H, dtype=acc)  # dc * f, carried in the accumulator's precision
+    if T == 0 or B == 0:
+        return d_gates, dc_carry.to(gates.dtype)
     dy, dh_n, dc_n = (t.to(gates.dtype).contiguous() for t in (dy, dh_n, dc_n))
     c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()
-    c0 = c0.contiguous() if c0 is not None else None
-    w_hr = w_hr.contiguous() if w_hr is not None else None
+    c0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (c0, w_hr, lengths))
     dh_buf = dy.new_empty(2, B, P) if w_hr is not None else dy  # dh of all columns (with PROJ)
+    configs = (config,) if config else pick_configs(B, H, gates.dtype, gates.device, gates=4, cell="lstm",
+                                                            variants=GATED_VARIANTS)
+    with torch.cuda.device_of(gates):
+        run_sequence(lambda cfg: lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates,
+                                                 dc_carry, dh_buf, reverse, cfg), configs, T, gates.device,
+                     _phases(w_hr))
+    return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)
+
+
+def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates, dc_carry, dh_buf, reverse,
+                    config):
+    """``(kernel, grid, args, kwargs)`` of the LSTM backward for ``config``: operands with a contiguous
+    last dimension, ``dc_carry (B, H)`` zeros in the accumulator's precision, ``dh_buf (2, B, P)``
+    scratch (with a projection)."""
+    T, B, G = gates.shape
+    H, P = G // 4, w_hh.shape[1]
     args = (dy, dh_n, dc_n, c, gates, c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
-            lengths if lengths is not None else c, d_gates, dc_carry, dh_buf, T, B, H, P, dy.stride(0),
-            dy.stride(1), c.stride(0), c.stride(1), gates.stride(0), gates.stride(1), w_hh.stride(0),
+            lengths if lengths is not None else c, d_gates, dc_carry, dh_buf, T, B, H, P,
+            dy.stride(0), dy.stride(1), dh_n.stride(0), c.stride(0), c.stride(1), dc_n.stride(0),
+            c0.stride(0) if c0 is not None else 0, gates.stride(0), gates.stride(1), d_gates.stride(0),
+            d_gates.stride(1), dc_carry.stride(0), dh_buf.stride(0), dh_buf.stride(1), w_hh.stride(0),
             w_hr.stride(0) if w_hr is not None else 0)
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
     kwargs = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
                   **gated_tile_kwargs(config, H, 4 * H), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(gates.dtype, gates.device))
-    return _lstm_bwd_kernel, grid, args, kwargs
+    return lstm_bwd_kernel, grid, args, kwargs
 
 
 def _projection_blocks(w_hr, P: int, n_programs: int, config) -> dict:
@@ -408,3 +407,23 @@ def _projection_blocks(w_hr, P: int, n_programs: int, config) -> dict:
 def _phases(w_hr):
     """One launch per step runs the two parts of a projected step as two launches."""
     return ({"PHASE": 1}, {"PHASE": 2}) if w_hr is not None else ({},)
+
+
+def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None):
+    """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
+    specialised), as the launchers build it, with a projection where ``P`` is given and below H:
+    what the compile sweep compiles. ``h0`` stands for both initial states."""
+    T, P = 2, P or H
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def empty(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device="meta")
+
+    lens = empty(B, dt=torch.int64) if lengths else None
+    w_hh, w_hr, gates = empty(4 * H, P), (empty(P, H) if P != H else None), empty(T, B, 4 * H)
+    if direction == "fwd":
+        return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, P) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
+                               lens, empty(T, B, P), empty(T, B, H), gates, reverse, config)
+    return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates,
+                           empty(B, H) if h0 else None, w_hh, w_hr, lens, empty(T, B, 4 * H), empty(B, H, dt=acc),
+                           empty(2, B, P), reverse, config)

@@ -7,6 +7,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # every load and store of an interpreted kernel is checked to lie inside its launch's buffers
+    # (fastrnn/kernels/bounds.py): an out-of-bounds access is an IndexError, not a corrupted heap
+    os.environ.setdefault("FASTRNN_CHECK_BOUNDS", "1")
 
 import pytest  # noqa: E402
 
@@ -32,15 +35,20 @@ def backend(request, monkeypatch):
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Every tensor the kernels' launchers allocate with empty_like starts as NaN, so an element a
-    kernel forgets to write shows up as NaN."""
-    real = torch.empty_like
+    """Every tensor the kernels' launchers and the twins allocate with ``torch.empty_like`` or
+    ``Tensor.new_empty`` starts as NaN, so an element a kernel forgets to write shows up as NaN."""
+    real, real_new = torch.empty_like, torch.Tensor.new_empty
 
     def nan_like(t, *args, **kwargs):
         out = real(t, *args, **kwargs)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
+    def nan_new_empty(self, *args, **kwargs):
+        out = real_new(self, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
     monkeypatch.setattr(torch, "empty_like", nan_like)
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_new_empty)
     return nan_like
 
 
@@ -55,15 +63,8 @@ def one_thread():
 
 
 @pytest.fixture
-def poison_all(poison, monkeypatch):
-    """``poison``, and ``Tensor.new_empty`` too: the gated cells' launchers allocate with it."""
-    real = torch.Tensor.new_empty
-
-    def nan_new_empty(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", nan_new_empty)
+def poison_all(poison):
+    """``poison`` (the name the gated cells' tests use)."""
 
 
 def forward_backward(fn, inputs, upstream, dtype, device=DEVICE):

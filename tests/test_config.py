@@ -81,26 +81,12 @@ def test_choice_is_logged(caplog, monkeypatch):
 
 
 def _gated_launch(cell, direction, B, H, P, cfg):
-    """The launch constexprs of a gated cell's launcher for ``cfg``, on meta tensors (as
-    tests/compile_check.py builds them)."""
-    from fastrnn.kernels.gru import gru_bwd_launch, gru_fwd_launch
-    from fastrnn.kernels.lstm import lstm_bwd_launch, lstm_fwd_launch
+    """The launch of a gated cell's launcher for ``cfg``, on meta tensors (as the compile sweep
+    builds it)."""
+    import importlib
 
-    def empty(*shape):
-        return torch.empty(*shape, device="meta")
-    T, h0, lengths = 2, empty(B, P), torch.empty(B, dtype=torch.int64, device="meta")
-    if cell == "gru":
-        w_hh, gates = empty(3 * H, H), empty(T, B, 4 * H)
-        if direction == "fwd":
-            return gru_fwd_launch(empty(T, B, 3 * H), h0, w_hh, empty(H), lengths, empty(T, B, H), gates, True, cfg)
-        return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, h0, w_hh, lengths,
-                              empty(T, B, 3 * H), empty(B, H), True, cfg)
-    w_hh, w_hr, gates = empty(4 * H, P), (empty(P, H) if P != H else None), empty(T, B, 4 * H)
-    if direction == "fwd":
-        return lstm_fwd_launch(empty(T, B, 4 * H), h0, empty(B, H), w_hh, w_hr, lengths, empty(T, B, P),
-                               empty(T, B, H), gates, True, cfg)
-    return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates, empty(B, H), w_hh,
-                           w_hr, lengths, empty(T, B, 4 * H), empty(B, H), True, cfg)
+    kernels = importlib.import_module(f"fastrnn.kernels.{cell}")
+    return kernels.meta_launch(direction, B, H, torch.float32, cfg, True, True, True, P)
 
 
 @pytest.mark.parametrize("cell,H,P", [("gru", 1, 1), ("gru", 15, 15), ("lstm", 1, 1), ("lstm", 7, 7),

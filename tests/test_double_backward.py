@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from fastrnn import RNN, recurrence, recurrence_reference
-from fastrnn.ops import recurrence_fwd_op
+from fastrnn.elman import elman_fwd_op
 
 F64 = torch.float64
 BOTH = pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
@@ -33,7 +33,7 @@ def test_gradgradcheck_op(backend, nonlinearity, reverse, lengths, h0):
     inputs = [x, w] + ([h] if h0 else [])
 
     def f(x, w, *h):
-        return recurrence_fwd_op(x, h[0] if h else None, w, nonlinearity, reverse, lens, backend)
+        return elman_fwd_op(x, h[0] if h else None, w, nonlinearity, reverse, lens, backend)
 
     # the interpreter runs each kernel slowly: a random projection of the Jacobians there
     assert torch.autograd.gradgradcheck(f, inputs, fast_mode=backend == "triton")

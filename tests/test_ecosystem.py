@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastrnn import RNN
-from fastrnn.ops import recurrence_bwd_op, recurrence_fwd_op
+from fastrnn.elman import elman_bwd_op, elman_fwd_op
 
 BOTH = pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 
@@ -53,9 +53,9 @@ def test_opcheck(backend, dtype, reverse, with_lengths):
     h0 = torch.randn(B, H, dtype=dtype, requires_grad=True)
     w = (torch.randn(H, H, dtype=dtype) / H ** 0.5).requires_grad_()
     lengths = torch.tensor([4, 2, 3]) if with_lengths else None
-    torch.library.opcheck(recurrence_fwd_op, (x, h0, w, "tanh", reverse, lengths, backend))
+    torch.library.opcheck(elman_fwd_op, (x, h0, w, "tanh", reverse, lengths, backend))
     y = torch.randn(T, B, H, dtype=dtype).tanh()
-    torch.library.opcheck(recurrence_bwd_op, (torch.randn_like(y), torch.randn(B, H, dtype=dtype), y, w.detach(),
+    torch.library.opcheck(elman_bwd_op, (torch.randn_like(y), torch.randn(B, H, dtype=dtype), y, w.detach(),
                                               "tanh", reverse, lengths, backend))
 
 

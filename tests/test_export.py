@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastrnn
 from fastrnn import RNN
 from fastrnn.scratch import RNNModel
 
@@ -114,3 +115,36 @@ def test_torchscript_onnx_exporter_exports_as_torch_nn_rnn(tmp_path):
     x = torch.randn(8, 3, 4)
     with torch.no_grad():
         _assert_matches(_onnx_run(tmp_path / "rnn.onnx", x), rnn(x))
+
+
+@pytest.mark.parametrize("cell", list(fastrnn.CELLS))
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_export_after_the_drop_in_swap(tmp_path, monkeypatch, cell, exporter):
+    """``torch.nn.LSTM = fastrnn.LSTM`` (the drop-in way), then a model built and exported as torch
+    users do: the export falls back on torch's own module, captured when fastrnn was imported, and
+    does not recurse into fastrnn's."""
+    entry = fastrnn.CELLS[cell]
+    monkeypatch.setattr(nn, entry.torch_module.__name__, entry.module)
+    torch.manual_seed(0)
+    model = getattr(nn, entry.torch_module.__name__)(4, 6, 2, bidirectional=True).eval()
+    assert isinstance(model, entry.module)
+    x = torch.randn(5, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), tmp_path / "m.onnx", dynamo=exporter == "dynamo")
+    with torch.no_grad():
+        want = model(x)
+    got = _onnx_run(tmp_path / "m.onnx", x)
+    _assert_matches(got[:1], want[:1])
+
+
+@pytest.mark.parametrize("cell", list(fastrnn.CELLS))
+def test_onnx_export_refuses_a_wrongly_shaped_state(tmp_path, cell):
+    """As eager fastrnn and torch's own export do: the eager checks run on the export path too."""
+    entry = fastrnn.CELLS[cell]
+    model = entry.module(4, 6).eval()
+    h = torch.zeros(1, 2, 6)  # the batch is 3
+    hx = (h, torch.zeros(1, 3, 6)) if cell == "lstm" else h
+    with warnings.catch_warnings(), pytest.raises(Exception, match="[Ee]xpected hidden"):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(5, 3, 4), hx), tmp_path / "m.onnx")

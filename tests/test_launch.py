@@ -12,7 +12,7 @@ import triton
 import triton.language as tl  # noqa: F401 - the jit'd stand-in barrier below needs it in scope
 
 import fastrnn.kernels.launch as launch
-from fastrnn.kernels import Config, recurrence_bwd, recurrence_fwd
+from fastrnn.kernels import Config, elman_bwd, elman_fwd
 
 from .interpreter_threads import check_supported, concurrent_programs
 
@@ -34,8 +34,8 @@ def operands(T, B, H, dtype=torch.float32, seed=0):
 
 
 def fwd_bwd(x, h0, w, lens, dy, dh_n, config):
-    y = recurrence_fwd(x, h0, w, "tanh", False, lens, config=config)
-    return y, recurrence_bwd(dy, dh_n, y, w, "tanh", False, lens, config=config)
+    y = elman_fwd(x, h0, w, "tanh", False, lens, config=config)
+    return y, elman_bwd(dy, dh_n, y, w, "tanh", False, lens, config=config)
 
 
 @pytest.fixture
@@ -140,17 +140,17 @@ def test_gated_cells_with_many_programs_per_group(cell, P, block_k, poison):
 @threaded
 def test_concurrent_interpreter_catches_a_barrier_that_does_not_wait(monkeypatch, poison):
     """The harness above can fail: with a barrier that returns at once, programs read unwritten steps."""
-    from fastrnn.kernels.recurrence_fwd import _fwd_tiled_kernel
+    from fastrnn.kernels.elman import fwd_tiled_kernel
 
     @triton.jit
     def no_barrier(sync_ptr, rank, n_programs):
         pass
 
     x, h0, w, lens, _, _ = operands(4, 5, 48)
-    want = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("stepwise", 16, 16, 16))
-    monkeypatch.setitem(_fwd_tiled_kernel.fn.__globals__, "grid_barrier", no_barrier)
+    want = elman_fwd(x, h0, w, "tanh", False, lens, config=Config("stepwise", 16, 16, 16))
+    monkeypatch.setitem(fwd_tiled_kernel.fn.__globals__, "grid_barrier", no_barrier)
     with concurrent_programs(timeout_s=60, delay=lambda idx: math.inf if idx[1] == 2 else 0.0):
-        got = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("tiled", 16, 16, 16))
+        got = elman_fwd(x, h0, w, "tanh", False, lens, config=Config("tiled", 16, 16, 16))
     assert not torch.equal(got, want)
 
 
@@ -174,7 +174,7 @@ class Recorder:
 
 
 def tiled_via(recorder, monkeypatch):
-    fwd = importlib.import_module("fastrnn.kernels.recurrence_fwd")  # the module, not the function
+    fwd = importlib.import_module("fastrnn.kernels.elman")  # the module, not the function
     real = fwd.fwd_launch
 
     def fwd_launch(*args):
@@ -189,7 +189,7 @@ def test_tiled_launch_is_cooperative(monkeypatch):
     rec = Recorder(None)
     tiled_via(rec, monkeypatch)
     x, h0, w, lens, _, _ = operands(5, 3, 24)
-    recurrence_fwd(x, h0, w, config=Config("tiled", 16, 32, 32))
+    elman_fwd(x, h0, w, config=Config("tiled", 16, 32, 32))
     assert len(rec.launches) == 1
     assert rec.launches[0][1]["launch_cooperative_grid"] is True and rec.launches[0][1]["SYNC"] is True
 
@@ -202,10 +202,10 @@ def test_grid_that_cannot_be_resident_falls_back_to_stepwise(monkeypatch, caplog
     if why == "occupancy":
         monkeypatch.setattr(launch, "resident_capacity", lambda *a: 0)
     x, h0, w, lens, _, _ = operands(5, 3, 24)
-    want = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("stepwise", 16, 32, 32))
+    want = elman_fwd(x, h0, w, "tanh", False, lens, config=Config("stepwise", 16, 32, 32))
     rec.launches.clear()
     with caplog.at_level(logging.WARNING, logger="fastrnn"):
-        got = recurrence_fwd(x, h0, w, "tanh", False, lens, config=Config("tiled", 16, 32, 32))
+        got = elman_fwd(x, h0, w, "tanh", False, lens, config=Config("tiled", 16, 32, 32))
     assert torch.equal(got, want)
     assert "one launch per step" in caplog.text
     stepwise = [kw for _, kw in rec.launches if not kw["SYNC"]]
@@ -217,7 +217,7 @@ def test_other_launch_errors_are_not_swallowed(monkeypatch):
     tiled_via(rec, monkeypatch)
     x, h0, w, lens, _, _ = operands(3, 3, 24)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        recurrence_fwd(x, h0, w, config=Config("tiled", 16, 32, 32))
+        elman_fwd(x, h0, w, config=Config("tiled", 16, 32, 32))
 
 
 @pytest.mark.parametrize("n_regs,num_warps,shared,expected", [

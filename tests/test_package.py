@@ -37,6 +37,6 @@ def test_plain_install_maps_kernels_under_fastrnn(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("fastrnn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("recurrence_fwd", "recurrence_bwd", "common", "config", "__init__"):
+    for module in ("elman", "lstm", "gru", "gates", "common", "config", "launch", "__init__"):
         assert f"fastrnn/kernels/{module}.py" in names
     assert not [n for n in names if n.startswith("kernels/")]

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from fastrnn.kernels import Config, recurrence_bwd, recurrence_fwd
-from fastrnn.ops import recurrence_fwd_op, recurrence_reference
+from fastrnn.kernels import Config, elman_bwd, elman_fwd
+from fastrnn.elman import elman_fwd_op, recurrence_reference
 
 from .conftest import TOL, rel_err
 
@@ -49,7 +49,7 @@ def check_against_reference(T, B, H, dtype, nonlinearity, reverse, lengths, seed
     dh_n = torch.randn(B, H, generator=g, dtype=torch.float64)
     args = (x_proj, h_0, w_hh, nonlinearity, reverse, lens, dy, dh_n)
     ref64 = forward_backward(recurrence_reference, *args, torch.float64)
-    fused = forward_backward(lambda *a: recurrence_fwd_op(*a, backend), *args, dtype)
+    fused = forward_backward(lambda *a: elman_fwd_op(*a, backend), *args, dtype)
     names = ["y", "h_n", "dx_proj", "dh0", "dw_hh"]
     bound = TOL[dtype]
     if dtype != torch.float64:
@@ -103,7 +103,7 @@ def test_gradcheck_float64(reverse, lengths):
     x_proj, h0, w_hh, lens = make_inputs(4, 3, 5, seed=2, lengths=lengths)
     inputs = [t.to(DEVICE).detach().requires_grad_() for t in (x_proj, h0, w_hh)]
     assert torch.autograd.gradcheck(
-        lambda x, h, w: recurrence_fwd_op(x, h, w, "tanh", reverse, lens, "triton"), inputs)
+        lambda x, h, w: elman_fwd_op(x, h, w, "tanh", reverse, lens, "triton"), inputs)
 
 
 @pytest.mark.parametrize("variant", ["resident", "tiled", "stepwise"])
@@ -112,25 +112,25 @@ def test_launchers_write_every_element(variant, poison, monkeypatch):
     monkeypatch.setenv("FASTRNN_VARIANT", variant)
     x_proj, h0, w_hh, lens = make_inputs(6, 5, 33, seed=3, lengths=True)
     x_proj, h0, w_hh = (t.float().to(DEVICE) for t in (x_proj, h0, w_hh))
-    y = recurrence_fwd(x_proj, h0, w_hh, "tanh", False, lens.to(DEVICE))
+    y = elman_fwd(x_proj, h0, w_hh, "tanh", False, lens.to(DEVICE))
     assert not torch.isnan(y).any()
     past_end = torch.arange(6)[:, None] >= lens[None, :]
     assert (y[past_end.to(DEVICE)] == 0).all()
-    d_pre = recurrence_bwd(torch.randn_like(y), torch.randn_like(h0), y, w_hh, "tanh", False, lens.to(DEVICE))
+    d_pre = elman_bwd(torch.randn_like(y), torch.randn_like(h0), y, w_hh, "tanh", False, lens.to(DEVICE))
     assert not torch.isnan(d_pre).any() and (d_pre[past_end.to(DEVICE)] == 0).all()
 
 
 def test_explicit_config_and_tf32_flag():
     x_proj, h0, w_hh, _ = make_inputs(3, 2, 16, seed=4)
     x_proj, h0, w_hh = (t.float().to(DEVICE) for t in (x_proj, h0, w_hh))
-    a = recurrence_fwd(x_proj, h0, w_hh, config=Config("resident", 16, 16, 16))
-    b = recurrence_fwd(x_proj, h0, w_hh, config=Config("stepwise", 16, 16, 16))
+    a = elman_fwd(x_proj, h0, w_hh, config=Config("resident", 16, 16, 16))
+    b = elman_fwd(x_proj, h0, w_hh, config=Config("stepwise", 16, 16, 16))
     torch.testing.assert_close(a, b)
 
 
 def test_bitwise_deterministic():
     x_proj, h0, w_hh, lens = make_inputs(7, 5, 20, seed=5, lengths=True)
-    runs = [forward_backward(lambda *a: recurrence_fwd_op(*a, "triton"), x_proj, h0, w_hh, "tanh", False, lens,
+    runs = [forward_backward(lambda *a: elman_fwd_op(*a, "triton"), x_proj, h0, w_hh, "tanh", False, lens,
                              torch.ones(7, 5, 20, dtype=torch.float64), torch.ones(5, 20, dtype=torch.float64),
                              torch.float32) for _ in range(2)]
     for a, b in zip(*runs):
@@ -140,15 +140,15 @@ def test_bitwise_deterministic():
 def test_launcher_rejects_bad_operands():
     x = torch.randn(3, 2, 4)
     with pytest.raises(ValueError, match="w_hh"):
-        recurrence_fwd(x, None, torch.randn(4, 5))
+        elman_fwd(x, None, torch.randn(4, 5))
     with pytest.raises(ValueError, match="h0"):
-        recurrence_fwd(x, torch.randn(3, 4), torch.randn(4, 4))
+        elman_fwd(x, torch.randn(3, 4), torch.randn(4, 4))
     with pytest.raises(TypeError, match="dtype"):
-        recurrence_fwd(x, None, torch.randn(4, 4, dtype=torch.float64))
+        elman_fwd(x, None, torch.randn(4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="FASTRNN_VARIANT"):
         os.environ["FASTRNN_VARIANT"] = "bogus"
         try:
-            recurrence_fwd(x, None, torch.randn(4, 4))
+            elman_fwd(x, None, torch.randn(4, 4))
         finally:
             del os.environ["FASTRNN_VARIANT"]
 

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrnn import RNN, recurrence, recurrence_reference
-from fastrnn.ops import recurrence_fwd_op
+from fastrnn.elman import elman_fwd_op
 
 from .conftest import rel_err
 
@@ -112,12 +112,12 @@ def test_bad_packed_layout(backend, case, exc, words):
 
 @BOTH
 def test_refusals_happen_before_any_kernel(backend, monkeypatch):
-    import fastrnn.ops as ops
+    import fastrnn.elman as ops
 
     def boom(*args, **kwargs):
         raise AssertionError("a kernel ran on bad input")
 
-    monkeypatch.setattr(ops, "recurrence_fwd_op", boom)
+    monkeypatch.setattr(ops, "elman_fwd_op", boom)
     ours = RNN(4, 3, 2)
     bad = [(torch.randn(5, 2, 5),), (torch.randn(5, 2, 4), torch.zeros(2, 3, 3)),
            (torch.randn(5, 2, 4, dtype=F64),), (torch.randn(5, 2, 4), torch.zeros(2, 2, 3, dtype=F64)),
@@ -160,9 +160,9 @@ def test_index_arithmetic_past_2_31(kernel):
     """Each kernel addresses t * stride_t > 2**31 elements correctly (interpreter on CPU; the
     compiled kernels compute the same offsets in int64)."""
     from fastrnn.kernels.config import dtype_flags
-    from fastrnn.kernels.recurrence_bwd import _bwd_resident_kernel, _bwd_tiled_kernel
-    from fastrnn.kernels.recurrence_fwd import _fwd_resident_kernel, _fwd_tiled_kernel
-    from fastrnn.ops import recurrence_bwd_torch
+    from fastrnn.kernels.elman import bwd_resident_kernel, bwd_tiled_kernel
+    from fastrnn.kernels.elman import fwd_resident_kernel, fwd_tiled_kernel
+    from fastrnn.elman import elman_bwd_torch
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("this check addresses host memory under the interpreter")
@@ -176,10 +176,10 @@ def test_index_arithmetic_past_2_31(kernel):
     w = (torch.randn(H, H) / 4).bfloat16()
     if kernel.startswith("fwd"):
         if kernel == "fwd_resident":
-            _fwd_resident_kernel[(1,)](a, a, w, a, out, T, B, H, stride_t, H, 0, H, HAS_H0=False,
+            fwd_resident_kernel[(1,)](a, a, w, a, out, T, B, H, stride_t, H, stride_t, H, 0, H, HAS_H0=False,
                                        BLOCK_B=16, BLOCK_H=16, **flags, **fast)
         else:
-            _fwd_tiled_kernel[(1, 1)](a, a, w, a, out, T, B, H, stride_t, H, 0, H,
+            fwd_tiled_kernel[(1, 1)](a, a, w, a, out, T, B, H, stride_t, H, stride_t, H, 0, H,
                                       torch.zeros(1, dtype=torch.int32), 0, T, HAS_H0=False, SYNC=True,
                                       SPLIT_K=1, BLOCK_B=16, BLOCK_N=16, **fast,
                                       BLOCK_K=16, W_RESIDENT=not kernel.endswith("streamed"), **flags)
@@ -189,14 +189,14 @@ def test_index_arithmetic_past_2_31(kernel):
         y.copy_(torch.randn(T, B, H).tanh())
         dh_n = torch.randn(B, H).bfloat16()
         if kernel == "bwd_resident":
-            _bwd_resident_kernel[(1,)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, H, H,
+            bwd_resident_kernel[(1,)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H,
                                        BLOCK_B=16, BLOCK_H=16, **flags)
         else:
-            _bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, H, H,
+            bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H,
                                       torch.zeros(1, dtype=torch.int32), 0, T, SYNC=True, BLOCK_B=16,
                                       BLOCK_N=16, BLOCK_K=16, SPLIT_K=1,
                                       W_RESIDENT=not kernel.endswith("streamed"), **flags)
-        want = recurrence_bwd_torch(a.double(), dh_n.double(), y.double(), w.double())
+        want = elman_bwd_torch(a.double(), dh_n.double(), y.double(), w.double())
     assert not torch.isnan(out).any()
     assert rel_err(out, want) < 2e-2
 
@@ -273,7 +273,7 @@ def test_saved_memory_is_linear_in_T():
         x = torch.randn(T, 4, 16, requires_grad=True)
         w = torch.randn(16, 16, requires_grad=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            recurrence_fwd_op(x, None, w, "tanh", False, None, "torch")
+            elman_fwd_op(x, None, w, "tanh", False, None, "torch")
         return sum(total)
 
     small, big = saved_bytes(1000), saved_bytes(4000)

@@ -1,14 +1,11 @@
-"""``fastrnn.RNN``, ``fastrnn.LSTM``, ``fastrnn.GRU``: drop-ins for the torch modules of the same names
-whose time loops are ``fastrnn.recurrence``, ``fastrnn.lstm_recurrence`` and ``fastrnn.gru_recurrence``.
+"""The forward every fastrnn module shares: ``FusedRNNBase``, a thin shell over the cells' ops.
 
-The modules are thin shells. ``torch.nn.RNNBase`` gives the constructor checks, parameter names
-(``weight_ih_l0``, ..., ``_reverse``), shapes, init and ``state_dict`` layout, so each module and its
-torch twin load each other's weights; the torch modules' own ``check_forward_args`` and
-``permute_hidden`` check and reorder the state. ``forward`` (one, in ``FusedRNNBase``) validates the
-input as the torch modules do, projects the input of each layer for all steps with one matrix
-product, and hands every layer and direction to the cell's recurrence. (They subclass ``RNNBase``
-and not ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, so ``torch.compile`` does not treat them as cuDNN RNNs
-and break the graph.)
+``torch.nn.RNNBase`` gives the constructor checks, parameter names (``weight_ih_l0``, ...,
+``_reverse``), shapes, init and ``state_dict`` layout, so each module and its torch twin load each
+other's weights. ``forward`` validates the input as the torch modules do, projects the input of
+each layer for all steps with one matrix product, and hands every layer and direction to the
+cell's op (``_run_direction``). (The modules subclass ``RNNBase`` and not ``nn.RNN`` / ``nn.LSTM`` /
+``nn.GRU``, so ``torch.compile`` does not treat them as cuDNN RNNs and break the graph.)
 
 Inside ``forward`` the state is a tuple of parts, each ``(layers * directions, B, N)``: ``(h,)`` for
 RNN and GRU, ``(h, c)`` for LSTM; ``_public_state`` turns it into what the torch module returns.
@@ -22,14 +19,11 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .export import onnx_forward
-from .gru import gru_recurrence
-from .lstm import lstm_recurrence
-from .ops import recurrence
 
 
 class FusedRNNBase(nn.RNNBase):
-    """The forward every fastrnn module shares; a cell says how one layer and direction runs
-    (``_run_direction``) and what its state looks like (``_state_sizes``, ``_public_state``)."""
+    """A cell says how one layer and direction runs (``_run_direction``) and what its state looks
+    like (``_state_sizes``, ``_state_parts``, ``_public_state``: one part ``h`` unless it says more)."""
 
     def flatten_parameters(self) -> None:
         """Accepted for compatibility; the fused path needs no flat cuDNN weight buffer."""
@@ -38,13 +32,24 @@ class FusedRNNBase(nn.RNNBase):
     def _name(self) -> str:  # RNN, LSTM or GRU, as the torch modules name themselves in errors
         return self.mode.split("_")[0]
 
+    def _state_sizes(self):
+        return (self.hidden_size,)
+
+    def _state_parts(self, hx):
+        return (hx,)
+
+    def _public_state(self, parts):
+        return parts[0]
+
     def forward(self, input: Tensor | PackedSequence, hx=None):
         """``input (T, B, I)`` (``(B, T, I)`` with batch_first; ``(T, I)`` unbatched; or packed) and
         the state as the torch module takes it -> ``output (T, B, directions * P)`` and the state."""
         if torch.onnx.is_in_onnx_export():  # the fused ops have no ONNX form: see fastrnn/export.py
+            if not isinstance(input, PackedSequence):  # (torch's forward checks packed input itself)
+                self._prepare(input, hx)  # the eager checks, so a bad state fails the export too
             return onnx_forward(self, input, hx)
         x, state, packing, batched = self._prepare(input, hx)  # (T, B, I), parts (L * D, B, N)
-        output, state = self._run_layers(x, state, packing[0] if packing else None)
+        output, state = self._run_layers(x, state, packing)
         if packing is not None:
             lengths, rows, batch_sizes, sorted_indices, unsorted_indices = packing
             output = PackedSequence(output.flatten(0, 1).index_select(0, rows), batch_sizes,
@@ -73,8 +78,8 @@ class FusedRNNBase(nn.RNNBase):
             packing, batched = (lengths, rows, batch_sizes, sorted_indices, unsorted_indices), True
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"{self._name}: Expected input to be 2D or 3D, got {input.dim()}D tensor "
-                                 "instead")
+                instead = "tensor instead" if self._name == "RNN" else "instead"  # torch's own words
+                raise ValueError(f"{self._name}: Expected input to be 2D or 3D, got {input.dim()}D {instead}")
             batched, batch_dim = input.dim() == 3, 0 if self.batch_first else 1
             if hx is not None:
                 self._check_state_rank(hx, batched)
@@ -85,9 +90,9 @@ class FusedRNNBase(nn.RNNBase):
                                     None)
             x, packing = (input.transpose(0, 1) if self.batch_first else input), None
         state = self._state_parts(hx) if hx is not None else None
-        self._check_state_matches(x, state)
+        self._check_state_matches(x, hx, state)
         if x.size(0) == 0:
-            raise RuntimeError(f"Expected sequence length to be larger than 0 in {self._name}")
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch: RNN for all
         return x, state, packing, batched
 
     def _check_state_rank(self, hx, batched: bool) -> None:
@@ -100,8 +105,10 @@ class FusedRNNBase(nn.RNNBase):
         raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
                            f"({parts[0].dim()}-D, {parts[1].dim()}-D) tensors")
 
-    def _check_state_matches(self, x: Tensor, state) -> None:
-        """Refuse what the torch modules refuse deeper down: a state of another dtype or device."""
+    def _check_state_matches(self, x: Tensor, hx, state) -> None:
+        """Refuse what the torch modules refuse deeper down: a state of another count, dtype or device."""
+        if isinstance(hx, (tuple, list)) and len(hx) != len(self._state_sizes()):
+            raise RuntimeError(f"{self._name.lower()} expects {_count(len(self._state_sizes()))} hidden states")
         for s in state or ():
             if s.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
                 raise RuntimeError(f"{self._name} hx dtype ({s.dtype}) does not match input dtype "
@@ -121,9 +128,10 @@ class FusedRNNBase(nn.RNNBase):
 
     # --- the layers ---
 
-    def _run_layers(self, x: Tensor, state, lengths: Tensor | None):
+    def _run_layers(self, x: Tensor, state, packing):
         """Every layer and direction: ``x (T, B, I)`` -> ``(T, B, D * P)`` and the final state's parts."""
         D = 2 if self.bidirectional else 1
+        lengths = packing[0] if packing is not None else None
         finals = []
         layer_input = x  # (T, B, I), then (T, B, D * P)
         for layer in range(self.num_layers):
@@ -136,7 +144,7 @@ class FusedRNNBase(nn.RNNBase):
                 finals.append(final)
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                layer_input = _dropout(layer_input, self.dropout, packing)
         return layer_input, tuple(torch.stack(parts) for parts in zip(*finals))
 
     def _weights(self, suffix: str):
@@ -146,102 +154,42 @@ class FusedRNNBase(nn.RNNBase):
                      for n in names)
 
 
-class RNN(FusedRNNBase):
-    """Elman RNN, ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``; same arguments, shapes
-    and results as ``torch.nn.RNN``."""
+class SumOfBiases(torch.autograd.Function):
+    """``b_ih + b_hh``, whose gradient reaches each bias as a tensor of its own. (Autograd's sum hands
+    one tensor to both; compiled by inductor, both ``.grad`` then share it, and clipping or
+    accumulating gradients in place hits it twice.)"""
 
-    def __init__(self, *args, **kwargs) -> None:  # torch.nn.RNN's argument handling, exactly
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if len(args) > 3:
-            self.nonlinearity = args[3]
-            args = args[:3] + args[4:]
-        else:
-            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        if self.nonlinearity == "tanh":
-            mode = "RNN_TANH"
-        elif self.nonlinearity == "relu":
-            mode = "RNN_RELU"
-        else:
-            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
-        super().__init__(mode, *args, **kwargs)
+    @staticmethod
+    def forward(b_ih: Tensor, b_hh: Tensor) -> Tensor:
+        return b_ih + b_hh
 
-    def _state_sizes(self):
-        return (self.hidden_size,)
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
-    def _state_parts(self, hx: Tensor):
-        return (hx,)
-
-    def _public_state(self, parts):
-        return parts[0]
-
-    def _run_direction(self, x, suffix, start, reverse, lengths):
-        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
-        x_proj = F.linear(x, w_ih, b_ih + b_hh if self.bias else None)  # (T, B, H): all steps at once
-        w_hh, h0 = _as_dtype(x_proj.dtype, w_hh, start[0] if start else None)  # autocast
-        y, h_n = recurrence(x_proj, h0, w_hh, self.nonlinearity, reverse=reverse, lengths=lengths)
-        return y, (h_n,)
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, grad.clone()
 
 
-class LSTM(FusedRNNBase):
-    """LSTM, gate order i, f, g, o, with ``proj_size`` as ``torch.nn.LSTM``; same arguments, shapes
-    and results: ``forward(input, (h0, c0)) -> output, (h_n, c_n)``."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__("LSTM", *args, **kwargs)
-
-    get_expected_cell_size = nn.LSTM.get_expected_cell_size
-    check_forward_args = nn.LSTM.check_forward_args
-    permute_hidden = nn.LSTM.permute_hidden
-
-    def _state_sizes(self):
-        return (self.proj_size or self.hidden_size, self.hidden_size)
-
-    def _state_parts(self, hx):
-        return (hx[0], hx[1])
-
-    def _public_state(self, parts):
-        return (parts[0], parts[1])
-
-    def _run_direction(self, x, suffix, start, reverse, lengths):
-        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
-        x_proj = F.linear(x, w_ih, b_ih + b_hh if self.bias else None)  # (T, B, 4H)
-        w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
-        h0, c0 = start if start else (None, None)
-        w_hh, w_hr, h0, c0 = _as_dtype(x_proj.dtype, w_hh, w_hr, h0, c0)
-        y, h_n, c_n = lstm_recurrence(x_proj, h0, c0, w_hh, w_hr, reverse=reverse, lengths=lengths)
-        return y, (h_n, c_n)
+def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    """The two biases of a layer as the one its input projection adds (None without bias)."""
+    return SumOfBiases.apply(b_ih, b_hh) if b_ih is not None else None
 
 
-class GRU(FusedRNNBase):
-    """GRU, gate order r, z, n, ``n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))`` as
-    ``torch.nn.GRU``; same arguments, shapes and results."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        super().__init__("GRU", *args, **kwargs)
-
-    _state_sizes, _state_parts, _public_state = RNN._state_sizes, RNN._state_parts, RNN._public_state
-
-    def _run_direction(self, x, suffix, start, reverse, lengths):
-        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
-        b_hn = None
-        b = None
-        if self.bias:  # b_hr and b_hz fold into the input projection; b_hn is scaled by r
-            H = self.hidden_size
-            b = b_ih + torch.cat((b_hh[:2 * H], b_hh.new_zeros(H)))
-            b_hn = b_hh[2 * H:]
-        x_proj = F.linear(x, w_ih, b)  # (T, B, 3H)
-        w_hh, b_hn, h0 = _as_dtype(x_proj.dtype, w_hh, b_hn, start[0] if start else None)
-        y, h_n = gru_recurrence(x_proj, h0, w_hh, b_hn, reverse=reverse, lengths=lengths)
-        return y, (h_n,)
+def _count(n: int) -> str:
+    return {1: "one", 2: "two"}.get(n, str(n))
 
 
-def _as_dtype(dtype: torch.dtype, *tensors):
-    """The recurrence's operands in ``dtype``, the input projection's (autocast may have run it in
-    low precision); None stays None."""
-    return tuple(t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors)
+def _dropout(x: Tensor, p: float, packing) -> Tensor:
+    """Dropout between layers, drawn as torch draws it: over ``x (T, B, N)``, or for packed input over
+    its packed rows only (the same random numbers for the same seed)."""
+    if packing is None:
+        return F.dropout(x, p, training=True)
+    rows = packing[1]
+    T, B, N = x.shape
+    packed = F.dropout(x.reshape(T * B, N).index_select(0, rows), p, training=True)
+    return x.new_zeros(T * B, N).index_copy(0, rows, packed).view(T, B, N)
 
 
 def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The one functional op of fastrnn: the Elman recurrence over a whole sequence.
+"""The Elman cell: ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``, act tanh or relu.
 
     y, h_n = recurrence(x_proj, h0, w_hh, nonlinearity="tanh", reverse=False, lengths=None)
 
@@ -12,44 +12,26 @@ gives each sequence's length for packed input: sequence ``b`` updates only while
 (each in [1, T]) and copied to x_proj's device once; lengths already there are taken as they are
 (checking them would make the host wait for the GPU).
 
-Backends (``FASTRNN_BACKEND``): ``torch``, the plain PyTorch loop below; ``triton``, the fused
-kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``); ``auto`` (default),
-``triton`` for CUDA tensors and ``torch`` otherwise.
+In this file, as in every cell's: the readable reference (a plain loop, autograd gives its
+backward), the PyTorch twins of the kernels' loops (the CPU path), the custom ops with their
+autograd formulas, the functional op, and the module ``fastrnn.RNN``. The kernels are
+``fastrnn.kernels.elman``; the backend is picked by ``fastrnn.backend``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+from torch.nn import functional as F
 
-BACKENDS = ("auto", "triton", "torch")
+from .backend import get_backend, loop
+from .module import FusedRNNBase, bias_sum
+from .op import own_precision, vmap_by_loop
+from .sequence import (add_at, as_dtype, at_step, check_operands, edge_step, lengths_on_device,
+                       previous_states, shifted, valid_steps)
+
 NONLINEARITIES = ("tanh", "relu")
-
-
-def get_backend(device: torch.device) -> str:
-    """The backend a tensor on ``device`` runs on, from ``FASTRNN_BACKEND``."""
-    backend = os.environ.get("FASTRNN_BACKEND", "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"FASTRNN_BACKEND must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("FASTRNN_BACKEND=triton but triton is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(f"FASTRNN_BACKEND=triton on {device.type} tensors needs "
-                               "TRITON_INTERPRET=1 (set before importing fastrnn), or CUDA tensors")
-    return backend
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +46,7 @@ def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: to
     T, B, H = x_proj.shape
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
     h = h0 if h0 is not None else x_proj.new_zeros(B, H)
-    valid = _valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    valid = valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
     ys: list[torch.Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         h_new = act(torch.addmm(x_proj[t], h, w_hh.t()))  # (B, H)
@@ -83,32 +65,14 @@ def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: to
 # --------------------------------------------------------------------------------------------------
 
 
-def _edge_step(T: int, last: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
-    """Index (in time order) of each sequence's first or last step: one int, or (B,) with lengths.
-    The state h_n is read at the last step a direction takes (``last = not reverse``); h0 enters at
-    the first one it takes (``last = reverse``)."""
-    if not last:
-        return 0
-    if lengths is None:
-        return T - 1
-    return (lengths - 1).to(device)
-
-
-def _at_step(x: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
-    """``x[step[b], b]`` for each b: (T, B, H) -> (B, H)."""
-    if isinstance(step, int):
-        return x[step]
-    return x[step, torch.arange(x.shape[1], device=x.device)]
-
-
-def recurrence_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=None):
+def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=None):
     """The forward launcher's twin in PyTorch: ``y (T, B, H)``, no autograd graph."""
     T, B, H = x_proj.shape
     act_ = torch.Tensor.tanh_ if activation == "tanh" else torch.Tensor.relu_
     y = x_proj.contiguous().clone()  # y[t] starts as x_proj[t] and becomes h_t in place
     h = h0 if h0 is not None else x_proj.new_zeros(B, H)
     w_t = w_hh.t()
-    valid = _valid_steps(T, lengths, y.device)
+    valid = valid_steps(T, lengths, y.device)
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         h_new = act_(y[t].addmm_(h, w_t))
         if valid is None:
@@ -119,12 +83,12 @@ def recurrence_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, len
     return y
 
 
-def recurrence_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None):
+def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None):
     """The backward launcher's twin in PyTorch: ``d_pre (T, B, H)``, walking time in reverse."""
     T, B, H = y.shape
     d_pre = torch.empty_like(y)
-    valid = _valid_steps(T, lengths, y.device)
-    last = _edge_step(T, not reverse, lengths, y.device)
+    valid = valid_steps(T, lengths, y.device)
+    last = edge_step(T, not reverse, lengths, y.device)
     d = None  # d_pre of the step processed last: it feeds g through w_hh
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         g = dy[t].clone() if d is None else torch.addmm(dy[t], d, w_hh)
@@ -143,76 +107,6 @@ def recurrence_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, le
     return d_pre
 
 
-def _valid_steps(T, lengths, device):
-    """(T, B, 1) bool mask of the steps each sequence takes, or None for full sequences."""
-    if lengths is None:
-        return None
-    lengths = lengths.to(device)
-    return (torch.arange(T, device=device)[:, None] < lengths[None, :]).unsqueeze(-1)
-
-
-# Helpers the LSTM and GRU ops share (fastrnn/lstm.py, fastrnn/gru.py)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision of states and sums: fp64 for fp64, else fp32 (as the kernels accumulate)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _add_at_step(out: torch.Tensor, x: torch.Tensor, step: torch.Tensor | int, t: int) -> None:
-    """``out += x`` for the sequences whose ``step`` (from ``_edge_step``: one int, or (B,)) is t."""
-    if isinstance(step, int):
-        if step == t:
-            out += x
-    else:
-        out += x * (step == t)[:, None]
-
-
-def _previous_states(y: torch.Tensor, h0: torch.Tensor | None, reverse: bool,
-                     lengths: torch.Tensor | None) -> torch.Tensor:
-    """``h_{t-1}`` of every step t, (T, B, N): ``y`` one step back along the walk, ``h0`` (or zeros)
-    at each sequence's first step. ``y`` must be zero past each sequence's end (a reverse walk's
-    first step ``lengths[b] - 1`` then reads zeros before h0 is put there)."""
-    T, B = y.shape[:2]
-    h_prev = torch.zeros_like(y)
-    if reverse:
-        h_prev[:-1] = y[1:]
-    else:
-        h_prev[1:] = y[:-1]
-    if h0 is not None:
-        first = _edge_step(T, reverse, lengths, y.device)
-        h_prev[first if isinstance(first, int) else (first, torch.arange(B, device=y.device))] = h0
-    return h_prev
-
-
-def _check_operands(x_proj: torch.Tensor, **operands: torch.Tensor | None) -> None:
-    """Each operand given (None skipped) has x_proj's dtype and device."""
-    for name, t in operands.items():
-        if t is None:
-            continue
-        if t.dtype != x_proj.dtype:
-            raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({x_proj.dtype})")
-        if t.device != x_proj.device:
-            raise RuntimeError(f"Input and {name} tensors are not at the same device, found input "
-                               f"tensor at {x_proj.device} and {name} tensor at {t.device}")
-
-
-def _lengths_on_device(lengths, T: int, B: int, device: torch.device) -> torch.Tensor:
-    """``lengths (B,)`` as int64 on ``device``. Host lengths (a CPU tensor or a list) are checked to
-    lie in [1, T] and moved once; a tensor already on an accelerator ``device`` is taken unchecked,
-    without a host sync."""
-    on_device = isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu"
-    if on_device and lengths.device != device:
-        raise RuntimeError(f"lengths must be on the CPU or on the input's device ({device}), "
-                           f"found {lengths.device}")
-    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=lengths.device if on_device else "cpu")
-    if tuple(lengths.shape) != (B,):
-        raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-    if not on_device and B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
-        raise ValueError(f"lengths must lie in [1, {T}]")
-    return lengths.to(device)
-
-
 # --------------------------------------------------------------------------------------------------
 # The custom ops and their autograd formula
 # --------------------------------------------------------------------------------------------------
@@ -224,38 +118,30 @@ def _lengths_on_device(lengths, T: int, B: int, device: torch.device) -> torch.T
 # ``w_hh`` are saved: ``y`` gives every ``h_{t-1}`` and the activation's derivative (1 - y**2).
 
 
-@torch.library.custom_op("fastrnn::recurrence_fwd", mutates_args=())
-def recurrence_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
+@torch.library.custom_op("fastrnn::elman_fwd", mutates_args=())
+def elman_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
                       nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor],
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ``y (T, B, H)``, ``h_n (B, H)``."""
-    if backend == "triton":
-        from fastrnn.kernels import recurrence_fwd as fwd
-    else:
-        fwd = recurrence_fwd_torch
-    y = fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
-    h_n = _at_step(y, _edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
+    y = loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
+    h_n = at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
     return y, h_n
 
 
-@recurrence_fwd_op.register_fake
+@elman_fwd_op.register_fake
 def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend):
     return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
 
 
-@torch.library.custom_op("fastrnn::recurrence_bwd", mutates_args=())
-def recurrence_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor,
+@torch.library.custom_op("fastrnn::elman_bwd", mutates_args=())
+def elman_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor,
                       nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor],
                       backend: str) -> torch.Tensor:
     """-> ``d_pre (T, B, H)``, the gradient of the pre-activations."""
-    if backend == "triton":
-        from fastrnn.kernels import recurrence_bwd as bwd
-    else:
-        bwd = recurrence_bwd_torch
-    return bwd(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths)
+    return loop(backend, "elman", "elman_bwd", elman_bwd_torch)(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths)
 
 
-@recurrence_bwd_op.register_fake
+@elman_bwd_op.register_fake
 def _(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
@@ -266,6 +152,7 @@ def _setup_context(ctx, inputs, output):
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
 
 
+@own_precision
 def _backward(ctx, dy, dh_n):
     y, h0, w_hh, lengths = ctx.saved_tensors
     T, _, H = y.shape
@@ -274,7 +161,7 @@ def _backward(ctx, dy, dh_n):
     d_pre = RecurrenceBackward.apply(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths,
                                      ctx.backend)
 
-    d_first = _at_step(d_pre, _edge_step(T, ctx.reverse, lengths, y.device))  # (B, H)
+    d_first = at_step(d_pre, edge_step(T, ctx.reverse, lengths, y.device))  # (B, H)
     dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
     dw_hh = None
     if ctx.needs_input_grad[2]:
@@ -287,7 +174,7 @@ def _backward(ctx, dy, dh_n):
     return dx_proj, dh0, dw_hh, None, None, None, None
 
 
-recurrence_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+elman_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # The backward's own derivative (double backward: gradient penalties, Hessian-vector products).
@@ -305,29 +192,23 @@ def _setup_context_bwd(ctx, inputs, output):
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
 
 
-def _shifted(x: torch.Tensor, later: bool) -> torch.Tensor:
-    """``x`` moved one step along time, zero at the edge: ``out[t] = x[t + 1]`` if ``later`` else
-    ``x[t - 1]``. (T, B, H) -> (T, B, H)."""
-    edge = torch.zeros_like(x[:1])
-    return torch.cat((x[1:], edge)) if later else torch.cat((edge, x[:-1]))
-
-
+@own_precision
 def _backward_of_backward(ctx, e):
     dy, dh_n, y, w_hh, lengths, d_pre = ctx.saved_tensors
     T, B, H = y.shape
     reverse = ctx.reverse  # the forward's direction; the backward walked the other way
     G = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(dh_n), y, w_hh.t(), ctx.nonlinearity,
                                  not reverse, lengths, ctx.backend)  # (T, B, H) = dL/dg
-    last = _edge_step(T, not reverse, lengths, y.device)
+    last = edge_step(T, not reverse, lengths, y.device)
     d_dy = G if ctx.needs_input_grad[0] else None
-    d_dh_n = _at_step(G, last) if ctx.needs_input_grad[1] else None
+    d_dh_n = at_step(G, last) if ctx.needs_input_grad[1] else None
     d_w = None
     if ctx.needs_input_grad[3]:  # g_t holds d[t_next] @ w_hh: t_next = t + 1 (t - 1 with reverse)
         d_next, G_now = (d_pre[:-1], G[1:]) if reverse else (d_pre[1:], G[:-1])
         d_w = d_next.reshape(-1, H).T @ G_now.reshape(-1, H)  # (H, H)
     d_y = None
     if ctx.needs_input_grad[2] and ctx.nonlinearity == "tanh":
-        D = e + _shifted(G, later=reverse) @ w_hh.T  # dL/dd, (T, B, H)
+        D = e + shifted(G, later=reverse) @ w_hh.T  # dL/dd, (T, B, H)
         g = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths)
         d_y = D * g * (-2.0 * y)  # zero past each sequence's end, where y is zero
     return d_dy, d_dh_n, d_y, d_w, None, None, None, None
@@ -336,16 +217,8 @@ def _backward_of_backward(ctx, e):
 def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths):
     """The backward's ``g_t = dy[t] + [t last] dh_n + d_pre[t_next] @ w_hh``, all steps at once."""
     T, B, _ = dy.shape
-    g = dy + _shifted(d_pre, later=not reverse) @ w_hh
-    return _add_at(g, _edge_step(T, not reverse, lengths, dy.device), dh_n)
-
-
-def _add_at(x: torch.Tensor, step, v: torch.Tensor) -> torch.Tensor:
-    """``x`` (T, B, H) with ``v`` (B, H) added at ``x[step[b], b]`` (``step`` from ``_edge_step``)."""
-    B = x.shape[1]
-    if isinstance(step, int):
-        step = torch.full((B,), step, dtype=torch.int64, device=x.device)
-    return x.index_put((step, torch.arange(B, device=x.device)), v, accumulate=True)
+    g = dy + shifted(d_pre, later=not reverse) @ w_hh
+    return add_at(g, edge_step(T, not reverse, lengths, dy.device), dh_n)
 
 
 # Forward-mode derivatives (torch.func.jvp, jacfwd, hessian). The tangent of the forward is the
@@ -354,57 +227,37 @@ def _add_at(x: torch.Tensor, step, v: torch.Tensor) -> torch.Tensor:
 # act'(y_t)), is s + u, where u is the backward op run on dy' + s[t_next] @ w_hh + d[t_next] @ dw.
 
 
+@own_precision
 def _jvp(ctx, dx, dh0, dw, *_):
     y, h0, w_hh, lengths = ctx.saved_tensors
     T, B, _ = y.shape
     e = dx if dx is not None else torch.zeros_like(y)
     if dw is not None:
-        e = e + _previous_states(y, h0, ctx.reverse, lengths) @ dw.T
+        e = e + previous_states(y, h0, ctx.reverse, lengths) @ dw.T
     if dh0 is not None:
-        e = _add_at(e, _edge_step(T, ctx.reverse, lengths, y.device), dh0 @ w_hh.T)
+        e = add_at(e, edge_step(T, ctx.reverse, lengths, y.device), dh0 @ w_hh.T)
     dy = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(y[0]), y, w_hh.t(), ctx.nonlinearity,
                                   not ctx.reverse, lengths, ctx.backend)
-    return dy, _at_step(dy, _edge_step(T, not ctx.reverse, lengths, y.device))
+    return dy, at_step(dy, edge_step(T, not ctx.reverse, lengths, y.device))
 
 
+@own_precision
 def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
     dy, dh_n, y, w_hh, lengths, d_pre = ctx.saved_tensors
     reverse = ctx.reverse
     s = torch.zeros_like(y)
     if d_y is not None and ctx.nonlinearity == "tanh":  # relu's act' is flat: no tangent
         s = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths) * (-2.0 * y * d_y)
-    e = (d_dy if d_dy is not None else torch.zeros_like(y)) + _shifted(s, later=not reverse) @ w_hh
+    e = (d_dy if d_dy is not None else torch.zeros_like(y)) + shifted(s, later=not reverse) @ w_hh
     if d_w is not None:
-        e = e + _shifted(d_pre, later=not reverse) @ d_w
+        e = e + shifted(d_pre, later=not reverse) @ d_w
     d_dh_n = d_dh_n if d_dh_n is not None else torch.zeros_like(dh_n)
     u = RecurrenceBackward.apply(e.contiguous(), d_dh_n.contiguous(), y, w_hh, ctx.nonlinearity,
                                  reverse, lengths, ctx.backend)
     return u + s
 
 
-recurrence_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
-
-
-def refuse_double_backward(backward_op, module: str) -> None:
-    """Give ``backward_op`` (a cell's backward custom op) an autograd formula that refuses a second
-    backward through ``module`` with a clear error, rather than torch's 'no autograd formula'."""
-    def refuse(ctx, *grads):
-        raise NotImplementedError(f"double backward (create_graph=True, then backward again) through "
-                                  f"{module} is not supported yet; fastrnn.RNN has it")
-
-    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
-
-
-def _vmap_by_loop(fn, info, in_dims, *args):
-    """A vmap rule for the autograd.Functions below (torch.func.jacrev, vmap of grad): ``fn`` once
-    per batch element, outputs stacked along dim 0."""
-    def element(i):
-        return [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
-
-    outs = [fn(*element(i)) for i in range(info.batch_size)]
-    if isinstance(outs[0], torch.Tensor):
-        return torch.stack(outs), 0
-    return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+elman_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
 
 
 class Recurrence(torch.autograd.Function):
@@ -414,7 +267,7 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend):
-        return recurrence_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
 
     backward = staticmethod(_backward)
     jvp = staticmethod(_jvp)
@@ -426,7 +279,7 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        return _vmap_by_loop(Recurrence.apply, info, in_dims, *args)
+        return vmap_by_loop(Recurrence.apply, info, in_dims, *args)
 
 
 class RecurrenceBackward(torch.autograd.Function):
@@ -434,7 +287,7 @@ class RecurrenceBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend):
-        return recurrence_bwd_op(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend)
+        return elman_bwd_op(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend)
 
     backward = staticmethod(_backward_of_backward)
     jvp = staticmethod(_jvp_of_backward)
@@ -446,7 +299,7 @@ class RecurrenceBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        return _vmap_by_loop(RecurrenceBackward.apply, info, in_dims, *args)
+        return vmap_by_loop(RecurrenceBackward.apply, info, in_dims, *args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,12 +320,45 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
         raise RuntimeError(f"w_hh must be ({H}, {H}), got {tuple(w_hh.shape)}")
     if h0 is not None and tuple(h0.shape) != (B, H):
         raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
-    _check_operands(x_proj, w_hh=w_hh, h0=h0)
+    check_operands(x_proj, w_hh=w_hh, h0=h0)
     if lengths is not None:
-        lengths = _lengths_on_device(lengths, T, B, x_proj.device)
+        lengths = lengths_on_device(lengths, T, B, x_proj.device)
     if T == 0 or B == 0:
         return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
-    backend = "torch" if x_proj.device.type == "meta" else get_backend(x_proj.device)
+    backend = get_backend(x_proj.device)
     if torch.compiler.is_compiling():  # the custom op: Dynamo keeps it in the graph
-        return recurrence_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
     return Recurrence.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------
+
+
+class RNN(FusedRNNBase):
+    """Elman RNN, ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``; same arguments, shapes
+    and results as ``torch.nn.RNN``."""
+
+    def __init__(self, *args, **kwargs) -> None:  # torch.nn.RNN's argument handling, exactly
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+    def _run_direction(self, x, suffix, start, reverse, lengths):
+        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+        x_proj = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # (T, B, H): all steps at once
+        w_hh, h0 = as_dtype(x_proj.dtype, w_hh, start[0] if start else None)  # autocast
+        y, h_n = recurrence(x_proj, h0, w_hh, self.nonlinearity, reverse=reverse, lengths=lengths)
+        return y, (h_n,)

@@ -1,0 +1,53 @@
+"""Which path a call runs on, chosen once for every cell: ``FASTRNN_BACKEND=auto|triton|torch``.
+
+``torch``: the cells' PyTorch twins of the kernels' loops (the CPU path); ``triton``: the fused
+kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``); ``auto`` (the
+default): ``triton`` for CUDA tensors, ``torch`` otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+from .op import own_precision
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def get_backend(device: torch.device) -> str:
+    """The backend a tensor on ``device`` runs on, from ``FASTRNN_BACKEND``."""
+    backend = os.environ.get("FASTRNN_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"FASTRNN_BACKEND must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if device.type == "meta":  # shapes only: the twins' fake implementations
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("FASTRNN_BACKEND=triton but triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"FASTRNN_BACKEND=triton on {device.type} tensors needs "
+                               "TRITON_INTERPRET=1 (set before importing fastrnn), or CUDA tensors")
+    return backend
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def loop(backend: str, kernels: str, name: str, twin: Callable) -> Callable:
+    """The loop a custom op runs: the launcher ``fastrnn.kernels.<kernels>.<name>`` on ``triton``,
+    else ``twin``, its PyTorch twin (imported on first use: triton is optional); with autocast off,
+    as the op decides its precision itself."""
+    if backend == "triton":
+        return own_precision(getattr(importlib.import_module(f"fastrnn.kernels.{kernels}"), name))
+    return own_precision(twin)

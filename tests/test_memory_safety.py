@@ -1,0 +1,141 @@
+"""Memory safety of the fused kernels: every access inside its buffers, every buffer read with its
+own strides. Under the interpreter every load and store is checked against the launch's buffers
+(``FASTRNN_CHECK_BOUNDS=1``, set by conftest; fastrnn/kernels/bounds.py), so an out-of-bounds access
+is an IndexError here instead of a corrupted heap (and, on a GPU, another allocation overwritten)."""
+
+import os
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn.elman import elman_bwd_torch, elman_fwd_torch
+from fastrnn.gru import gru_bwd_torch, gru_fwd_torch
+from fastrnn.kernels import Config, elman_bwd, elman_fwd, gru_bwd, gru_fwd, lstm_bwd, lstm_fwd
+from fastrnn.lstm import lstm_bwd_torch, lstm_fwd_torch
+
+from .conftest import rel_err
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the checks run the kernels under the Triton interpreter")
+
+
+def test_bounds_check_catches_a_load_and_a_store_past_the_end():
+    """The negative control: a kernel that reads or writes one element too many fails loudly."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(src_ptr, dst_ptr, n, EXTRA: tl.constexpr, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(dst_ptr + o, tl.load(src_ptr + o, mask=o < n + EXTRA), mask=o < n)
+        tl.store(dst_ptr + o, tl.zeros([BLOCK], tl.float32), mask=o < n + EXTRA)
+
+    src, dst = torch.randn(4), torch.empty(4)
+    copy[(1,)](src, dst, 4, EXTRA=0, BLOCK=8)
+    assert torch.equal(dst, torch.zeros(4))
+    with pytest.raises(Exception, match="out-of-bounds load at .* past the end of src_ptr"):
+        copy[(1,)](src, dst, 4, EXTRA=1, BLOCK=8)
+
+
+def odd_strides(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of ``t`` whose size-1 dimensions have a stride far larger than the tensor (PyTorch calls
+    it contiguous all the same, and ``.contiguous()`` keeps it): a kernel that indexes some buffer with
+    such a stride reaches outside it."""
+    if t is None:
+        return None
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(1_000_003 if size == 1 else step)
+        step *= size if size != 1 else 1
+    out = torch.empty_strided(t.shape, tuple(reversed(strides)), dtype=t.dtype)
+    assert out.is_contiguous()
+    return out.copy_(t)
+
+
+SHAPES = [(4, 1, 5), (1, 3, 5), (3, 2, 1), (1, 1, 1)]  # (T, B, H): a batch, a step, a unit of one
+CONFIGS = [None, Config("stepwise", 16, 16, 16)]  # the interpreter's own, and one launch per step
+
+
+def _operands(T, B, H, G, P, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    return dict(x=rand(T, B, G * H), h0=rand(B, P), c0=rand(B, H), w_hh=rand(G * H, P, scale=0.4),
+                w_hr=rand(P, H, scale=0.4) if P != H else None, b_hn=rand(H), lengths=lengths,
+                dy=rand(T, B, P), dh_n=rand(B, P), dc_n=rand(B, H))
+
+
+def _assert_same(got, want):
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "stepwise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_elman_kernels_with_size_one_dimensions_of_any_stride(shape, config, reverse, one_thread):
+    T, B, H = shape
+    o = _operands(T, B, H, 1, H)
+    x, h0, w, lens, dy, dh_n = (odd_strides(o[k]) for k in ("x", "h0", "w_hh", "lengths", "dy", "dh_n"))
+    y = elman_fwd(x, h0, w, "tanh", reverse, lens, config=config)
+    _assert_same([y], [elman_fwd_torch(o["x"], o["h0"], o["w_hh"], "tanh", reverse, o["lengths"])])
+    d = elman_bwd(dy, dh_n, odd_strides(y), w, "tanh", reverse, lens, config=config)
+    _assert_same([d], [elman_bwd_torch(o["dy"], o["dh_n"], y, o["w_hh"], "tanh", reverse, o["lengths"])])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "stepwise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("proj", [False, True])
+def test_lstm_kernels_with_size_one_dimensions_of_any_stride(shape, config, proj, one_thread):
+    T, B, H = shape
+    P = max(1, H - 1) if proj and H > 1 else H
+    if proj and P == H:
+        pytest.skip("a projection needs proj_size < hidden_size")
+    o = _operands(T, B, H, 4, P)
+    args = [odd_strides(o[k]) for k in ("x", "h0", "c0", "w_hh", "w_hr")]
+    for reverse in (False, True):
+        lens = odd_strides(o["lengths"])
+        fused = lstm_fwd(*args, reverse, lens, config=config)
+        want = lstm_fwd_torch(o["x"], o["h0"], o["c0"], o["w_hh"], o["w_hr"], reverse, o["lengths"])
+        _assert_same(fused, want)
+        y, c, gates = (odd_strides(t) for t in fused)
+        grads = lstm_bwd(*(odd_strides(o[k]) for k in ("dy", "dh_n", "dc_n")), y, c, gates, args[1], args[2],
+                         args[3], args[4], reverse, lens, config=config)
+        _assert_same(grads, lstm_bwd_torch(o["dy"], o["dh_n"], o["dc_n"], *want, o["h0"], o["c0"], o["w_hh"],
+                                           o["w_hr"], reverse, o["lengths"]))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "stepwise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gru_kernels_with_size_one_dimensions_of_any_stride(shape, config, one_thread):
+    T, B, H = shape
+    o = _operands(T, B, H, 3, H)
+    x, h0, w, b_hn = (odd_strides(o[k]) for k in ("x", "h0", "w_hh", "b_hn"))
+    for reverse in (False, True):
+        lens = odd_strides(o["lengths"])
+        fused = gru_fwd(x, h0, w, b_hn, reverse, lens, config=config)
+        want = gru_fwd_torch(o["x"], o["h0"], o["w_hh"], o["b_hn"], reverse, o["lengths"])
+        _assert_same(fused, want)
+        y, gates = (odd_strides(t) for t in fused)
+        grads = gru_bwd(odd_strides(o["dy"]), odd_strides(o["dh_n"]), y, gates, h0, w, reverse, lens, config=config)
+        _assert_same(grads, gru_bwd_torch(o["dy"], o["dh_n"], *want, o["h0"], o["w_hh"], reverse, o["lengths"]))
+
+
+def test_lstm_with_projection_at_batch_one(monkeypatch):
+    """The report's case: a projected LSTM, unbatched batch_first input, so every step's (1, P) block
+    keeps the stride of the (B, T, P) layout; the fused backward wrote past a (2, 1, P) buffer."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTRNN_BACKEND", backend)
+        torch.manual_seed(1)
+        m = fastrnn.LSTM(2, 3, proj_size=2, batch_first=True).double()
+        xb = x.clone().requires_grad_()
+        y, _ = m(xb)
+        (torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y) * y).sum().backward()
+        results[backend] = [y, xb.grad] + [p.grad for p in m.parameters()]
+    _assert_same(results["triton"], results["torch"])
