@@ -1,11 +1,17 @@
 """Run the published suite in one process and print the README table.
 
     python benchmarks/run_suite.py [--cell rnn|lstm|gru|all] [--rounds 3] [--png speedups.png] [--json results.json]
+    python benchmarks/run_suite.py --resets [--rounds 3] [--json results.json]
 
 Each cell is timed for cuDNN (``torch.nn.RNN``, ``LSTM`` or ``GRU``) and fastrnn in interleaved
 rounds (cuDNN against itself varies 0.8-1.2x between back-to-back timings), median of ``triton.testing.do_bench`` per
 round, then the median over rounds. Prints ``| B | T | H | dtype | mode | cuDNN ms | fastrnn ms |
-speedup |``, the geometric mean and the worst cell, and peak memory of fwd+bwd for both."""
+speedup |``, the geometric mean and the worst cell, and peak memory of fwd+bwd for both.
+
+``--resets`` (issue #23) times instead the GRU and LSTM with 3 % resets inside the sequence
+(B128 T128 I64 H256, fp32 and bf16, fwd and fwd+bwd): fastrnn with ``resets=`` against torch's module
+stepped one step at a time with ``(1 - done)`` masking (``loop``) and against every segment packed
+through it (``packed``), see ``resets.py``; the aim is 10x over the loop and 3x over packed."""
 
 from __future__ import annotations
 
@@ -19,7 +25,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.report import markdown_table  # noqa: E402
+from benchmarks.resets import (  # noqa: E402
+    RESET_RATE,
+    RESETS_CELLS,
+    RESETS_PROVIDERS,
+    RESETS_SHAPES,
+    make_resets_case,
+    resets_missing,
+)
 from benchmarks.suite import CELLS, DTYPES, MODES, SHAPES, make_case  # noqa: E402
+from benchmarks.timing import interleaved_rounds  # noqa: E402
+
+RESETS_AIM = {"loop": 10.0, "packed": 3.0}  # fastrnn's speedup aimed at over each baseline
 
 
 def peak_memory_mb(run) -> float:
@@ -38,34 +56,52 @@ def main(argv=None) -> int:
     p.add_argument("--cell", default="rnn", choices=[*CELLS, "all"], help="the published table is rnn's")
     p.add_argument("--png", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--resets", action="store_true", help="the resets benchmark (issue #23) instead of the suite")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("run_suite.py times CUDA kernels: no GPU here")
         return 1
-    import triton
+    return resets_table(args) if args.resets else suite_table(args)
+
+
+def bench_ms(run) -> float:
+    """One ``triton.testing.do_bench`` median of ``run``, in ms."""
     from triton.testing import do_bench
 
-    rows = []
+    return do_bench(run, warmup=5, rep=50, return_mode="median")
+
+
+def suite_table(args) -> int:
+    """The published suite's table (see the module's docstring)."""
     cells = list(CELLS) if args.cell == "all" else [args.cell]
-    for cell, shape_id in ((c, s) for c in cells for s in map(int, args.shapes.split(","))):
-        shape = SHAPES[shape_id]
-        for dtype in DTYPES:
-            for mode in MODES:
-                runs = {prov: make_case(prov, shape, DTYPES[dtype], mode, cell=cell)
-                        for prov in ("cudnn", "fastrnn")}
-                times = {prov: [] for prov in runs}
-                for _ in range(args.rounds):
-                    for prov, run in runs.items():
-                        times[prov].append(do_bench(run, warmup=5, rep=50, return_mode="median"))
-                row = dict(cell=cell, id=shape_id, B=shape[0], T=shape[1], I=shape[2], H=shape[3], dtype=dtype,
-                           mode=mode, cudnn_ms=statistics.median(times["cudnn"]),
-                           fastrnn_ms=statistics.median(times["fastrnn"]))
-                row["speedup"] = row["cudnn_ms"] / row["fastrnn_ms"]
-                if mode == "fwdbwd":
-                    row["cudnn_mb"] = peak_memory_mb(runs["cudnn"])
-                    row["fastrnn_mb"] = peak_memory_mb(runs["fastrnn"])
-                rows.append(row)
-                print(f"# {row}", file=sys.stderr, flush=True)
+    rows = [suite_row(cell, shape_id, dtype, mode, args.rounds)
+            for cell in cells for shape_id in map(int, args.shapes.split(",")) for dtype in DTYPES for mode in MODES]
+    print_suite_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.png:
+        save_speedup_plot(rows, args.png)
+    return 0
+
+
+def suite_row(cell: str, shape_id: int, dtype: str, mode: str, rounds: int) -> dict:
+    """One cell of the suite, cuDNN and fastrnn in interleaved rounds (and fwd+bwd's peak memory)."""
+    shape = SHAPES[shape_id]
+    runs = {prov: make_case(prov, shape, DTYPES[dtype], mode, cell=cell) for prov in ("cudnn", "fastrnn")}
+    times = interleaved_rounds({prov: lambda run=run: bench_ms(run) for prov, run in runs.items()}, rounds)
+    row = dict(cell=cell, id=shape_id, B=shape[0], T=shape[1], I=shape[2], H=shape[3], dtype=dtype,
+               mode=mode, cudnn_ms=statistics.median(times["cudnn"]), fastrnn_ms=statistics.median(times["fastrnn"]))
+    row["speedup"] = row["cudnn_ms"] / row["fastrnn_ms"]
+    if mode == "fwdbwd":
+        row["cudnn_mb"] = peak_memory_mb(runs["cudnn"])
+        row["fastrnn_mb"] = peak_memory_mb(runs["fastrnn"])
+    print(f"# {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def print_suite_table(rows) -> None:
+    """The README table, the geometric mean, the worst cell and where fastrnn takes more memory."""
+    import triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"cuDNN {torch.backends.cudnn.version()}; fp32 with TF32 = {torch.backends.cudnn.allow_tf32}")
@@ -82,23 +118,65 @@ def main(argv=None) -> int:
         if "cudnn_mb" in r and r["fastrnn_mb"] > r["cudnn_mb"]:
             print(f"memory: {r['cell']} #{r['id']} {r['dtype']} fwd+bwd fastrnn {r['fastrnn_mb']:.0f} MB > "
                   f"cuDNN {r['cudnn_mb']:.0f} MB")
+
+
+def save_speedup_plot(rows, path: str) -> None:
+    """A bar per cell of the speedup over cuDNN, log scale, to ``path`` (png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4))
+    labels = [f"{r['cell']} #{r['id']} {r['dtype']}\n{r['mode']}" for r in rows]
+    ax.bar(range(len(rows)), [r["speedup"] for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=6)
+    ax.set_ylabel("speedup over cuDNN"), ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def resets_table(args) -> int:
+    """fastrnn with resets against the loop and the packed segments (see the module's docstring)."""
+    missing = [reason for reason in map(resets_missing, RESETS_CELLS) if reason is not None]
+    if missing:
+        print("resets benchmark skipped: " + "; ".join(missing))
+        return 1
+    shape = RESETS_SHAPES["cuda"]
+    rows = [resets_row(cell, dtype, mode, shape, args.rounds) for cell in RESETS_CELLS for dtype in DTYPES
+            for mode in MODES]
+    print_resets_table(rows, shape)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    if args.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(12, 4))
-        labels = [f"{r['cell']} #{r['id']} {r['dtype']}\n{r['mode']}" for r in rows]
-        ax.bar(range(len(rows)), [r["speedup"] for r in rows])
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(rows)), labels, fontsize=6)
-        ax.set_ylabel("speedup over cuDNN"), ax.set_yscale("log")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
     return 0
+
+
+def resets_row(cell: str, dtype: str, mode: str, shape: tuple, rounds: int) -> dict:
+    """One resets case, the three providers in interleaved rounds: medians and fastrnn's speedups."""
+    runs = {prov: make_resets_case(prov, shape, DTYPES[dtype], mode, "cuda", cell) for prov in RESETS_PROVIDERS}
+    times = interleaved_rounds({prov: lambda run=run: bench_ms(run) for prov, run in runs.items()}, rounds)
+    ms = {prov: statistics.median(t) for prov, t in times.items()}
+    row = dict(cell=cell, dtype=dtype, mode=mode, **{f"{prov}_ms": v for prov, v in ms.items()},
+               **{f"vs_{prov}": ms[prov] / ms["fastrnn"] for prov in RESETS_AIM})
+    print(f"# {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def print_resets_table(rows, shape) -> None:
+    """The resets table and the cells short of the aims."""
+    B, T, I, H = shape
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+          f"B={B} T={T} I={I} H={H}, {RESET_RATE:.0%} resets; fp32 with TF32 = {torch.backends.cudnn.allow_tf32}")
+    columns = ("cell", "dtype", "mode", "loop ms", "packed ms", "fastrnn ms", "vs loop", "vs packed")
+    print(markdown_table(columns, [(r["cell"], r["dtype"], r["mode"], f"{r['loop_ms']:.3f}", f"{r['packed_ms']:.3f}",
+                                    f"{r['fastrnn_ms']:.3f}", f"{r['vs_loop']:.1f}x", f"{r['vs_packed']:.1f}x")
+                                   for r in rows]))
+    for r in rows:
+        for baseline, aim in RESETS_AIM.items():
+            if r[f"vs_{baseline}"] < aim:
+                print(f"short of the aim: {r['cell']} {r['dtype']} {r['mode']} {r[f'vs_{baseline}']:.1f}x over "
+                      f"{baseline} (aim {aim:.0f}x)")
 
 
 if __name__ == "__main__":

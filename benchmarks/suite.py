@@ -1,7 +1,7 @@
 """The published benchmark suite (see ../shared/PERF.md) and the callables it times.
 
-Shared by the pytest-benchmark cases (``test_recurrence.py``) and the one-process table script
-(``run_suite.py``), so both time exactly the same work."""
+Shared by the pytest-benchmark cases (``test_recurrence.py``), the one-process GPU table
+(``run_suite.py``) and the CPU table (``cpu_table.py``), so all time exactly the same work."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwdbwd")
 PROVIDERS = ("fastrnn", "cudnn", "scratch")
+# (B, T, I, H): the CPU comparison's shapes, suite shapes #2 and #1
+CPU_SHAPES = {"cpu-small": SHAPES[2], "cpu-textbook": SHAPES[1]}
 
 
 CELLS = {name: (cell.torch_module, cell.module) for name, cell in fastrnn.CELLS.items()}
@@ -32,7 +34,9 @@ CELLS = {name: (cell.torch_module, cell.module) for name, cell in fastrnn.CELLS.
 def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device: str = "cuda",
               cell: str = "rnn"):
     """A zero-argument callable that runs one forward (under no_grad) or forward + backward of one
-    layer of ``cell`` (rnn, lstm or gru) from a random initial state."""
+    layer of ``cell`` (rnn, lstm or gru) from a random initial state. ``provider``: ``fastrnn``,
+    ``cudnn`` (torch's own module; ``torch`` is the same, the name used on a CPU) or ``scratch``.
+    Every provider gets the same weights and inputs (one seed)."""
     B, T, I, H = shape
     torch.manual_seed(0)
     torch_cls, fastrnn_cls = CELLS[cell]
@@ -40,7 +44,7 @@ def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device
     x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
     h0 = torch.randn(1, B, H, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
     hx = (h0, torch.randn_like(h0).requires_grad_(mode == "fwdbwd")) if cell == "lstm" else h0
-    if provider == "cudnn":
+    if provider in ("cudnn", "torch"):
         module = ref
     elif provider == "fastrnn":
         module = fastrnn_cls(I, H, device=device, dtype=dtype)
@@ -77,6 +81,11 @@ class ScratchLoop(nn.Module):
             h = torch.tanh(x_proj[t] + h @ r.weight_hh_l0.T)
             ys.append(h)
         return torch.stack(ys), h[None]
+
+
+def shape_label(shape) -> str:
+    """``(B, T, I, H)`` as ``B32 T256 I256 H256``."""
+    return " ".join(f"{k}{v}" for k, v in zip("BTIH", shape))
 
 
 def flops_per_step(shape) -> float:

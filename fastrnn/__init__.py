@@ -4,6 +4,7 @@ kernels; drop-ins for torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU."""
 import torch as _torch
 
 from .cells import CELLS, Cell
+from .conversion import convert
 from .elman import RNN, recurrence, recurrence_reference
 from .gru import GRU, gru_recurrence, gru_reference
 from .lstm import LSTM, lstm_recurrence, lstm_reference
@@ -12,5 +13,5 @@ from .lstm import LSTM, lstm_recurrence, lstm_reference
 _torch.serialization.add_safe_globals([cell.module for cell in CELLS.values()])
 
 __all__ = ["RNN", "LSTM", "GRU", "CELLS", "Cell", "recurrence", "recurrence_reference", "lstm_recurrence",
-           "lstm_reference", "gru_recurrence", "gru_reference"]
+           "lstm_reference", "gru_recurrence", "gru_reference", "convert"]
 __version__ = "0.1.0"

@@ -27,9 +27,9 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import own_precision, vmap_by_loop
-from .sequence import (add_at, as_dtype, at_step, check_operands, edge_step, lengths_on_device,
-                       previous_states, shifted, valid_steps)
+from .op import own_precision, vmap_by_loop, with_defaults
+from .sequence import (add_at, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps, edge_step,
+                       enters, previous_states, shifted, valid_steps)
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -41,14 +41,19 @@ NONLINEARITIES = ("tanh", "relu")
 
 def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
                          nonlinearity: str = "tanh", reverse: bool = False,
-                         lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence one step at a time in PyTorch; autograd provides the backward."""
+                         lengths: torch.Tensor | None = None,
+                         resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence one step at a time in PyTorch; autograd provides the backward. Where a new
+    sequence starts (``resets``), the state entering the step is zero."""
     T, B, H = x_proj.shape
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
     h = h0 if h0 is not None else x_proj.new_zeros(B, H)
     valid = valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    cut = cut_steps(resets, reverse)  # (T, B, 1): a new sequence starts, from zero
     ys: list[torch.Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if cut is not None:
+            h = torch.where(cut[t], torch.zeros_like(h), h)
         h_new = act(torch.addmm(x_proj[t], h, w_hh.t()))  # (B, H)
         if lengths is None:
             h = ys[t] = h_new
@@ -65,15 +70,17 @@ def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: to
 # --------------------------------------------------------------------------------------------------
 
 
-def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=None):
+def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=None, resets=None):
     """The forward launcher's twin in PyTorch: ``y (T, B, H)``, no autograd graph."""
     T, B, H = x_proj.shape
     act_ = torch.Tensor.tanh_ if activation == "tanh" else torch.Tensor.relu_
     y = x_proj.contiguous().clone()  # y[t] starts as x_proj[t] and becomes h_t in place
     h = h0 if h0 is not None else x_proj.new_zeros(B, H)
     w_t = w_hh.t()
-    valid = valid_steps(T, lengths, y.device)
+    valid, cut = valid_steps(T, lengths, y.device), cut_steps(resets, reverse)
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if cut is not None:
+            h = h.masked_fill(cut[t], 0.0)  # a new sequence starts from zero
         h_new = act_(y[t].addmm_(h, w_t))
         if valid is None:
             h = h_new
@@ -83,14 +90,17 @@ def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=
     return y
 
 
-def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None):
+def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None, resets=None):
     """The backward launcher's twin in PyTorch: ``d_pre (T, B, H)``, walking time in reverse."""
     T, B, H = y.shape
     d_pre = torch.empty_like(y)
     valid = valid_steps(T, lengths, y.device)
+    cut_next = cut_after(cut_steps(resets, reverse), reverse)  # no gradient back across a cut
     last = edge_step(T, not reverse, lengths, y.device)
     d = None  # d_pre of the step processed last: it feeds g through w_hh
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        if d is not None and cut_next is not None:
+            d = d.masked_fill(cut_next[t], 0.0)
         g = dy[t].clone() if d is None else torch.addmm(dy[t], d, w_hh)
         if isinstance(last, int):
             if t == last:
@@ -119,59 +129,62 @@ def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths
 
 
 @torch.library.custom_op("fastrnn::elman_fwd", mutates_args=())
-def elman_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
-                      nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor],
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def elman_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor, nonlinearity: str,
+                 reverse: bool, lengths: Optional[torch.Tensor], backend: str,
+                 resets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ``y (T, B, H)``, ``h_n (B, H)``."""
-    y = loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
+    y = loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths,
+                                                            resets)
     h_n = at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
     return y, h_n
 
 
 @elman_fwd_op.register_fake
-def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend):
+def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
 
 
 @torch.library.custom_op("fastrnn::elman_bwd", mutates_args=())
-def elman_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor,
-                      nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor],
-                      backend: str) -> torch.Tensor:
+def elman_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor, nonlinearity: str,
+                 reverse: bool, lengths: Optional[torch.Tensor], backend: str,
+                 resets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """-> ``d_pre (T, B, H)``, the gradient of the pre-activations."""
-    return loop(backend, "elman", "elman_bwd", elman_bwd_torch)(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths)
+    return loop(backend, "elman", "elman_bwd", elman_bwd_torch)(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths,
+                                                               resets)
 
 
 @elman_bwd_op.register_fake
-def _(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend):
+def _(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend = inputs
-    ctx.save_for_backward(output[0], h0, w_hh, lengths)
+    x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 8)
+    ctx.save_for_backward(output[0], h0, w_hh, lengths, resets)
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
 
 
 @own_precision
 def _backward(ctx, dy, dh_n):
-    y, h0, w_hh, lengths = ctx.saved_tensors
+    y, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
-    d_pre = RecurrenceBackward.apply(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths,
-                                     ctx.backend)
-
-    d_first = at_step(d_pre, edge_step(T, ctx.reverse, lengths, y.device))  # (B, H)
+    d_pre = RecurrenceBackward.apply(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend,
+                                     resets)
+    cut = cut_steps(resets, ctx.reverse)  # (T, B, 1): the state entering step t is zero, or None
+    d_first = enters(at_step(d_pre, edge_step(T, ctx.reverse, lengths, y.device)), cut, ctx.reverse)  # (B, H)
     dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
     dw_hh = None
     if ctx.needs_input_grad[2]:
-        # dw_hh = sum_t d_pre[t].T @ h_{t-1}: h_{t-1} = y[t -+ 1], or h0 at the first step
-        d_mid, h_mid = (d_pre[:-1], y[1:]) if ctx.reverse else (d_pre[1:], y[:-1])
+        # dw_hh = sum_t d_pre[t].T @ h_{t-1}: h_{t-1} = y[t -+ 1] (zero where cut), or h0 at the first step
+        d_in = d_pre if cut is None else d_pre.masked_fill(cut, 0.0)
+        d_mid, h_mid = (d_in[:-1], y[1:]) if ctx.reverse else (d_in[1:], y[:-1])
         dw_hh = d_mid.reshape(-1, H).T @ h_mid.reshape(-1, H)  # (H, H)
         if h0 is not None:
             dw_hh = dw_hh + d_first.T @ h0
     dx_proj = d_pre if ctx.needs_input_grad[0] else None
-    return dx_proj, dh0, dw_hh, None, None, None, None
+    return dx_proj, dh0, dw_hh, None, None, None, None, None
 
 
 elman_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -184,40 +197,44 @@ elman_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 #     G_t = a_t * (e[t] + G[t_prev] @ w_hh.T)       (G = dL/dg: the same backward op, reversed)
 # and then dL/d(dy) = G, dL/d(dh_n) = G at the last step, dL/dw_hh = sum_t d[t_next].T @ G[t],
 # dL/dy[t] = (e[t] + G[t_prev] @ w_hh.T) * g_t * da_t/dy_t (-2 y for tanh, 0 for relu).
+# Resets cut the same links in every one of these recurrences: the op walking the other way with the
+# same ``resets`` cuts exactly where the forward did.
 
 
 def _setup_context_bwd(ctx, inputs, output):
-    dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend = inputs
-    ctx.save_for_backward(dy, dh_n, y, w_hh, lengths, output)
+    dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 9)
+    ctx.save_for_backward(dy, dh_n, y, w_hh, lengths, resets, output)
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
 
 
 @own_precision
 def _backward_of_backward(ctx, e):
-    dy, dh_n, y, w_hh, lengths, d_pre = ctx.saved_tensors
+    dy, dh_n, y, w_hh, lengths, resets, d_pre = ctx.saved_tensors
     T, B, H = y.shape
     reverse = ctx.reverse  # the forward's direction; the backward walked the other way
     G = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(dh_n), y, w_hh.t(), ctx.nonlinearity,
-                                 not reverse, lengths, ctx.backend)  # (T, B, H) = dL/dg
+                                 not reverse, lengths, ctx.backend, resets)  # (T, B, H) = dL/dg
+    cut = cut_steps(resets, reverse)
     last = edge_step(T, not reverse, lengths, y.device)
     d_dy = G if ctx.needs_input_grad[0] else None
     d_dh_n = at_step(G, last) if ctx.needs_input_grad[1] else None
     d_w = None
-    if ctx.needs_input_grad[3]:  # g_t holds d[t_next] @ w_hh: t_next = t + 1 (t - 1 with reverse)
-        d_next, G_now = (d_pre[:-1], G[1:]) if reverse else (d_pre[1:], G[:-1])
+    if ctx.needs_input_grad[3]:  # g_t holds d[t_next] @ w_hh: t_next = t + 1 (t - 1 with reverse), if not cut
+        G_in = G if cut is None else G.masked_fill(cut_after(cut, reverse), 0.0)
+        d_next, G_now = (d_pre[:-1], G_in[1:]) if reverse else (d_pre[1:], G_in[:-1])
         d_w = d_next.reshape(-1, H).T @ G_now.reshape(-1, H)  # (H, H)
     d_y = None
     if ctx.needs_input_grad[2] and ctx.nonlinearity == "tanh":
-        D = e + shifted(G, later=reverse) @ w_hh.T  # dL/dd, (T, B, H)
-        g = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths)
+        D = e + shifted(G, later=reverse, cut=cut) @ w_hh.T  # dL/dd, (T, B, H)
+        g = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths, cut)
         d_y = D * g * (-2.0 * y)  # zero past each sequence's end, where y is zero
-    return d_dy, d_dh_n, d_y, d_w, None, None, None, None
+    return d_dy, d_dh_n, d_y, d_w, None, None, None, None, None
 
 
-def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths):
+def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths, cut):
     """The backward's ``g_t = dy[t] + [t last] dh_n + d_pre[t_next] @ w_hh``, all steps at once."""
     T, B, _ = dy.shape
-    g = dy + shifted(d_pre, later=not reverse) @ w_hh
+    g = dy + shifted(d_pre, later=not reverse, cut=cut_after(cut, reverse)) @ w_hh
     return add_at(g, edge_step(T, not reverse, lengths, dy.device), dh_n)
 
 
@@ -229,31 +246,34 @@ def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths):
 
 @own_precision
 def _jvp(ctx, dx, dh0, dw, *_):
-    y, h0, w_hh, lengths = ctx.saved_tensors
+    y, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, B, _ = y.shape
+    cut = cut_steps(resets, ctx.reverse)
     e = dx if dx is not None else torch.zeros_like(y)
     if dw is not None:
-        e = e + previous_states(y, h0, ctx.reverse, lengths) @ dw.T
+        e = e + previous_states(y, h0, ctx.reverse, lengths, cut) @ dw.T
     if dh0 is not None:
-        e = add_at(e, edge_step(T, ctx.reverse, lengths, y.device), dh0 @ w_hh.T)
+        e = add_at(e, edge_step(T, ctx.reverse, lengths, y.device), enters(dh0, cut, ctx.reverse) @ w_hh.T)
     dy = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(y[0]), y, w_hh.t(), ctx.nonlinearity,
-                                  not ctx.reverse, lengths, ctx.backend)
+                                  not ctx.reverse, lengths, ctx.backend, resets)
     return dy, at_step(dy, edge_step(T, not ctx.reverse, lengths, y.device))
 
 
 @own_precision
 def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
-    dy, dh_n, y, w_hh, lengths, d_pre = ctx.saved_tensors
+    dy, dh_n, y, w_hh, lengths, resets, d_pre = ctx.saved_tensors
     reverse = ctx.reverse
+    cut = cut_steps(resets, reverse)
+    cut_next = cut_after(cut, reverse)
     s = torch.zeros_like(y)
     if d_y is not None and ctx.nonlinearity == "tanh":  # relu's act' is flat: no tangent
-        s = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths) * (-2.0 * y * d_y)
-    e = (d_dy if d_dy is not None else torch.zeros_like(y)) + shifted(s, later=not reverse) @ w_hh
+        s = _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths, cut) * (-2.0 * y * d_y)
+    e = (d_dy if d_dy is not None else torch.zeros_like(y)) + shifted(s, later=not reverse, cut=cut_next) @ w_hh
     if d_w is not None:
-        e = e + shifted(d_pre, later=not reverse) @ d_w
+        e = e + shifted(d_pre, later=not reverse, cut=cut_next) @ d_w
     d_dh_n = d_dh_n if d_dh_n is not None else torch.zeros_like(dh_n)
     u = RecurrenceBackward.apply(e.contiguous(), d_dh_n.contiguous(), y, w_hh, ctx.nonlinearity,
-                                 reverse, lengths, ctx.backend)
+                                 reverse, lengths, ctx.backend, resets)
     return u + s
 
 
@@ -266,8 +286,8 @@ class Recurrence(torch.autograd.Function):
     go through it; under torch.compile the custom op itself is called (Dynamo refuses a custom jvp)."""
 
     @staticmethod
-    def forward(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend):
-        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+    def forward(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets):
+        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
 
     backward = staticmethod(_backward)
     jvp = staticmethod(_jvp)
@@ -275,7 +295,7 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
-        ctx.save_for_forward(output[0], inputs[1], inputs[2], inputs[5])
+        ctx.save_for_forward(output[0], inputs[1], inputs[2], inputs[5], inputs[7])
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -286,8 +306,8 @@ class RecurrenceBackward(torch.autograd.Function):
     """The backward op, differentiable again (``_backward_of_backward``)."""
 
     @staticmethod
-    def forward(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend):
-        return elman_bwd_op(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend)
+    def forward(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets):
+        return elman_bwd_op(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets)
 
     backward = staticmethod(_backward_of_backward)
     jvp = staticmethod(_jvp_of_backward)
@@ -295,7 +315,7 @@ class RecurrenceBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context_bwd(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:4], inputs[6], output)
+        ctx.save_for_forward(*inputs[:4], inputs[6], inputs[8], output)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -308,8 +328,8 @@ class RecurrenceBackward(torch.autograd.Function):
 
 
 def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
-               nonlinearity: str = "tanh", reverse: bool = False,
-               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               nonlinearity: str = "tanh", reverse: bool = False, lengths: torch.Tensor | None = None,
+               resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``y (T, B, H), h_n (B, H)`` of the Elman recurrence; see the module docstring."""
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
@@ -321,14 +341,13 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
     if h0 is not None and tuple(h0.shape) != (B, H):
         raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
     check_operands(x_proj, w_hh=w_hh, h0=h0)
-    if lengths is not None:
-        lengths = lengths_on_device(lengths, T, B, x_proj.device)
+    lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
-        return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths)
+        return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths, resets)
     backend = get_backend(x_proj.device)
     if torch.compiler.is_compiling():  # the custom op: Dynamo keeps it in the graph
-        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
-    return Recurrence.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend)
+        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
+    return Recurrence.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,9 +375,9 @@ class RNN(FusedRNNBase):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
 
-    def _run_direction(self, x, suffix, start, reverse, lengths):
+    def _run_direction(self, x, suffix, start, reverse, lengths, resets):
         w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
         x_proj = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # (T, B, H): all steps at once
         w_hh, h0 = as_dtype(x_proj.dtype, w_hh, start[0] if start else None)  # autocast
-        y, h_n = recurrence(x_proj, h0, w_hh, self.nonlinearity, reverse=reverse, lengths=lengths)
+        y, h_n = recurrence(x_proj, h0, w_hh, self.nonlinearity, reverse, lengths, resets)
         return y, (h_n,)

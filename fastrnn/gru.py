@@ -21,9 +21,10 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import own_precision, refuse_double_backward
-from .sequence import (acc_dtype, as_dtype, at_step, check_operands, edge_step, huge_pages, lengths_on_device,
-                       sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+from .op import own_precision, vmap_by_loop, with_defaults
+from .sequence import (Walk, acc_dtype, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
+                       edge_step, enters, huge_pages, previous_states, shifted, sigmoid_backward, step_rows,
+                       sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -31,15 +32,19 @@ from .sequence import (acc_dtype, as_dtype, at_step, check_operands, edge_step, 
 
 
 def gru_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
-                  b_hn: torch.Tensor | None = None, reverse: bool = False,
-                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GRU one step at a time in PyTorch: ``y (T, B, H), h_n (B, H)``."""
+                  b_hn: torch.Tensor | None = None, reverse: bool = False, lengths: torch.Tensor | None = None,
+                  resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GRU one step at a time in PyTorch: ``y (T, B, H), h_n (B, H)``; where a new sequence starts
+    (``resets``), the state entering the step is zero."""
     T, B, G = x_proj.shape
     H = G // 3
     h = h0 if h0 is not None else x_proj.new_zeros(B, H)
     valid = valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    cut = cut_steps(resets, reverse)  # (T, B, 1): a new sequence starts, from zero
     ys: list[torch.Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if cut is not None:
+            h = torch.where(cut[t], torch.zeros_like(h), h)
         x_r, x_z, x_n = x_proj[t].chunk(3, 1)  # (B, 3H) -> 3 x (B, H)
         hh_r, hh_z, hh_n = (h @ w_hh.t()).chunk(3, 1)
         if b_hn is not None:
@@ -62,7 +67,7 @@ def gru_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Ten
 # --------------------------------------------------------------------------------------------------
 
 
-def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None):
+def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None):
     """The forward launcher's twin: ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n and
     ``hn = hh_n + b_hn``), both zero past each sequence's end; no autograd graph.
 
@@ -88,7 +93,10 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None):
                        g_all[..., H:2 * H].unbind(0))
     ns, hns = g_all[..., 2 * H:3 * H].unbind(0), g_all[..., 3 * H:].unbind(0)
     x_rzs, x_ns, ys = x_proj[..., :2 * H].unbind(0), x_proj[..., 2 * H:].unbind(0), y.unbind(0)
+    cut = cut_steps(resets, reverse)  # resets come without lengths: the state is an output's view
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if cut is not None:
+            h = h.masked_fill(cut[t], 0.0)  # a new sequence starts from zero
         torch.mm(h, w_hh_t, out=hh)
         h_t = ys[t] if direct else x_proj.new_empty(B, H, dtype=acc)
         x_rz, x_n = (x_rzs[t], x_ns[t]) if direct else (x_rzs[t].to(acc), x_ns[t].to(acc))
@@ -113,10 +121,11 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None):
     return y, gates
 
 
-def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
+def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=None, gates_src=None):
     """The backward launcher's twin, walking time in reverse: ``d_x (T, B, 3H)``, the gradient of
     x_proj (zero past each end), and ``dh0_local (B, H)``, the gradient h0 gets through z (the caller
-    adds its path through w_hh).
+    adds its path through w_hh). ``gates_src (T, B, 4H)``, where given, is the gradient that reaches
+    the gate activations r, z, n, hn directly (a second derivative's).
 
     The factors of the gradients that do not depend on the recurrence are computed for all steps at
     once, into ``d_x`` itself: ``d_x = (dn r * [hn (1-r)], dh * [(h_{t-1} - n) z (1-z)],
@@ -147,9 +156,13 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
         if lengths is not None and reverse:
             first = step_rows(k, edge_step(T, reverse, lengths, y.device))
             k_z[first] = h0_a - n[first]
+    cut = cut_steps(resets, reverse)  # (T, B, 1): the state entering step t is zero
+    if cut is not None:
+        k_z.copy_(torch.where(cut, -n, k_z))  # h_{t-1} - n with h_{t-1} = 0
     sigmoid_backward(k_z, z, grad_input=k_z)
     tanh_backward(torch.sub(z.new_ones(()), z, out=k_n), n, grad_input=k_n)  # (1 - z) (1 - n^2)
     valid = valid_steps(T, lengths, y.device)
+    src = _source_terms(gates_src, gates_a, valid) if gates_src is not None else None
     if valid is not None:
         k_n.masked_fill_(~valid, 0.0)  # past each end r, z, n, hn are zero, so are k_r, k_z; k_n is not
 
@@ -161,7 +174,9 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
     dh, dh_other = dh_n.new_empty(B, H), dh_n.new_empty(B, H)
     d_hh = dh_n.new_empty(B, 3 * H)  # (dr, dz, dn r) of the step processed last
     d_hh_rz, d_hh_n = d_hh[:, :2 * H], d_hh[:, 2 * H:]
-    dh_carry = dh_n.new_zeros(B, H) if valid is not None else None  # dh_{t_next} * z_{t_next}
+    carried = valid is not None or cut is not None  # dh * z kept in a buffer of its own
+    dh_carry = dh_n.new_zeros(B, H) if carried else None  # dh_{t_next} * z_{t_next}
+    cut_next = cut_after(cut, reverse)  # no gradient back across a cut
     # every step's views, made at once
     k_rzs, k_rs = k[..., :2 * H].unbind(0), k_r.unbind(0)
     k_zns, k_ns = k[..., H:].unflatten(-1, (2, H)).unbind(0), k_n.unbind(0)
@@ -170,7 +185,10 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         dy_t = dys[t] if direct else dys[t].to(acc)
         dh, dh_other = dh_other, dh
-        if valid is not None:
+        if cut_next is not None and t_next is not None:
+            dh_carry.masked_fill_(cut_next[t], 0.0)
+            d_hh.masked_fill_(cut_next[t], 0.0)
+        if carried:
             torch.add(dy_t, dh_carry, out=dh)
         elif t_next is None:
             dh.copy_(dy_t)
@@ -184,17 +202,33 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
         else:
             dh.addcmul_(dh_n, at_last[t])
         k_zns[t].mul_(dh[:, None])  # (B, 2, H): dz, dn
+        if src is not None:
+            k_zns[t].add_(src[t, :, H:3 * H].unflatten(-1, (2, H)))
         torch.mul(k_ns[t], rs[t], out=d_hh_n)  # dn r
         k_rs[t].mul_(d_hh_n)  # dr
+        if src is not None:
+            k_rs[t].add_(src[t, :, :H])
+            d_hh_n.add_(src[t, :, 3 * H:])
         d_hh_rz.copy_(k_rzs[t])
         if valid is not None:
             torch.where(valid[t], dh * zs[t], dh_carry, out=dh_carry)
+        elif carried:
+            torch.mul(dh, zs[t], out=dh_carry)
         t_next = t
-    if valid is None:
+    if not carried:
         dh_carry = dh * zs[t_next]
     if not direct:
         d_x.copy_(k)
-    return d_x, dh_carry.to(y.dtype)  # dh_carry: dh at each first step times z there
+    return d_x, enters(dh_carry, cut, reverse).to(y.dtype)  # dh at each first step times z there
+
+
+def _source_terms(gates_src, gates, valid):
+    """The gradients of the pre-activations r, z, n from those of the activations r, z, n (and of hn
+    as it is): (T, B, 4H), zero past each end."""
+    r, z, n, _ = gates.chunk(4, -1)
+    slopes = torch.cat((r * (1 - r), z * (1 - z), 1 - n * n, torch.ones_like(r)), -1)
+    src = gates_src.to(gates.dtype) * slopes
+    return src if valid is None else src.masked_fill(~valid, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,14 +242,15 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None):
 @torch.library.custom_op("fastrnn::gru_fwd", mutates_args=())
 def gru_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
                b_hn: Optional[torch.Tensor], reverse: bool, lengths: Optional[torch.Tensor],
-               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backend: str, resets: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on x_proj's device."""
-    y, gates = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths)
+    y, gates = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
     return y, gates, at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
 
 
 @gru_fwd_op.register_fake
-def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend):
+def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets=None):
     T, B, G = x_proj.shape
     H = G // 3
     return x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(B, H)
@@ -223,53 +258,175 @@ def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend):
 
 @torch.library.custom_op("fastrnn::gru_bwd", mutates_args=())
 def gru_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, gates: torch.Tensor,
-               h0: Optional[torch.Tensor], w_hh: torch.Tensor, reverse: bool,
-               lengths: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``."""
-    return loop(backend, "gru", "gru_bwd", gru_bwd_torch)(dy, dh_n, y, gates, h0, w_hh, reverse, lengths)
+               h0: Optional[torch.Tensor], w_hh: torch.Tensor, reverse: bool, lengths: Optional[torch.Tensor],
+               backend: str, resets: Optional[torch.Tensor] = None, gates_src: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``. ``gates_src (T, B, 4H)``:
+    the gradient that reaches the gate activations directly (only a second derivative has it); that
+    runs on the PyTorch twin."""
+    args = (dy, dh_n, y, gates, h0, w_hh, reverse, lengths, resets)
+    if gates_src is None:
+        return loop(backend, "gru", "gru_bwd", gru_bwd_torch)(*args)
+    return loop("torch", "gru", "gru_bwd", gru_bwd_torch)(*args, gates_src=gates_src)
 
 
 @gru_bwd_op.register_fake
-def _(dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend):
+def _(dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets=None, gates_src=None):
     T, B, H = y.shape
     return y.new_empty(T, B, 3 * H), y.new_empty(B, H)
 
 
 def _setup_context(ctx, inputs, output):
-    x_proj, h0, w_hh, b_hn, reverse, lengths, backend = inputs
+    x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets = with_defaults(inputs, 8)
     y, gates, _ = output
-    ctx.mark_non_differentiable(gates)  # an internal, saved for the backward
-    ctx.save_for_backward(y, gates, h0, w_hh, lengths)
+    ctx.save_for_backward(y, gates, h0, w_hh, lengths, resets)
     ctx.has_b_hn, ctx.reverse, ctx.backend = b_hn is not None, reverse, backend
+    ctx.set_materialize_grads(False)  # the gates' gradient stays None unless a second derivative has it
 
 
 @own_precision
-def _backward(ctx, dy, _d_gates, dh_n):
-    y, gates, h0, w_hh, lengths = ctx.saved_tensors
+def _backward(ctx, dy, d_act, dh_n):
+    """The gradients of x_proj, h0, w_hh and b_hn from those of y and h_n (and of the gate
+    activations, which only a second derivative gives)."""
+    y, gates, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
-    d_x, dh0_local = gru_bwd_op(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend)
+    d_x, dh0_local = GRUBackward.apply(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend, resets,
+                                       d_act)
     need_x, need_h0, need_w_hh, need_b_hn = ctx.needs_input_grad[:4]
+    cut = cut_steps(resets, ctx.reverse)
     first = edge_step(T, ctx.reverse, lengths, y.device)
-    # d_hh = (dr_pre, dz_pre, dn_pre * r), as its two parts: d_x's first two thirds and dn_r
-    dn_r = d_x[..., 2 * H:] * gates[..., :H] if need_w_hh or need_b_hn or need_h0 else None  # (T, B, H)
-    d_rz = d_x[..., :2 * H]
+    d_rz, dn_r = _hidden_parts(d_x, gates, d_act)  # d_hh = (dr, dz, dn r + d(hn)), the gradient of h W^T
     dh0 = None
     if h0 is not None and need_h0:
-        dh0 = dh0_local + torch.cat((at_step(d_rz, first), at_step(dn_r, first)), 1) @ w_hh
+        d_first = torch.cat((at_step(d_rz, first), at_step(dn_r, first)), 1)
+        dh0 = dh0_local + enters(d_first, cut, ctx.reverse) @ w_hh
     dw_hh = None
     if need_w_hh:  # sum_t d_hh[t].T @ h_{t-1}: (3H, H)
-        dw_hh = torch.cat([sum_with_previous(d, y, h0, at_step(d, first), ctx.reverse)
-                           for d in (d_rz, dn_r)])
+        dw_hh = torch.cat([sum_with_previous(d, y, h0, at_step(d, first), ctx.reverse, cut) for d in (d_rz, dn_r)])
     db_hn = dn_r.sum((0, 1)) if ctx.has_b_hn and need_b_hn else None
     dx_proj = d_x if need_x else None
-    return dx_proj, dh0, dw_hh, db_hn, None, None, None
+    return dx_proj, dh0, dw_hh, db_hn, None, None, None, None
+
+
+def _hidden_parts(d_x, gates, d_act=None):
+    """The gradient of ``h_{t-1} @ w_hh.T`` as its two parts: (dr, dz) (T, B, 2H), d_x's first two
+    thirds, and dn r (+ the gradient of hn where a second derivative gives one) (T, B, H)."""
+    H = gates.shape[-1] // 4
+    dn_r = d_x[..., 2 * H:] * gates[..., :H]
+    if d_act is not None:
+        dn_r = dn_r + d_act[..., 3 * H:]
+    return d_x[..., :2 * H], dn_r
 
 
 gru_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-refuse_double_backward(gru_bwd_op, "fastrnn.GRU")
+
+# The backward's own derivative (double backward). Walking back, the backward is linear in (dy, dh_n):
+#     dh_t = dy_t + d_hh_{t_next} W + dh_{t_next} z_{t_next};  dn = dh k_n, dz = dh k_z, dr = dn k_r,
+#     d_hh = (dr, dz, dn r),  with k_n = (1-z)(1-n^2), k_z = (h_{t-1} - n) z(1-z), k_r = hn r(1-r).
+# For upstream gradients X of d_x = (dr, dz, dn) and e0 of dh0_local its adjoint walks forward in time
+# (``_adjoint``): D_t = H^_prev W^T (the gradient of d_hh), R^ = X_r + D_r, Z^ = X_z + D_z,
+# N^ = X_n + D_n r + R^ k_r, H^_t = Z^ k_z + N^ k_n + P_t z_t with P_t = H^_prev (e0 at the first step);
+# then d(dy) = H^, d(dh_n) its last row, dW = sum_t d_hh_t^T H^_prev, and the gates', y's and h0's
+# gradients are elementwise in these with the first backward's dh and dn (``_second_order``).
+
+
+def _setup_context_bwd(ctx, inputs, output):
+    dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets, gates_src = with_defaults(inputs, 11)
+    ctx.save_for_backward(dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0])
+    ctx.reverse, ctx.sources = reverse, gates_src is not None
+
+
+@own_precision
+def _backward_of_backward(ctx, X, e0):
+    dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x = ctx.saved_tensors
+    if ctx.sources:
+        raise NotImplementedError("third derivatives through fastrnn.GRU are not supported")
+    walk = Walk(y.shape[0], lengths, resets, ctx.reverse, y.device)
+    X = walk.masked(torch.zeros_like(d_x) if X is None else X)
+    e0 = enters(torch.zeros_like(y[0]) if e0 is None else e0, walk.cut, walk.reverse)
+    r, z, n, hn = gates.chunk(4, -1)
+    h_prev = walk.masked(previous_states(y, h0, walk.reverse, lengths, walk.cut))
+    d_hh = torch.cat(_hidden_parts(d_x, gates), -1)  # (T, B, 3H)
+    u = dy + shifted(d_hh @ w_hh, later=not walk.reverse, cut=cut_after(walk.cut, walk.reverse))
+    dh = walk.carried_back(u, dh_n, z)  # the first backward's dh at every step
+    k = ((1 - z) * (1 - n * n), (h_prev - n) * z * (1 - z), hn * r * (1 - r))  # k_n, k_z, k_r
+    D, R, Z, N, H_, P = _adjoint(X, e0, k, r, z, w_hh, walk)
+    d_act, d_y, d_h0 = _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk)
+    d_w = d_hh.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)  # (3H, H)
+    return (H_, at_step(H_, walk.last), d_y, d_act, d_h0 if h0 is not None else None, d_w, None, None, None,
+            None, None)
+
+
+def _adjoint(X, e0, k, r, z, w_hh, walk):
+    """The backward's adjoint, walking forward: D (T, B, 3H), R^, Z^, N^, H^ and P (T, B, H) (see above)."""
+    k_n, k_z, k_r = k
+    H = z.shape[-1]
+    outs = [None] * walk.T
+    H_prev = torch.zeros_like(z[0])
+    for t in walk.order:
+        linked = walk.linked(H_prev, t)
+        D_t = walk.masked(linked @ w_hh.T, t)  # (B, 3H)
+        R_t, Z_t = X[t, :, :H] + D_t[:, :H], X[t, :, H:2 * H] + D_t[:, H:2 * H]
+        N_t = X[t, :, 2 * H:] + D_t[:, 2 * H:] * r[t] + R_t * k_r[t]
+        P_t = linked + walk.at(walk.first, t, e0)
+        H_t = walk.masked(Z_t * k_z[t] + N_t * k_n[t] + P_t * z[t], t)
+        outs[t] = (D_t, R_t, Z_t, N_t, H_t, P_t)
+        H_prev = H_t
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk):
+    """The gradients of the gate activations r, z, n, hn (T, B, 4H), of y (T, B, H) and of h0 (B, H)
+    that the backward's adjoint takes through the factors k and the carried z."""
+    r, z, n, hn = gates.chunk(4, -1)
+    H = z.shape[-1]
+    dn = d_x[..., 2 * H:]
+    d_act = torch.cat((dn * (R * hn * (1 - 2 * r) + D[..., 2 * H:]),
+                       dh * (-N * (1 - n * n) + Z * (h_prev - n) * (1 - 2 * z) + P),
+                       -dh * (2 * N * n * (1 - z) + Z * z * (1 - z)),
+                       R * dn * r * (1 - r)), -1)
+    Q = Z * dh * z * (1 - z)  # the gradient of h_{t-1} through k_z
+    d_y = walk.masked(shifted(Q, later=not walk.reverse, cut=cut_after(walk.cut, walk.reverse)))
+    d_h0 = enters(at_step(Q, walk.first), walk.cut, walk.reverse)
+    return walk.masked(d_act), d_y, d_h0
+
+
+gru_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
+
+
+class GRUFunction(torch.autograd.Function):
+    """The forward op and its formula as an autograd.Function, which torch.func transforms accept
+    where a custom op's registered formula is refused. Eager calls go through it; under
+    torch.compile the custom op itself is called."""
+
+    @staticmethod
+    def forward(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets):
+        return gru_fwd_op(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(GRUFunction.apply, info, in_dims, *args)
+
+
+class GRUBackward(torch.autograd.Function):
+    """The backward op, differentiable again (``_backward_of_backward``)."""
+
+    @staticmethod
+    def forward(*args):
+        return gru_bwd_op(*args)
+
+    setup_context = staticmethod(_setup_context_bwd)
+    backward = staticmethod(_backward_of_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(GRUBackward.apply, info, in_dims, *args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,8 +435,8 @@ refuse_double_backward(gru_bwd_op, "fastrnn.GRU")
 
 
 def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor,
-                   b_hn: torch.Tensor | None = None, reverse: bool = False,
-                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   b_hn: torch.Tensor | None = None, reverse: bool = False, lengths: torch.Tensor | None = None,
+                   resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``y (T, B, H), h_n (B, H)`` of the GRU recurrence; see the module docstring."""
     if x_proj.dim() != 3:
         raise ValueError(f"x_proj must be 3-D (T, B, 3H), got {x_proj.dim()}-D")
@@ -294,12 +451,12 @@ def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Te
     if h0 is not None and tuple(h0.shape) != (B, H):
         raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
     check_operands(x_proj, w_hh=w_hh, b_hn=b_hn, h0=h0)
-    if lengths is not None:
-        lengths = lengths_on_device(lengths, T, B, x_proj.device)
+    lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
-        return gru_reference(x_proj, h0, w_hh, b_hn, reverse, lengths)
+        return gru_reference(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
     backend = get_backend(x_proj.device)
-    y, _, h_n = gru_fwd_op(x_proj, h0, w_hh, b_hn, reverse, lengths, backend)
+    run = gru_fwd_op if torch.compiler.is_compiling() else GRUFunction.apply  # (Dynamo keeps the op)
+    y, _, h_n = run(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets)
     return y, h_n
 
 
@@ -317,7 +474,7 @@ class GRU(FusedRNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def _run_direction(self, x, suffix, start, reverse, lengths):
+    def _run_direction(self, x, suffix, start, reverse, lengths, resets):
         w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
         b_hn = None
         b = None
@@ -327,5 +484,5 @@ class GRU(FusedRNNBase):
             b_hn = b_hh[2 * H:]
         x_proj = F.linear(x, w_ih, b)  # (T, B, 3H)
         w_hh, b_hn, h0 = as_dtype(x_proj.dtype, w_hh, b_hn, start[0] if start else None)
-        y, h_n = gru_recurrence(x_proj, h0, w_hh, b_hn, reverse=reverse, lengths=lengths)
+        y, h_n = gru_recurrence(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
         return y, (h_n,)

@@ -23,9 +23,10 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import own_precision, refuse_double_backward
-from .sequence import (acc_dtype, add_at, as_dtype, at_step, check_operands, edge_step, huge_pages, lengths_on_device,
-                       sigmoid_backward, shifted, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+from .op import own_precision, vmap_by_loop, with_defaults
+from .sequence import (Walk, acc_dtype, add_at, as_dtype, at_step, check_operands, checked_steps, cut_after,
+                       cut_steps, edge_step, enters, huge_pages, previous_states, shifted, sigmoid_backward,
+                       step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -34,15 +35,20 @@ from .sequence import (acc_dtype, add_at, as_dtype, at_step, check_operands, edg
 
 def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
                    w_hh: torch.Tensor, w_hr: torch.Tensor | None = None, reverse: bool = False,
-                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The LSTM one step at a time in PyTorch: ``y (T, B, P), h_n (B, P), c_n (B, H)``."""
+                   lengths: torch.Tensor | None = None, resets: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LSTM one step at a time in PyTorch: ``y (T, B, P), h_n (B, P), c_n (B, H)``; where a new
+    sequence starts (``resets``), the states entering the step are zero."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     h = h0 if h0 is not None else x_proj.new_zeros(B, P)
     c = c0 if c0 is not None else x_proj.new_zeros(B, H)
     valid = valid_steps(T, lengths, x_proj.device)  # (T, B, 1): step t is part of sequence b
+    cut = cut_steps(resets, reverse)  # (T, B, 1): a new sequence starts, from zero
     ys: list[torch.Tensor | None] = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if cut is not None:
+            h, c = torch.where(cut[t], torch.zeros_like(h), h), torch.where(cut[t], torch.zeros_like(c), c)
         z_i, z_f, z_g, z_o = torch.addmm(x_proj[t], h, w_hh.t()).chunk(4, 1)  # (B, 4H) -> 4 x (B, H)
         c_new = torch.sigmoid(z_f) * c + torch.sigmoid(z_i) * torch.tanh(z_g)
         h_new = torch.sigmoid(z_o) * torch.tanh(c_new)
@@ -64,7 +70,7 @@ def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 
-def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None):
+def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None):
     """The forward launcher's twin: ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)`` (i, f, g,
     o after their nonlinearity), all zero past each sequence's end; no autograd graph.
 
@@ -93,7 +99,10 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None)
                                  z_all[..., 2 * H:3 * H].unbind(0), z_all[..., 3 * H:].unbind(0))
     i_s, f_s = z_all[..., :H].unbind(0), z_all[..., H:2 * H].unbind(0)
     xs, cs, ys = x_proj.unbind(0), c.unbind(0), y.unbind(0)
+    cut = cut_steps(resets, reverse)  # resets come without lengths: the states are outputs' views
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if cut is not None:  # a new sequence starts from zero
+            h, c_prev = h.masked_fill(cut[t], 0.0), c_prev.masked_fill(cut[t], 0.0)
         z = zs[t]
         if direct:
             c_t, h_t = cs[t], ys[t]
@@ -125,10 +134,12 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None)
     return y, c, gates
 
 
-def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None):
+def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
+                   resets=None, dc_src=None, dz_src=None):
     """The backward launcher's twin, walking time in reverse: ``d_gates (T, B, 4H)``, the gradient of
     the pre-activations (zero past each end), and ``dc0 (B, H)`` (zeros when c0 is None). Reads
-    neither ``y`` nor ``h0`` (the launcher's signature has them).
+    neither ``y`` nor ``h0`` (the launcher's signature has them). ``dc_src (T, B, H)`` and ``dz_src
+    (T, B, 4H)``, where given, are added to each step's dc and pre-activation gradient.
 
     Every factor of the gate gradients that does not depend on the recurrence is computed for all
     steps at once, into ``d_gates`` itself:
@@ -162,6 +173,9 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
         if lengths is not None and reverse:
             first = step_rows(k, edge_step(T, reverse, lengths, gates.device))
             k_f[first] = torch.ops.aten.sigmoid_backward(c0_a, f[first])
+    cut = cut_steps(resets, reverse)  # (T, B, 1): the states entering step t are zero
+    if cut is not None:
+        k_f.masked_fill_(cut, 0.0)  # c_{t-1} = 0 there
     tanh_backward(i, g, grad_input=k_g)
     a = torch.tanh(c_a, out=huge_pages(torch.empty_like(c_a)))
     sigmoid_backward(a, o, grad_input=k_o)
@@ -182,9 +196,13 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
     ks, k_ifg, k_os = k.unbind(0), k[..., :3 * H].unflatten(-1, (3, H)).unbind(0), k_o.unbind(0)
     dys, a_s, f_s = dy.unbind(0), a.unbind(0), f.unbind(0)
     dc_b = dc[:, None]  # (B, 1, H): dc for the three gates i, f, g at once
+    cut_next = cut_after(cut, reverse)  # no gradient back across a cut
     d = None  # d_gates of the step processed last: it feeds dh through w_hh
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         dy_t = dys[t] if direct else dys[t].to(acc)
+        if cut_next is not None and d is not None:
+            d = d.masked_fill(cut_next[t], 0.0)
+            dc_carry.masked_fill_(cut_next[t], 0.0)
         if d is None:
             dh.copy_(dy_t)
         else:
@@ -202,16 +220,20 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
                 dc += dc_n
         else:
             dc.addcmul_(dc_n, at_last[t])
+        if dc_src is not None:
+            dc += dc_src[t]
         k_ifg[t].mul_(dc_b)  # (B, 3, H)
         k_os[t].mul_(dm)
         d = ks[t]  # (B, 4H)
+        if dz_src is not None:
+            d.add_(dz_src[t] if valid is None else dz_src[t].masked_fill(~valid[t], 0.0))
         if valid is None:
             torch.mul(dc, f_s[t], out=dc_carry)
         else:
             torch.where(valid[t], dc * f_s[t], dc_carry, out=dc_carry)
     if not direct:
         d_gates.copy_(k)
-    dc0 = dc_carry if c0 is not None else torch.zeros_like(dc_carry)  # dc at each first step times f
+    dc0 = enters(dc_carry, cut, reverse) if c0 is not None else torch.zeros_like(dc_carry)  # dc f, first step
     return d_gates, dc0.to(gates.dtype)
 
 
@@ -227,17 +249,18 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
 @torch.library.custom_op("fastrnn::lstm_fwd", mutates_args=())
 def lstm_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
                 w_hh: torch.Tensor, w_hr: Optional[torch.Tensor], reverse: bool,
-                lengths: Optional[torch.Tensor], backend: str
+                lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``, ``c_n (B, H)``;
     ``lengths`` on x_proj's device."""
-    y, c, gates = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse, lengths)
+    y, c, gates = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse, lengths,
+                                                                    resets)
     last = edge_step(y.shape[0], not reverse, lengths, y.device)
     return y, c, gates, at_step(y, last).clone(), at_step(c, last).clone()
 
 
 @lstm_fwd_op.register_fake
-def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend):
+def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None):
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     return (x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G),
@@ -248,61 +271,190 @@ def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend):
 def lstm_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: torch.Tensor,
                 c: torch.Tensor, gates: torch.Tensor, h0: Optional[torch.Tensor],
                 c0: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
-                reverse: bool, lengths: Optional[torch.Tensor], backend: str
+                reverse: bool, lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None,
+                dc_src: Optional[torch.Tensor] = None, dz_src: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``."""
-    return loop(backend, "lstm", "lstm_bwd", lstm_bwd_torch)(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths)
+    """-> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``. ``dc_src
+    (T, B, H)`` and ``dz_src (T, B, 4H)``: gradients that reach every c_t and pre-activation directly
+    (only a second derivative has them); those run on the PyTorch twin."""
+    args = (dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, resets)
+    if dc_src is None and dz_src is None:
+        return loop(backend, "lstm", "lstm_bwd", lstm_bwd_torch)(*args)
+    return loop("torch", "lstm", "lstm_bwd", lstm_bwd_torch)(*args, dc_src=dc_src, dz_src=dz_src)
 
 
 @lstm_bwd_op.register_fake
-def _(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend):
+def _(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None, dc_src=None,
+      dz_src=None):
     return gates.new_empty(gates.shape), c.new_empty(c.shape[1:])
 
 
 def _setup_context(ctx, inputs, output):
-    x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend = inputs
+    x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets = with_defaults(inputs, 9)
     y, c, gates = output[:3]
-    ctx.mark_non_differentiable(c, gates)  # internals, saved for the backward
-    ctx.save_for_backward(y, c, gates, h0, c0, w_hh, w_hr, lengths)
+    ctx.save_for_backward(y, c, gates, h0, c0, w_hh, w_hr, lengths, resets)
     ctx.reverse, ctx.backend = reverse, backend
+    ctx.set_materialize_grads(False)  # c's and the gates' gradients stay None unless a second derivative has them
 
 
 @own_precision
-def _backward(ctx, dy, _dc, _d_gates, dh_n, dc_n):
-    y, c, gates, h0, c0, w_hh, w_hr, lengths = ctx.saved_tensors
-    T = y.shape[0]
+def _backward(ctx, dy, d_c, d_act, dh_n, dc_n):
+    """The gradients of x_proj, h0, c0, w_hh and w_hr from those of y, h_n and c_n (and of c and the
+    gate activations, which only a second derivative gives)."""
+    y, c, gates, h0, c0, w_hh, w_hr, lengths, resets = ctx.saved_tensors
+    T, reverse = y.shape[0], ctx.reverse
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
     dc_n = torch.zeros_like(c[0]) if dc_n is None else dc_n.contiguous()
-    d_gates, dc0 = lstm_bwd_op(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, ctx.reverse, lengths,
-                               ctx.backend)
+    dz_src = d_act * gate_slopes(gates) if d_act is not None else None
+    d_gates, dc0 = LSTMBackward.apply(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths,
+                                      ctx.backend, resets, d_c, dz_src)
     need_x, need_h0, need_c0, need_w_hh, need_w_hr = ctx.needs_input_grad[:5]
-    d_first = at_step(d_gates, edge_step(T, ctx.reverse, lengths, y.device))  # (B, 4H)
-    dh0 = d_first @ w_hh if h0 is not None and need_h0 else None
-    dw_hh = sum_with_previous(d_gates, y, h0, d_first, ctx.reverse) if need_w_hh else None  # (4H, P)
+    cut = cut_steps(resets, reverse)
+    d_first = at_step(d_gates, edge_step(T, reverse, lengths, y.device))  # (B, 4H)
+    dh0 = enters(d_first, cut, reverse) @ w_hh if h0 is not None and need_h0 else None
+    dw_hh = sum_with_previous(d_gates, y, h0, d_first, reverse, cut) if need_w_hh else None  # (4H, P)
     dw_hr = None
-    if w_hr is not None and need_w_hr:
-        dw_hr = _dw_hr(dy, dh_n, d_gates, c, gates, w_hh, ctx.reverse, lengths)
+    if w_hr is not None and need_w_hr:  # sum_t dh_t.T @ m_t, (P, H)
+        dh = _hidden_gradients(dy, dh_n, d_gates, w_hh, reverse, lengths, cut)
+        dw_hr = dh.flatten(0, 1).T @ (gates.chunk(4, 2)[3] * c.tanh()).flatten(0, 1)
     dx_proj = d_gates if need_x else None
     dc0 = dc0 if c0 is not None and need_c0 else None
-    return dx_proj, dh0, dc0, dw_hh, dw_hr, None, None, None
+    return dx_proj, dh0, dc0, dw_hh, dw_hr, None, None, None, None
 
 
-def _dw_hr(dy, dh_n, d_gates, c, gates, w_hh, reverse, lengths):
-    """``sum_t dh_t.T @ m_t``, (P, H): ``dh_t = dy[t] + d_gates[t_next] @ w_hh`` (+ dh_n at the last
-    step) recomputed for all steps at once, ``m_t = o * tanh(c_t)`` (zero past each end, so the
-    terms there are too)."""
-    T, B, P = dy.shape
-    dh_next = d_gates @ w_hh  # (T, B, 4H) -> (T, B, P), out of place throughout (vmap takes it)
-    dh = dy + shifted(dh_next, later=not reverse)
-    dh = add_at(dh, edge_step(T, not reverse, lengths, dy.device), dh_n)
-    m = gates.chunk(4, 2)[3] * c.tanh()  # (T, B, H)
-    return dh.reshape(-1, P).T @ m.reshape(-1, m.shape[2])
+def gate_slopes(gates: torch.Tensor) -> torch.Tensor:
+    """Each gate's derivative from its activation: i (1-i), f (1-f), 1-g^2, o (1-o); (T, B, 4H)."""
+    i, f, g, o = gates.chunk(4, -1)
+    return torch.cat((i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)), -1)
+
+
+def _hidden_gradients(dy, dh_n, d_gates, w_hh, reverse, lengths, cut):
+    """``dh_t = dy[t] + d_gates[t_next] @ w_hh (+ dh_n at the last step)`` for all steps at once,
+    (T, B, P), nothing across a cut; out of place throughout (vmap takes it)."""
+    dh = dy + shifted(d_gates @ w_hh, later=not reverse, cut=cut_after(cut, reverse))
+    return add_at(dh, edge_step(dy.shape[0], not reverse, lengths, dy.device), dh_n)
 
 
 lstm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-refuse_double_backward(lstm_bwd_op, "fastrnn.LSTM")
+
+# The backward's own derivative (double backward: gradient penalties, MAML, Hessian-vector products).
+# The backward is linear in (dy, dh_n, dc_n): walking back, dh_t = dy_t + dz_{t_next} W, dm_t = dh_t R,
+# dc_t = dm_t a_t + dc_{t_next} f_{t_next}, dz_t = (dc k_i, dc k_f, dc k_g, dm k_o), with a = o (1 -
+# tanh^2 c) and k the gates' factors (``_factors``). For upstream gradients E of dz and e0 of dc0 its
+# adjoint walks forward in time (``_adjoint``): E~_t = E_t + H^_prev W^T, C^_t = sum_ifg E~ k + P_t f_t
+# with P_t = C^_prev (e0 at the first step), M^_t = E~_o k_o + C^_t a_t, H^_t = M^_t R^T. Then d(dy) = H^,
+# d(dh_n), d(dc_n) are their last rows; the weights' gradients are products over all steps, and the
+# gates', c's and c0's are elementwise in E~, C^, P with the first backward's dc and dm
+# (``_second_order``). Resets cut the same links both ways.
+
+
+def _setup_context_bwd(ctx, inputs, output):
+    dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, dc_src, dz_src = \
+        with_defaults(inputs, 16)
+    ctx.save_for_backward(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0])
+    ctx.reverse, ctx.sources = reverse, dc_src is not None or dz_src is not None
+
+
+@own_precision
+def _backward_of_backward(ctx, E, e0):
+    dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates = ctx.saved_tensors
+    if ctx.sources:
+        raise NotImplementedError("third derivatives through fastrnn.LSTM are not supported")
+    walk = Walk(c.shape[0], lengths, resets, ctx.reverse, c.device)
+    E = walk.masked(torch.zeros_like(d_gates) if E is None else E)
+    e0 = enters(torch.zeros_like(c[0]) if e0 is None else e0, walk.cut, walk.reverse)
+    dh = _hidden_gradients(dy, dh_n, d_gates, w_hh, walk.reverse, lengths, walk.cut)  # (T, B, P)
+    dm = dh @ w_hr if w_hr is not None else dh  # (T, B, H)
+    k, a, c_prev = _factors(c, gates, c0, walk)
+    f = gates.chunk(4, -1)[1]
+    dc = walk.carried_back(dm * a, dc_n, f)  # the first backward's dc at every step
+    E_, C, M, H_, P = _adjoint(E, e0, k, a, f, w_hh, w_hr, walk)
+    d_act, d_c, d_c0 = _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk)
+    d_w_hh = d_gates.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)
+    d_w_hr = dh.flatten(0, 1).T @ M.flatten(0, 1) if w_hr is not None else None
+    return (H_, at_step(H_, walk.last), at_step(C, walk.last), None, d_c, d_act, None,
+            d_c0 if c0 is not None else None, d_w_hh, d_w_hr, None, None, None, None, None, None)
+
+
+def _factors(c, gates, c0, walk):
+    """The backward's factors: k = (g i(1-i), c_{t-1} f(1-f), i(1-g^2), tanh(c) o(1-o)) (T, B, 4H),
+    a = o (1 - tanh(c)^2) and c_{t-1} (T, B, H), zero past each end."""
+    i, f, g, o = gates.chunk(4, -1)
+    c_prev = walk.masked(previous_states(c, c0, walk.reverse, walk.lengths, walk.cut))
+    tc = c.tanh()
+    k = torch.cat((g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)), -1)
+    return k, o * (1 - tc * tc), c_prev
+
+
+def _adjoint(E, e0, k, a, f, w_hh, w_hr, walk):
+    """The backward's adjoint, walking forward: ``E~`` (T, B, 4H), ``C^``, ``M^`` (T, B, H), ``H^`` (T, B, P)
+    and ``P`` (T, B, H), the gradient each step's c takes from the step before (see above)."""
+    H = k.shape[-1] // 4
+    outs = [None] * walk.T
+    C_prev, H_prev = torch.zeros_like(a[0]), E.new_zeros(E.shape[1], w_hh.shape[1])
+    for t in walk.order:
+        E_t = walk.masked(E[t] + walk.linked(H_prev, t) @ w_hh.T, t)  # (B, 4H)
+        P_t = walk.linked(C_prev, t) + walk.at(walk.first, t, e0)
+        C_t = walk.masked((E_t[:, :3 * H] * k[t, :, :3 * H]).unflatten(-1, (3, H)).sum(1) + P_t * f[t], t)
+        M_t = walk.masked(E_t[:, 3 * H:] * k[t, :, 3 * H:] + C_t * a[t], t)
+        H_t = M_t @ w_hr.T if w_hr is not None else M_t
+        outs[t] = (E_t, C_t, M_t, H_t, P_t)
+        C_prev, H_prev = C_t, H_t
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk):
+    """The gradients of the gate activations (T, B, 4H), of c (T, B, H) and of c0 (B, H) that the
+    backward's adjoint takes through the factors k, a and the carried f."""
+    i, f, g, o = gates.chunk(4, -1)
+    Ei, Ef, Eg, Eo = E_.chunk(4, -1)
+    tc = c.tanh()
+    d_act = torch.cat((dc * (Ei * g * (1 - 2 * i) + Eg * (1 - g * g)),
+                       dc * (Ef * c_prev * (1 - 2 * f) + P),
+                       dc * i * (Ei * (1 - i) - 2 * Eg * g),
+                       dm * (Eo * tc * (1 - 2 * o) + C * (1 - tc * tc))), -1)
+    Q = Ef * dc * f * (1 - f)  # the gradient of c_{t-1} through k_f
+    d_c = dm * o * (1 - tc * tc) * (Eo * (1 - o) - 2 * C * tc)
+    d_c = walk.masked(d_c + shifted(Q, later=not walk.reverse, cut=cut_after(walk.cut, walk.reverse)))
+    d_c0 = enters(at_step(Q, walk.first), walk.cut, walk.reverse)
+    return walk.masked(d_act), d_c, d_c0
+
+
+lstm_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
+
+
+class LSTMFunction(torch.autograd.Function):
+    """The forward op and its formula as an autograd.Function, which torch.func transforms accept
+    where a custom op's registered formula is refused. Eager calls go through it; under
+    torch.compile the custom op itself is called."""
+
+    @staticmethod
+    def forward(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets):
+        return lstm_fwd_op(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(LSTMFunction.apply, info, in_dims, *args)
+
+
+class LSTMBackward(torch.autograd.Function):
+    """The backward op, differentiable again (``_backward_of_backward``)."""
+
+    @staticmethod
+    def forward(*args):
+        return lstm_bwd_op(*args)
+
+    setup_context = staticmethod(_setup_context_bwd)
+    backward = staticmethod(_backward_of_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(LSTMBackward.apply, info, in_dims, *args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +464,7 @@ refuse_double_backward(lstm_bwd_op, "fastrnn.LSTM")
 
 def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
                     w_hh: torch.Tensor, w_hr: torch.Tensor | None = None, reverse: bool = False,
-                    lengths: torch.Tensor | None = None
+                    lengths: torch.Tensor | None = None, resets: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``y (T, B, P), h_n (B, P), c_n (B, H)`` of the LSTM recurrence; see the module docstring."""
     if x_proj.dim() != 3:
@@ -331,12 +483,13 @@ def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Ten
     if c0 is not None and tuple(c0.shape) != (B, H):
         raise RuntimeError(f"Expected hidden[1] size ({B}, {H}), got {list(c0.shape)}")
     check_operands(x_proj, w_hh=w_hh, w_hr=w_hr, h0=h0, c0=c0)
-    if lengths is not None:
-        lengths = lengths_on_device(lengths, T, B, x_proj.device)
+    lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
-        return lstm_reference(x_proj, h0, c0, w_hh, w_hr, reverse, lengths)
+        return lstm_reference(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, resets)
     backend = get_backend(x_proj.device)
-    y, _, _, h_n, c_n = lstm_fwd_op(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend)
+    args = (x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets)
+    run = lstm_fwd_op if torch.compiler.is_compiling() else LSTMFunction.apply  # (Dynamo keeps the op)
+    y, _, _, h_n, c_n = run(*args)
     return y, h_n, c_n
 
 
@@ -365,11 +518,11 @@ class LSTM(FusedRNNBase):
     def _public_state(self, parts):
         return (parts[0], parts[1])
 
-    def _run_direction(self, x, suffix, start, reverse, lengths):
+    def _run_direction(self, x, suffix, start, reverse, lengths, resets):
         w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
         x_proj = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # (T, B, 4H)
         w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
         h0, c0 = start if start else (None, None)
         w_hh, w_hr, h0, c0 = as_dtype(x_proj.dtype, w_hh, w_hr, h0, c0)
-        y, h_n, c_n = lstm_recurrence(x_proj, h0, c0, w_hh, w_hr, reverse=reverse, lengths=lengths)
+        y, h_n, c_n = lstm_recurrence(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, resets)
         return y, (h_n, c_n)

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .export import onnx_forward
+from .sequence import check_resets
 
 
 class FusedRNNBase(nn.RNNBase):
@@ -41,15 +42,23 @@ class FusedRNNBase(nn.RNNBase):
     def _public_state(self, parts):
         return parts[0]
 
-    def forward(self, input: Tensor | PackedSequence, hx=None):
+    def forward(self, input: Tensor | PackedSequence, hx=None, *, resets: Tensor | None = None):
         """``input (T, B, I)`` (``(B, T, I)`` with batch_first; ``(T, I)`` unbatched; or packed) and
-        the state as the torch module takes it -> ``output (T, B, directions * P)`` and the state."""
+        the state as the torch module takes it -> ``output (T, B, directions * P)`` and the state.
+
+        ``resets`` (bool, ``(T, B)``, ``(B, T)`` with batch_first, ``(T,)`` unbatched): True at step t
+        of row b starts a new, independent sequence there. The result equals running the module on
+        each such segment separately: the state entering a segment is zero, except the first
+        segment's (forward direction) and the last one's (reverse direction), which take ``hx``."""
         if torch.onnx.is_in_onnx_export():  # the fused ops have no ONNX form: see fastrnn/export.py
+            if resets is not None:
+                raise ValueError("resets: ONNX's recurrent operators cannot reset inside a sequence")
             if not isinstance(input, PackedSequence):  # (torch's forward checks packed input itself)
                 self._prepare(input, hx)  # the eager checks, so a bad state fails the export too
             return onnx_forward(self, input, hx)
         x, state, packing, batched = self._prepare(input, hx)  # (T, B, I), parts (L * D, B, N)
-        output, state = self._run_layers(x, state, packing)
+        resets = self._time_major_resets(resets, input, x, batched)  # (T, B) or None
+        output, state = self._run_layers(x, state, packing, resets)
         if packing is not None:
             lengths, rows, batch_sizes, sorted_indices, unsorted_indices = packing
             output = PackedSequence(output.flatten(0, 1).index_select(0, rows), batch_sizes,
@@ -95,6 +104,20 @@ class FusedRNNBase(nn.RNNBase):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch: RNN for all
         return x, state, packing, batched
 
+    def _time_major_resets(self, resets, input, x: Tensor, batched: bool) -> Tensor | None:
+        """``resets`` checked against the input and laid out ``(T, B)`` (a view)."""
+        if resets is None:
+            return None
+        if isinstance(input, PackedSequence):
+            raise ValueError("resets cannot be given with a PackedSequence: packed sequences already start and "
+                             "end where their lengths say (give one padded tensor with resets instead)")
+        T, B = x.shape[:2]
+        shape = (T, B) if not self.batch_first else (B, T)
+        check_resets(resets, shape if batched else (T,), x.device)
+        if not batched:
+            return resets.unsqueeze(1)
+        return resets.t() if self.batch_first else resets
+
     def _check_state_rank(self, hx, batched: bool) -> None:
         want = 3 if batched else 2
         parts, kind = self._state_parts(hx), "batched 3-D" if batched else "unbatched 2-D"
@@ -128,8 +151,9 @@ class FusedRNNBase(nn.RNNBase):
 
     # --- the layers ---
 
-    def _run_layers(self, x: Tensor, state, packing):
-        """Every layer and direction: ``x (T, B, I)`` -> ``(T, B, D * P)`` and the final state's parts."""
+    def _run_layers(self, x: Tensor, state, packing, resets: Tensor | None = None):
+        """Every layer and direction: ``x (T, B, I)`` -> ``(T, B, D * P)`` and the final state's parts;
+        every layer resets where ``resets (T, B)`` says."""
         D = 2 if self.bidirectional else 1
         lengths = packing[0] if packing is not None else None
         finals = []
@@ -139,7 +163,7 @@ class FusedRNNBase(nn.RNNBase):
             for direction in range(D):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
                 start = tuple(s[layer * D + direction] for s in state) if state is not None else None
-                y, final = self._run_direction(layer_input, suffix, start, direction == 1, lengths)
+                y, final = self._run_direction(layer_input, suffix, start, direction == 1, lengths, resets)
                 outputs.append(y)
                 finals.append(final)
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)

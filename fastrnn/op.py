@@ -9,18 +9,8 @@ import functools
 import torch
 
 
-def refuse_double_backward(backward_op, module: str) -> None:
-    """Give ``backward_op`` (a cell's backward custom op) an autograd formula that refuses a second
-    backward through ``module`` with a clear error, rather than torch's 'no autograd formula'."""
-    def refuse(ctx, *grads):
-        raise NotImplementedError(f"double backward (create_graph=True, then backward again) through "
-                                  f"{module} is not supported yet; fastrnn.RNN has it")
-
-    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
-
-
 def vmap_by_loop(fn, info, in_dims, *args):
-    """A vmap rule for the autograd.Functions below (torch.func.jacrev, vmap of grad): ``fn`` once
+    """A vmap rule for the cells' autograd.Functions (torch.func.jacrev, vmap of grad): ``fn`` once
     per batch element, outputs stacked along dim 0."""
     def element(i):
         return [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
@@ -41,3 +31,9 @@ def own_precision(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+def with_defaults(inputs, n: int) -> tuple:
+    """A custom op's ``inputs`` padded with None to ``n``: the trailing optional arguments a call left
+    out (setup_context sees only those given)."""
+    return (*inputs, *(None,) * (n - len(inputs)))

@@ -61,32 +61,58 @@ def valid_steps(T: int, lengths: torch.Tensor | None, device) -> torch.Tensor | 
     return (torch.arange(T, device=device)[:, None] < lengths[None, :]).unsqueeze(-1)
 
 
-def shifted(x: torch.Tensor, later: bool) -> torch.Tensor:
+def shifted(x: torch.Tensor, later: bool, cut: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` moved one step along time, zero at the edge: ``out[t] = x[t + 1]`` if ``later`` else
-    ``x[t - 1]``. (T, B, N) -> (T, B, N)."""
+    ``x[t - 1]``; and zero where ``cut (T, B, 1)`` is True. (T, B, N) -> (T, B, N)."""
     edge = torch.zeros_like(x[:1])
-    return torch.cat((x[1:], edge)) if later else torch.cat((edge, x[:-1]))
+    out = torch.cat((x[1:], edge)) if later else torch.cat((edge, x[:-1]))
+    return out if cut is None else out.masked_fill(cut, 0)
+
+
+def cut_steps(resets: torch.Tensor | None, reverse: bool) -> torch.Tensor | None:
+    """``(T, B, 1)`` bool: whether the state entering step t (along the walk) is cut to zero, because
+    a new sequence starts there: ``resets (T, B)`` at t walking forward; at t + 1 walking in reverse
+    (where t ends a sequence); never at a reverse walk's first step T - 1. None without resets."""
+    if resets is None:
+        return None
+    return (shifted(resets, later=True) if reverse else resets).unsqueeze(-1)
+
+
+def cut_after(cut: torch.Tensor | None, reverse: bool) -> torch.Tensor | None:
+    """``(T, B, 1)``: whether the state leaving step t is cut before the step that takes it next (the
+    backward passes no gradient back across it), from ``cut_steps``."""
+    return None if cut is None else shifted(cut, later=not reverse)
+
+
+def enters(x: torch.Tensor, cut: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """``x (B, N)``, the gradient of an initial state, zero in the rows where that state never entered:
+    a reset at the walk's first step (resets and lengths are never given together)."""
+    return x if cut is None else x.masked_fill(cut[-1 if reverse else 0], 0)
 
 
 def previous_states(y: torch.Tensor, h0: torch.Tensor | None, reverse: bool,
-                    lengths: torch.Tensor | None) -> torch.Tensor:
+                    lengths: torch.Tensor | None, cut: torch.Tensor | None = None) -> torch.Tensor:
     """``h_{t-1}`` of every step t, (T, B, N): ``y`` one step back along the walk, ``h0`` (or zeros)
-    at each sequence's first step. ``y`` must be zero past each sequence's end (a reverse walk's
-    first step ``lengths[b] - 1`` then reads zeros before h0 is put there)."""
-    h_prev = shifted(y, later=reverse)
+    at each sequence's first step, zeros where the state was ``cut`` (``cut_steps``). ``y`` must be zero
+    past each sequence's end (a reverse walk's first step ``lengths[b] - 1`` then reads zeros before h0
+    is put there)."""
+    h_prev = shifted(y, later=reverse, cut=cut)
     if h0 is not None:
         first = edge_step(y.shape[0], reverse, lengths, y.device)
-        h_prev = h_prev.index_put(_rows_index(y, first), h0)
+        h_prev = h_prev.index_put(_rows_index(y, first), enters(h0, cut, reverse))
     return h_prev
 
 
 def sum_with_previous(d: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None,
-                      d_first: torch.Tensor, reverse: bool) -> torch.Tensor:
+                      d_first: torch.Tensor, reverse: bool, cut: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_t d[t].T @ h_{t-1}``, (N, P), for ``d (T, B, N)`` zero past each sequence's end and
     ``d_first (B, N)`` its rows at each sequence's first step: ``h_{t-1}`` is ``y (T, B, P)`` one step
     back along the walk (zero past each end, so a reverse walk's first step ``lengths[b] - 1`` reads
-    zeros there), plus ``h0`` at each first step; without building ``h_{t-1}`` for every step."""
+    zeros there, and zero where the state was ``cut``), plus ``h0`` at each first step; without
+    building ``h_{t-1}`` for every step."""
     N, P = d.shape[2], y.shape[2]
+    if cut is not None:
+        d, d_first = d.masked_fill(cut, 0), enters(d_first, cut, reverse)
     d_, y_ = (d[:-1], y[1:]) if reverse else (d[1:], y[:-1])
     out = d_.reshape(-1, N).T @ y_.reshape(-1, P)
     return out if h0 is None else torch.addmm(out, d_first.T, h0)
@@ -109,6 +135,29 @@ def check_operands(x_proj: torch.Tensor, **operands: torch.Tensor | None) -> Non
         if t.device != x_proj.device:
             raise RuntimeError(f"Input and {name} tensors are not at the same device, found input "
                                f"tensor at {x_proj.device} and {name} tensor at {t.device}")
+
+
+def checked_steps(lengths, resets, T: int, B: int, device: torch.device):
+    """An op's ``lengths`` (``lengths_on_device``) and ``resets (T, B)`` bool on the input's device,
+    checked; never both."""
+    if lengths is not None and resets is not None:
+        raise ValueError("lengths and resets cannot be given together (packed sequences do not reset)")
+    if lengths is not None:
+        lengths = lengths_on_device(lengths, T, B, device)
+    if resets is not None:
+        check_resets(resets, (T, B), device)
+    return lengths, resets
+
+
+def check_resets(resets, shape: tuple, device: torch.device) -> None:
+    """``resets`` must be a bool tensor of ``shape`` on ``device``: a ValueError or TypeError naming it."""
+    if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
+        kind = resets.dtype if isinstance(resets, torch.Tensor) else type(resets).__name__
+        raise TypeError(f"resets must be a bool tensor, got {kind}")
+    if tuple(resets.shape) != tuple(shape):
+        raise ValueError(f"resets must have shape {tuple(shape)}, got {tuple(resets.shape)}")
+    if resets.device != device:
+        raise ValueError(f"resets must be on the input's device ({device}), found {resets.device}")
 
 
 def lengths_on_device(lengths, T: int, B: int, device: torch.device) -> torch.Tensor:
@@ -175,3 +224,44 @@ def to_acc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # (dy, y, out): dy * y * (1 - y)
 tanh_backward = torch.ops.aten.tanh_backward.grad_input  # (dy, y, out): dy * (1 - y^2)
+
+
+class Walk:
+    """One direction's walk over ``T`` steps, for the loops of a second derivative: its order, the
+    valid steps (``valid_steps``), the cuts (``cut_steps``), each row's first and last step."""
+
+    def __init__(self, T: int, lengths: torch.Tensor | None, resets: torch.Tensor | None, reverse: bool,
+                 device) -> None:
+        self.T, self.reverse, self.lengths = T, reverse, lengths
+        self.valid = valid_steps(T, lengths, device)  # (T, B, 1) or None
+        self.cut = cut_steps(resets, reverse)  # (T, B, 1) or None
+        self.first = edge_step(T, reverse, lengths, device)
+        self.last = edge_step(T, not reverse, lengths, device)
+        self.order = range(T - 1, -1, -1) if reverse else range(T)
+
+    def masked(self, x: torch.Tensor, t: int | None = None) -> torch.Tensor:
+        """``x`` (all steps, or step ``t``) zero past each sequence's end."""
+        if self.valid is None:
+            return x
+        return x.masked_fill(~(self.valid if t is None else self.valid[t]), 0)
+
+    def linked(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """``x`` (B, N), what the previous step passes into step t, zero where the state was cut."""
+        return x if self.cut is None else x.masked_fill(self.cut[t], 0)
+
+    def at(self, step, t: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, N) in the rows whose ``step`` (``first`` or ``last``) is t, zero elsewhere."""
+        if isinstance(step, int):
+            return x if step == t else torch.zeros_like(x)
+        return x.masked_fill((step != t)[:, None], 0)
+
+    def carried_back(self, u: torch.Tensor, at_last: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+        """``x_t = u_t + x_{t_next} decay_{t_next}`` (+ ``at_last`` (B, N) at the last step), walking
+        back: a first backward's elementwise carry (the LSTM's dc through f, the GRU's dh through z)
+        at every step, zero past each end and nothing across a cut. (T, B, N)."""
+        xs, carry = [None] * self.T, torch.zeros_like(u[0])
+        for t in reversed(self.order):
+            xs[t] = self.masked(u[t] + carry + self.at(self.last, t, at_last), t)
+            passed = xs[t] * decay[t] if self.valid is None else torch.where(self.valid[t], xs[t] * decay[t], carry)
+            carry = self.linked(passed, t)
+        return torch.stack(xs)

@@ -209,3 +209,20 @@ def wide(x):
     """``x`` as int64, a scalar argument or a constexpr alike (Triton makes an argument equal to 1 a
     constexpr), so that offsets built from it stay exact past 2^31."""
     return x + tl.zeros([], tl.int64)
+
+
+@triton.jit
+def state_cut(resets_ptr, t, t_other, o_b, B, T, stride_rt, stride_rb, BLOCK_B: tl.constexpr,
+              HAS_RESETS: tl.constexpr):
+    """(BLOCK_B, 1) bool: whether the state passed between steps ``t`` and ``t_other`` (neighbours
+    on the walk, either order) is cut, because a new sequence starts at the later of the two
+    (``resets (T, B)`` True there). A cut state is zero: the forward starts afresh, the backward
+    passes no gradient across. Always False without HAS_RESETS, or past either end of time."""
+    if HAS_RESETS:
+        r = tl.maximum(t, t_other) + tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # a tensor: masks stay bool tensors
+        flags = tl.load(resets_ptr + r * stride_rt + o_b[:, None] * stride_rb,
+                        mask=(o_b[:, None] < B) & (r < T) & (r >= 0), other=0)
+        cut = flags != 0
+    else:
+        cut = tl.zeros([BLOCK_B, 1], dtype=tl.int1)
+    return cut

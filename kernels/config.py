@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..sequence import acc_dtype
+
 logger = logging.getLogger("fastrnn")
 
 VARIANTS = ("resident", "tiled", "stepwise")  # every variant; a cell's launchers say which it has
@@ -57,7 +59,9 @@ class Config:
     num_stages: int = 1
 
 
-def _sm_count(device: torch.device) -> int:
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The GPU's number of SMs (read once per device)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -109,7 +113,7 @@ def _pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, forc
         return (resident,)
     ladder = [resident] if not forced and block_h <= resident_limit else []
     if forced != "stepwise":
-        ladder += _tiled_ladder(B, H, block_h, block_k, itemsize, gates, _sm_count(device))
+        ladder += _tiled_ladder(B, H, block_h, block_k, itemsize, gates, sm_count(device))
     # the last resorts: no barrier, so no limit on the grid; the smallest tile last
     ladder += [_tiled("stepwise", 16 if B <= 16 else 32, 32, block_h, block_k, itemsize, gates, w_resident=False),
                Config("stepwise", 16, 16, min(32 if itemsize < 8 else 16, block_h), num_warps=4)]
@@ -186,7 +190,7 @@ def dtype_flags(dtype: torch.dtype, device: torch.device, fast: bool = False) ->
     on the paths whose products are TF32, bf16 or fp16 anyway."""
     import triton.language as tl
 
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    acc = tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
     tf32 = dtype == torch.float32 and device.type == "cuda" and fp32_uses_tf32()
     flags = {"ACC_DTYPE": acc, "PRECISION": "tf32" if tf32 else "tf32x3"}
     if fast:

@@ -33,8 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sequence import acc_dtype
+
 from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
-                     walk_step, weight_block, weight_chunks)
+                     state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, pick_configs
 from .launch import run_sequence
 
@@ -45,11 +47,12 @@ def fwd_resident_kernel(
     h0_ptr,  # (B, H) initial state (unused unless HAS_H0)
     w_hh_ptr,  # (H, H) recurrent weights
     lengths_ptr,  # (B,) int64 sequence lengths (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool: a new sequence starts at step t of row b (unused unless HAS_RESETS)
     y_ptr,  # (T, B, H) out: every hidden state
     T, B, H,
-    stride_xt, stride_xb, stride_yt, stride_yb, stride_h0b, stride_w,
+    stride_xt, stride_xb, stride_yt, stride_yb, stride_h0b, stride_w, stride_rt, stride_rb,
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One program per block of BLOCK_B sequences; BLOCK_H >= H covers the whole hidden state."""
@@ -78,9 +81,13 @@ def fwd_resident_kernel(
         if REVERSE:
             t = (T - 1 - s).to(tl.int64)
             t_next = tl.maximum(t - 1, 0)  # clamped: the last prefetch rereads a valid row
+            t_prev = t + 1
         else:
             t = tl.full([], s, tl.int64)
             t_next = tl.minimum(t + 1, T - 1)
+            t_prev = t - 1
+        b_h = tl.where(state_cut(resets_ptr, t, t_prev, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS),
+                       0.0, b_h)  # a new sequence starts from zero
         b_x = b_x_next.to(ACC_DTYPE)
         # prefetch x_proj of the next step: its load overlaps this step's dependent chain
         b_x_next = tl.load(p_x + t_next * stride_xt, mask=m_bh, other=0.0)
@@ -98,13 +105,14 @@ def fwd_tiled_kernel(
     h0_proj_ptr,  # (B, H) h0 @ w_hh.T (fp32), added at each sequence's first step (unless HAS_H0 off)
     w_hh_ptr,  # (H, H)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     y_ptr,  # (T, B, H) out; also where h_{t-1} is read back from
     T, B, H,
-    stride_xt, stride_xb, stride_yt, stride_yb, stride_h0b, stride_w,
+    stride_xt, stride_xb, stride_yt, stride_yb, stride_h0b, stride_w, stride_rt, stride_rb,
     sync_ptr,  # (num batch blocks,) int32 arrival counters (unused unless SYNC)
     step_begin, n_steps,  # this launch runs steps [step_begin, step_begin + n_steps)
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's rows of w_hh stay on chip all along
@@ -125,6 +133,8 @@ def fwd_tiled_kernel(
         # h_{t-1} comes from y[t_prev] where that step was valid for the sequence; at a sequence's
         # first step it is h0, whose product h0 @ w_hh.T the caller computed once (h0_proj)
         t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
+        cut = state_cut(resets_ptr, t, t_prev, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
+        m_prev, m_first = m_prev & ~cut, m_first & ~cut  # a new sequence starts from zero
         b_z = tl.load(x_proj_ptr + t * stride_xt + o_b[:, None] * stride_xb + o_n[None, :],
                       mask=m_bn, other=0.0).to(ACC_DTYPE)
         if HAS_H0:
@@ -147,10 +157,12 @@ def bwd_resident_kernel(
     y_ptr,  # (T, B, H) the forward's hidden states
     w_hh_ptr,  # (H, H)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     d_pre_ptr,  # (T, B, H) out: gradient of the pre-activations z
     T, B, H,
-    stride_dyt, stride_dyb, stride_yt, stride_yb, stride_dt, stride_db, stride_hnb, stride_w,
-    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    stride_dyt, stride_dyb, stride_yt, stride_yb, stride_dt, stride_db, stride_hnb, stride_w, stride_rt,
+    stride_rb,
+    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -184,15 +196,20 @@ def bwd_resident_kernel(
         if REVERSE:
             t = tl.full([], s, tl.int64)
             t_next = tl.minimum(t + 1, T - 1)  # clamped: the last prefetch rereads a valid row
+            t_from = t - 1  # the step that consumed h_t, processed just before
         else:
             t = (T - 1 - s).to(tl.int64)
             t_next = tl.maximum(t - 1, 0)
+            t_from = t + 1
         b_g = b_dy_next.to(ACC_DTYPE)
         b_y = b_y_next.to(ACC_DTYPE)
         # prefetch dy and y of the next step: their loads overlap this step's dependent chain
         b_dy_next = tl.load(p_dy + t_next * stride_dyt, mask=m_bh, other=0.0)
         b_y_next = tl.load(p_y + t_next * stride_yt, mask=m_bh, other=0.0)
         b_g += tl.where(t == t_last, b_dh_n, 0.0)
+        # no gradient crosses a cut: h_t did not reach the step that consumed it there
+        b_d = tl.where(state_cut(resets_ptr, t, t_from, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS),
+                       0.0, b_d)
         b_g += matmul(b_d.to(b_w.dtype), b_w, PRECISION).to(ACC_DTYPE)
         b_d = tl.where(t < b_len, b_g * activation_grad(b_y, ACTIVATION), 0.0)
         tl.store(p_d + t * stride_dt, b_d.to(d_pre_ptr.dtype.element_ty), mask=m_bh)
@@ -205,12 +222,14 @@ def bwd_tiled_kernel(
     y_ptr,  # (T, B, H)
     w_hh_ptr,  # (H, H)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     d_pre_ptr,  # (T, B, H) out; also where d_pre[t_next] is read back from
     T, B, H,
-    stride_dyt, stride_dyb, stride_yt, stride_yb, stride_dt, stride_db, stride_hnb, stride_w,
+    stride_dyt, stride_dyb, stride_yt, stride_yb, stride_dt, stride_db, stride_hnb, stride_w, stride_rt,
+    stride_rb,
     sync_ptr,  # (num batch blocks,) int32 arrival counters (unused unless SYNC)
     step_begin, n_steps,  # this launch runs backward steps [step_begin, step_begin + n_steps)
-    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's columns of w_hh stay on chip all along
@@ -236,6 +255,7 @@ def bwd_tiled_kernel(
     for s in range(step_begin, step_begin + n_steps):
         # walking the forward's steps last to first, from t_next, the step that consumed h_t
         t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
+        m_next = m_next & ~state_cut(resets_ptr, t, t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
         b_g = tl.load(dy_ptr + t * stride_dyt + o_b[:, None] * stride_dyb + o_n[None, :], mask=m_bn,
                       other=0.0).to(ACC_DTYPE)
         b_g += tl.where(t == t_last, b_dh_n, 0.0)
@@ -255,55 +275,58 @@ def bwd_tiled_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False, lengths=None, config=None):
+def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False, lengths=None, resets=None,
+              config=None):
     """Launch the forward recurrence. ``x_proj (T, B, H)``, ``h0 (B, H)`` or None, ``w_hh (H, H)``,
-    ``lengths (B,)`` int64 on the same device or None. Returns ``y (T, B, H)`` in x_proj's dtype."""
+    ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the same device or None. Returns
+    ``y (T, B, H)`` in x_proj's dtype."""
     T, B, H = x_proj.shape
-    check_operands(x_proj, h0, w_hh, lengths)
+    check_operands(x_proj, h0, w_hh, lengths, resets)
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
-    h0 = h0.contiguous() if h0 is not None else None
-    lengths = lengths.contiguous() if lengths is not None else None
+    h0, lengths = (t.contiguous() if t is not None else None for t in (h0, lengths))
     y = x_proj.new_empty(T, B, H)
     if T == 0 or B == 0:
         return y
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device)
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
-        run_sequence(lambda cfg: fwd_launch(x_proj, h0, w_hh, lengths, y, activation, reverse, cfg), configs,
-                     T, x_proj.device)
+        run_sequence(lambda cfg: fwd_launch(x_proj, h0, w_hh, lengths, resets, y, activation, reverse, cfg),
+                     configs, T, x_proj.device)
     return y
 
 
-def fwd_launch(x_proj, h0, w_hh, lengths, y, activation, reverse, config):
+def fwd_launch(x_proj, h0, w_hh, lengths, resets, y, activation, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the forward for ``config`` (operands with a contiguous
     last dimension); what ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
     T, B, H = x_proj.shape
     kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_H0=h0 is not None,
-                  HAS_LENGTHS=lengths is not None, num_warps=config.num_warps,
+                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, num_warps=config.num_warps,
                   num_stages=config.num_stages, **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
-    len_arg = lengths if lengths is not None else x_proj  # never read unless HAS_LENGTHS
+    optional = (lengths if lengths is not None else x_proj, resets if resets is not None else x_proj)
     strides = (x_proj.stride(0), x_proj.stride(1), y.stride(0), y.stride(1))
+    resets_strides = resets.stride() if resets is not None else (0, 0)
     if config.variant == "resident":
         h0_arg = h0 if h0 is not None else x_proj  # never read unless HAS_H0
-        args = (x_proj, h0_arg, w_hh, len_arg, y, T, B, H, *strides, h0.stride(0) if h0 is not None else 0,
-                w_hh.stride(0))
+        args = (x_proj, h0_arg, w_hh, *optional, y, T, B, H, *strides, h0.stride(0) if h0 is not None else 0,
+                w_hh.stride(0), *resets_strides)
         kwargs.update(BLOCK_B=config.block_b, BLOCK_H=config.block_n)
         return fwd_resident_kernel, (triton.cdiv(B, config.block_b),), args, kwargs
     h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
     if h0 is not None:
-        acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x_proj.dtype)
         h0_proj = (h0.to(acc) @ w_hh.to(acc).T).contiguous()  # (B, H)
-    args = (x_proj, h0_proj, w_hh, len_arg, y, T, B, H, *strides, h0_proj.stride(0) if h0 is not None else 0,
-            w_hh.stride(0))
+    args = (x_proj, h0_proj, w_hh, *optional, y, T, B, H, *strides, h0_proj.stride(0) if h0 is not None else 0,
+            w_hh.stride(0), *resets_strides)
     kwargs.update(BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, W_RESIDENT=config.block_k >= H)
     return fwd_tiled_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
-def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False, lengths=None, config=None):
+def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False, lengths=None, resets=None,
+              config=None):
     """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)``, ``w_hh (H, H)``,
-    ``lengths (B,)`` int64 or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
+    ``lengths (B,)`` int64 or ``resets (T, B)`` bool, or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
     T, B, H = y.shape
-    check_operands(y, dh_n, w_hh, lengths)
+    check_operands(y, dh_n, w_hh, lengths, resets)
     if dy.shape != y.shape:
         raise ValueError(f"dy must have y's shape {tuple(y.shape)}, got {tuple(dy.shape)}")
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
@@ -314,21 +337,22 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
         return d_pre
     configs = (config,) if config else pick_configs(B, H, y.dtype, y.device)
     with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
-        run_sequence(lambda cfg: bwd_launch(dy, dh_n, y, w_hh, lengths, d_pre, activation, reverse, cfg),
+        run_sequence(lambda cfg: bwd_launch(dy, dh_n, y, w_hh, lengths, resets, d_pre, activation, reverse, cfg),
                      configs, T, y.device)
     return d_pre
 
 
-def bwd_launch(dy, dh_n, y, w_hh, lengths, d_pre, activation, reverse, config):
+def bwd_launch(dy, dh_n, y, w_hh, lengths, resets, d_pre, activation, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the backward for ``config`` (operands with a contiguous
     last dimension); what ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
     T, B, H = y.shape
     kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse,
-                  HAS_LENGTHS=lengths is not None, num_warps=config.num_warps,
+                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, num_warps=config.num_warps,
                   num_stages=config.num_stages, **dtype_flags(y.dtype, y.device))
-    len_arg = lengths if lengths is not None else y  # never read unless HAS_LENGTHS
-    args = (dy, dh_n, y, w_hh, len_arg, d_pre, T, B, H, dy.stride(0), dy.stride(1), y.stride(0), y.stride(1),
-            d_pre.stride(0), d_pre.stride(1), dh_n.stride(0), w_hh.stride(0))
+    optional = (lengths if lengths is not None else y, resets if resets is not None else y)
+    args = (dy, dh_n, y, w_hh, *optional, d_pre, T, B, H, dy.stride(0), dy.stride(1), y.stride(0), y.stride(1),
+            d_pre.stride(0), d_pre.stride(1), dh_n.stride(0), w_hh.stride(0),
+            *(resets.stride() if resets is not None else (0, 0)))
     if config.variant == "resident":
         kwargs.update(BLOCK_B=config.block_b, BLOCK_H=config.block_n)
         return bwd_resident_kernel, (triton.cdiv(B, config.block_b),), args, kwargs
@@ -337,7 +361,7 @@ def bwd_launch(dy, dh_n, y, w_hh, lengths, d_pre, activation, reverse, config):
     return bwd_tiled_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
-def check_operands(x_proj, h0, w_hh, lengths) -> None:
+def check_operands(x_proj, h0, w_hh, lengths, resets=None) -> None:
     """Shapes, dtypes and devices the kernels rely on; a clear error instead of a bad launch."""
     if x_proj.dim() != 3:
         raise ValueError(f"x_proj must be (T, B, H), got shape {tuple(x_proj.shape)}")
@@ -355,9 +379,16 @@ def check_operands(x_proj, h0, w_hh, lengths) -> None:
         if tuple(lengths.shape) != (B,) or lengths.dtype.is_floating_point or lengths.device != x_proj.device:
             raise ValueError(f"lengths must be an integer ({B},) tensor on {x_proj.device}, got "
                              f"{lengths.dtype} {tuple(lengths.shape)} on {lengths.device}")
+    if resets is not None:
+        if tuple(resets.shape) != (T, B) or resets.dtype != torch.bool or resets.device != x_proj.device:
+            raise ValueError(f"resets must be a bool ({T}, {B}) tensor on {x_proj.device}, got "
+                             f"{resets.dtype} {tuple(resets.shape)} on {resets.device}")
+        if lengths is not None:
+            raise ValueError("lengths and resets cannot be given together")
 
 
-def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None):
+def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None,
+                resets: bool = False):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launcher builds it: what the compile sweep compiles. (``P`` is the LSTM's.)"""
     T = 2
@@ -366,8 +397,9 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
         return torch.empty(*shape, dtype=dt, device="meta")
 
     lens = empty(B, dt=torch.int64) if lengths else None
+    cuts = empty(T, B, dt=torch.bool) if resets else None
     if direction == "fwd":
-        return fwd_launch(empty(T, B, H), empty(B, H) if h0 else None, empty(H, H), lens, empty(T, B, H), "tanh",
-                          reverse, config)
-    return bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), empty(H, H), lens, empty(T, B, H), "tanh",
-                      reverse, config)
+        return fwd_launch(empty(T, B, H), empty(B, H) if h0 else None, empty(H, H), lens, cuts, empty(T, B, H),
+                          "tanh", reverse, config)
+    return bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), empty(H, H), lens, cuts, empty(T, B, H),
+                      "tanh", reverse, config)

@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sequence import acc_dtype
+
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
-                     source_chunks, split_k_product, tanh, walk_step, weight_chunks)
+                     source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
 from .launch import run_sequence
@@ -55,15 +57,17 @@ def gru_fwd_kernel(
     w_hh_ptr,  # (3H, H)
     b_hn_ptr,  # (H,) (unused unless HAS_B_HN)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool: a new sequence starts at step t of row b (unused unless HAS_RESETS)
     y_ptr,  # (T, B, H) out: every h_t; also where h_{t-1} is read back from
     gates_ptr,  # (T, B, 4H) out: r, z, n, hn
     T, B, H,
     stride_xt, stride_xb, stride_h0b,  # x_proj, h0_proj
     stride_yt, stride_yb, stride_sb,  # y, h_state
     stride_gt, stride_gb,  # gates
-    stride_w,
+    stride_w, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_B_HN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's rows of w_hh stay on chip all along
@@ -93,6 +97,9 @@ def gru_fwd_kernel(
 
     for s in range(step_begin, step_begin + n_steps):
         t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
+        cut = state_cut(resets_ptr, t, t_prev, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
+        m_prev, m_first = m_prev & ~cut, m_first & ~cut  # a new sequence starts from zero
+        b_h = tl.where(cut, 0.0, b_h)
         hh_r = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE)
         hh_z = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE)
         hh_n = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE) + b_hn_bias
@@ -132,6 +139,7 @@ def gru_bwd_kernel(
     h0_ptr,  # (B, H) (unused unless HAS_H0)
     w_hh_ptr,  # (3H, H)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     d_x_ptr,  # (T, B, 3H) out: dr, dz, dn (the gradient of x_proj)
     d_hh_ptr,  # (2, B, 3H) scratch: dr, dz, dn * r of the last two steps, read back by all programs
     dh_carry_ptr,  # (B, H) in/out, ACC_DTYPE: dh * z carried to the step before (zero at the start)
@@ -141,9 +149,10 @@ def gru_bwd_kernel(
     stride_gt, stride_gb,  # gates
     stride_xt, stride_xb,  # d_x
     stride_ht, stride_hb, stride_dcb,  # d_hh, dh_carry
-    stride_w,
+    stride_w, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    SYNC: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= 3H: this program's columns of w_hh stay on chip all along
@@ -173,6 +182,10 @@ def gru_bwd_kernel(
         # the step the backward came from consumed h_t (t_next); h_{t-1} is y[t_prev], or h0 first
         t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
         m_prev, m_first = previous_step_masks(2 * t - t_next, b_len)
+        # no gradient crosses a cut: from t_next into h_t, or from t into the step before
+        m_next = m_next & ~state_cut(resets_ptr, t, t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
+        cut_prev = state_cut(resets_ptr, t, 2 * t - t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
+        m_prev, m_first = m_prev & ~cut_prev, m_first & ~cut_prev
         b_dh = tl.load(dy_ptr + t * stride_dyt + o_b[:, None] * stride_dyb + o_n[None, :], mask=m_bn,
                        other=0.0).to(ACC_DTYPE)
         b_dh += tl.where(t == t_last, b_dh_n, 0.0) + b_dh_carry
@@ -201,15 +214,15 @@ def gru_bwd_kernel(
         store_gate(p_hh, 0, dr, o_b, o_n, H, stride_hb, m_bn)
         store_gate(p_hh, 1, dz, o_b, o_n, H, stride_hb, m_bn)
         store_gate(p_hh, 2, dn * r, o_b, o_n, H, stride_hb, m_bn)
-        b_dh_carry = tl.where(valid, b_dh * z, b_dh_carry)
+        b_dh_carry = tl.where(cut_prev, 0.0, tl.where(valid, b_dh * z, b_dh_carry))
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
     tl.store(p_dc, b_dh_carry.to(dh_carry_ptr.dtype.element_ty), mask=m_bn)
 
 
-def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, config=None):
+def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, config=None):
     """Launch the GRU forward. ``x_proj (T, B, 3H)``, ``h0 (B, H)`` or None, ``w_hh (3H, H)``,
-    ``b_hn (H,)`` or None, ``lengths (B,)`` int64 on the device or None. Returns ``y (T, B, H)`` and
+    ``b_hn (H,)`` or None, ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, H)`` and
     ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end."""
     T, B, G = x_proj.shape
     H = G // 3
@@ -218,17 +231,17 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, config=Non
         return y, gates
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     b_hn, lengths = (t.contiguous() if t is not None else None for t in (b_hn, lengths))
-    acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x_proj.dtype)
     h_state = h0.to(acc, copy=True) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3, cell="gru",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
-        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, y, gates, reverse, cfg),
-                     configs, T, x_proj.device)
+        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse,
+                                                cfg), configs, T, x_proj.device)
     return y, gates
 
 
-def gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, y, gates, reverse, config):
+def gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the GRU forward for ``config``: operands with a contiguous
     last dimension, ``h_state (B, H)`` the state in the accumulator's precision (h0 or zeros)."""
     T, B, G = x_proj.shape
@@ -237,21 +250,21 @@ def gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, y, gates, reverse, 
     if h0 is not None:
         h0_proj = (h0.to(h_state.dtype) @ w_hh.to(h_state.dtype).T).contiguous()  # (B, 3H)
     args = (x_proj, h_state, h0_proj, w_hh, b_hn if b_hn is not None else y,
-            lengths if lengths is not None else x_proj, y, gates, T, B, H, x_proj.stride(0), x_proj.stride(1),
-            h0_proj.stride(0), y.stride(0), y.stride(1), h_state.stride(0), gates.stride(0), gates.stride(1),
-            w_hh.stride(0))
+            lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, gates, T, B, H,
+            x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1), h_state.stride(0),
+            gates.stride(0), gates.stride(1), w_hh.stride(0), *(resets.stride() if resets is not None else (0, 0)))
     kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_B_HN=b_hn is not None,
-                  HAS_LENGTHS=lengths is not None, **gated_tile_kwargs(config, H, H),
+                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, **gated_tile_kwargs(config, H, H),
                   **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
     return gru_fwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
-def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, config=None):
+def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=None, config=None):
     """Launch the GRU backward. Returns ``d_x (T, B, 3H)`` (zero past each sequence's end) and
     ``dh0_local (B, H)``, the gradient of h0 through z (the caller adds its path through w_hh)."""
     T, B, H = y.shape
     d_x = y.new_empty(T, B, 3 * H)
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(y.dtype)
     dh_carry = y.new_zeros(B, H, dtype=acc)  # dh * z, carried in the accumulator's precision
     if T == 0 or B == 0:
         return d_x, dh_carry.to(y.dtype)
@@ -262,38 +275,42 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, config=No
     configs = (config,) if config else pick_configs(B, H, y.dtype, y.device, gates=3, cell="gru",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(y):
-        run_sequence(lambda cfg: gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, d_hh, dh_carry,
+        run_sequence(lambda cfg: gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry,
                                                 reverse, cfg), configs, T, y.device)
     return d_x, dh_carry.to(y.dtype)
 
 
-def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, d_x, d_hh, dh_carry, reverse, config):
+def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the GRU backward for ``config``: operands with a contiguous
     last dimension, ``d_hh (2, B, 3H)`` scratch, ``dh_carry (B, H)`` zeros in the accumulator's
     precision."""
     T, B, H = y.shape
     args = (dy, dh_n, y, gates, h0 if h0 is not None else y, w_hh, lengths if lengths is not None else y,
-            d_x, d_hh, dh_carry, T, B, H, dy.stride(0), dy.stride(1), dh_n.stride(0), y.stride(0), y.stride(1),
-            h0.stride(0) if h0 is not None else 0, gates.stride(0), gates.stride(1), d_x.stride(0),
-            d_x.stride(1), d_hh.stride(0), d_hh.stride(1), dh_carry.stride(0), w_hh.stride(0))
+            resets if resets is not None else y, d_x, d_hh, dh_carry, T, B, H, dy.stride(0), dy.stride(1),
+            dh_n.stride(0), y.stride(0), y.stride(1), h0.stride(0) if h0 is not None else 0, gates.stride(0),
+            gates.stride(1), d_x.stride(0), d_x.stride(1), d_hh.stride(0), d_hh.stride(1), dh_carry.stride(0),
+            w_hh.stride(0), *(resets.stride() if resets is not None else (0, 0)))
     kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
+                  HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, H, 3 * H), **dtype_flags(y.dtype, y.device))
     return gru_bwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
-def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None):
+def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None,
+                resets: bool = False):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launchers build it: what the compile sweep compiles. (``P`` is the LSTM's.)"""
     T = 2
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
 
     def empty(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt, device="meta")
 
     lens = empty(B, dt=torch.int64) if lengths else None
+    cuts = empty(T, B, dt=torch.bool) if resets else None
     w_hh, gates = empty(3 * H, H), empty(T, B, 4 * H)
     if direction == "fwd":
         return gru_fwd_launch(empty(T, B, 3 * H), empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, empty(H),
-                              lens, empty(T, B, H), gates, reverse, config)
+                              lens, cuts, empty(T, B, H), gates, reverse, config)
     return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, empty(B, H) if h0 else None, w_hh,
-                          lens, empty(T, B, 3 * H), empty(2, B, 3 * H), empty(B, H, dt=acc), reverse, config)
+                          lens, cuts, empty(T, B, 3 * H), empty(2, B, 3 * H), empty(B, H, dt=acc), reverse, config)

@@ -21,12 +21,13 @@ launched, whatever its ptxas version.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 
 import torch
+
+from . import config
 
 logger = logging.getLogger("fastrnn")
 
@@ -44,12 +45,12 @@ def run_sequence(build, configs, T: int, device, phases=({},)) -> None:
     ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that all programs must finish
     before the next starts (an LSTM's projection) meets at a barrier between them when tiled;
     stepwise, it is launched once per part, each with its ``phases`` entry added to its constexprs."""
-    config, (kernel, grid, args, kwargs) = choose(build, configs, lambda plans: fits_gpu(plans, device), phases)
-    if config.variant == "resident":
+    chosen, (kernel, grid, args, kwargs) = choose(build, configs, lambda plans: fits_gpu(plans, device), phases)
+    if chosen.variant == "resident":
         kernel[grid](*args, **kwargs)
         return
     sync = arrival_counters(grid[0], device)
-    if config.variant == "tiled":
+    if chosen.variant == "tiled":
         coop_args, coop_kwargs = tiled_arguments(args, kwargs, sync, 0, T, cooperative=True)
         if _launch_cooperative(kernel, grid, coop_args, coop_kwargs, device):
             return
@@ -63,25 +64,25 @@ def choose(build, configs, fits, phases=({},)):
     """``(config, build(config))`` for the first of ``configs`` whose compiled kernels ``fits``
     accepts (``fits(plans)``, plans from ``launch_plans``); the last runs regardless, and under the
     interpreter the first (nothing is compiled there)."""
-    for i, config in enumerate(configs):
-        launch = build(config)
-        if INTERPRETED or i == len(configs) - 1 or fits(launch_plans(config, launch, phases)):
-            return config, launch
+    for i, candidate in enumerate(configs):
+        launch = build(candidate)
+        if INTERPRETED or i == len(configs) - 1 or fits(launch_plans(candidate, launch, phases)):
+            return candidate, launch
         logger.info("fastrnn: %s does not fit the GPU (local memory, shared memory or co-residency); "
-                    "trying %s", config, configs[i + 1])
+                    "trying %s", candidate, configs[i + 1])
     raise ValueError("no configuration to choose from")
 
 
-def launch_plans(config, launch, phases=({},)) -> list[tuple]:
+def launch_plans(candidate, launch, phases=({},)) -> list[tuple]:
     """``[(variant, kernel, grid, args, kwargs)]``: each distinct kernel the run compiles first; for a
     tiled configuration its cooperative launch (the stepwise fallback compiles only if needed)."""
     kernel, grid, args, kwargs = launch
-    if config.variant == "resident":
-        return [(config.variant, kernel, grid, args, kwargs)]
+    if candidate.variant == "resident":
+        return [(candidate.variant, kernel, grid, args, kwargs)]
     sync = arrival_counters(grid[0], args[0].device)  # the operands' device (meta in compile checks)
-    cooperative = config.variant == "tiled"
+    cooperative = candidate.variant == "tiled"
     a, kw = tiled_arguments(args, kwargs, sync, 0, 2, cooperative)
-    return [(config.variant, kernel, grid, a, {**kw, **phase}) for phase in ([{}] if cooperative else phases)]
+    return [(candidate.variant, kernel, grid, a, {**kw, **phase}) for phase in ([{}] if cooperative else phases)]
 
 
 # Local memory per thread a launched kernel may use: 64 bytes, a few words ptxas parks there (seen
@@ -114,7 +115,7 @@ def _compiled_fits(compiled, variant: str, grid, device) -> bool:
     if compiled.n_spills * 4 > MAX_STACK:  # n_spills: local memory in 4-byte words
         return False
     per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared)
-    return per_sm > 0 and (variant != "tiled" or math.prod(grid) <= per_sm * _sm_count(torch.device(device)))
+    return per_sm > 0 and (variant != "tiled" or math.prod(grid) <= per_sm * config.sm_count(torch.device(device)))
 
 
 def arrival_counters(n_groups: int, device) -> torch.Tensor:
@@ -158,12 +159,7 @@ def resident_capacity(kernel, grid, args, kwargs, device) -> float:
     compiled = kernel.warmup(*args, grid=grid, **kwargs)  # compiles, or finds the launch's cache entry
     compiled._init_handles()  # loads it: n_regs is known from here on
     per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared)
-    return per_sm * _sm_count(torch.device(device))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm * config.sm_count(torch.device(device))
 
 
 def programs_per_sm(n_regs: int, num_warps: int, shared: int) -> int:

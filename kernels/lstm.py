@@ -21,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sequence import acc_dtype
+
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
-                     source_chunks, split_k_product, tanh, walk_step, weight_chunks)
+                     source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
 from .launch import run_sequence
@@ -102,6 +104,7 @@ def lstm_fwd_kernel(
     w_hh_ptr,  # (4H, P)
     w_hr_ptr,  # (P, H) the projection (unused unless PROJ)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool: a new sequence starts at step t of row b (unused unless HAS_RESETS)
     y_ptr,  # (T, B, P) out: every h_t; also where h_{t-1} is read back from
     c_ptr,  # (T, B, H) out: every c_t
     gates_ptr,  # (T, B, 4H) out: i, f, g, o after their nonlinearities
@@ -112,9 +115,9 @@ def lstm_fwd_kernel(
     stride_ct, stride_cb, stride_sb,  # c, c_state
     stride_gt, stride_gb,  # gates
     stride_mt, stride_mb,  # m
-    stride_w, stride_hr,
+    stride_w, stride_hr, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= P: this program's rows of w_hh stay on chip all along
@@ -146,8 +149,11 @@ def lstm_fwd_kernel(
 
     for s in range(step_begin, step_begin + n_steps):
         t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
+        cut = state_cut(resets_ptr, t, t_prev, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
+        m_prev, m_first = m_prev & ~cut, m_first & ~cut  # a new sequence starts from zero
         valid = t < b_len  # (BLOCK_B, 1): zero past each sequence's end, the state carried along
         if PHASE != 2:
+            b_c = tl.where(cut, 0.0, b_c)
             z_i, z_f, z_g, z_o = _input_gates(x_proj_ptr + t * stride_xt, h0_proj_ptr, o_b, o_n, H, stride_xb, stride_h0b,
                                               m_bn, m_first, HAS_H0, ACC_DTYPE)
             z_i, z_f, z_g, z_o = _gate_products(z_i, z_f, z_g, z_o, y_ptr + t_prev * stride_yt, m_prev, o_b,
@@ -207,6 +213,7 @@ def lstm_bwd_kernel(
     w_hh_ptr,  # (4H, P)
     w_hr_ptr,  # (P, H) (unused unless PROJ)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
+    resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     d_gates_ptr,  # (T, B, 4H) out: gradient of the pre-activations; d_gates[t_next] is read back
     dc_carry_ptr,  # (B, H) in/out: dc * f carried to the step before (zero at the start; dc0 at the end)
     dh_buf_ptr,  # (2, B, P) scratch: dh of the last two steps, all columns (unused unless PROJ)
@@ -216,9 +223,10 @@ def lstm_bwd_kernel(
     stride_gt, stride_gb,  # gates
     stride_dgt, stride_dgb, stride_dcb,  # d_gates, dc_carry
     stride_bt, stride_bb,  # dh_buf
-    stride_w, stride_hr,
+    stride_w, stride_hr, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SYNC: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    SYNC: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= 4H: this program's columns of w_hh stay on chip all along
@@ -249,6 +257,9 @@ def lstm_bwd_kernel(
         # the backward walks the forward's steps last to first: the step it came from is the one
         # that consumed h_t (t_next); c_{t-1} is c[t_prev], or c0 at each sequence's first step
         t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
+        # no gradient crosses a cut: from t_next into h_t and c_t, or from t into the step before
+        m_next = m_next & ~state_cut(resets_ptr, t, t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
+        cut_prev = state_cut(resets_ptr, t, 2 * t - t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
         m_last = t == t_last
         p_dnext = d_gates_ptr + t_next * stride_dgt
         if PROJ:
@@ -272,7 +283,8 @@ def lstm_bwd_kernel(
                                    BLOCK_N, BLOCK_K, SPLIT_K, W_RESIDENT)
         if PHASE != 1:
             b_dc_carry = _cell_grads(d_gates_ptr + t * stride_dgt, gates_ptr + t * stride_gt, c_ptr, c0_ptr, t,
-                                     t_next, b_dm, b_dc_carry, b_dc_n, m_last, b_len, o_b, o_n, H, stride_ct,
+                                     t_next, cut_prev, b_dm, b_dc_carry, b_dc_n, m_last, b_len, o_b, o_n, H,
+                                     stride_ct,
                                      stride_cb, stride_c0b, stride_gb, stride_dgb, m_bn, HAS_C0, ACC_DTYPE)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
@@ -281,12 +293,12 @@ def lstm_bwd_kernel(
 
 
 @triton.jit
-def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, b_dm, b_dc_carry, b_dc_n, m_last, b_len,
+def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, cut_prev, b_dm, b_dc_carry, b_dc_n, m_last, b_len,
                 o_b, o_n, H, stride_ct, stride_cb, stride_c0b, stride_gb, stride_dgb, m_bn, HAS_C0: tl.constexpr,
                 ACC_DTYPE: tl.constexpr):
     """One step's gate gradients from ``dm`` (the gradient of o tanh(c_t)) and the carried
     ``dc_{t_next} f_{t_next}``; stores them (zero past each sequence's end) and returns the carry
-    for the step before."""
+    for the step before (zero where the state entering t was ``cut_prev``: c_{t-1} is zero there)."""
     p_bn = o_b[:, None] * stride_cb + o_n[None, :]  # this program's units in a step of c
     i = load_gate(gates_ptr, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
     f = load_gate(gates_ptr, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
@@ -294,6 +306,7 @@ def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, b_dm, b_dc_car
     o = load_gate(gates_ptr, 3, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
     b_c = tl.load(c_ptr + t * stride_ct + p_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
     m_prev, m_first = previous_step_masks(2 * t - t_next, b_len)  # c_{t-1}: c[t_prev], or c0 first
+    m_prev, m_first = m_prev & ~cut_prev, m_first & ~cut_prev
     b_c_prev = tl.load(c_ptr + (2 * t - t_next) * stride_ct + p_bn, mask=m_bn & m_prev, other=0.0)
     b_c_prev = b_c_prev.to(ACC_DTYPE)
     if HAS_C0:
@@ -304,13 +317,13 @@ def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, b_dm, b_dc_car
     valid = t < b_len
     _store_gates(d_gates_ptr, b_dc * g * i * (1.0 - i), b_dc * b_c_prev * f * (1.0 - f),
                  b_dc * i * (1.0 - g * g), b_dm * tanh_c * o * (1.0 - o), valid, o_b, o_n, H, stride_dgb, m_bn)
-    return tl.where(valid, b_dc * f, b_dc_carry)
+    return tl.where(cut_prev, 0.0, tl.where(valid, b_dc * f, b_dc_carry))
 
 
-def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, config=None):
+def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None, config=None):
     """Launch the LSTM forward. ``x_proj (T, B, 4H)``, ``h0 (B, P)``, ``c0 (B, H)`` or None,
-    ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` int64 on the
-    device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)``, zero past each
+    ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` int64 or
+    ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)``, zero past each
     sequence's end."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
@@ -319,17 +332,17 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, confi
         return y, c, gates
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (h0, w_hr, lengths))
-    acc = torch.float64 if x_proj.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x_proj.dtype)
     c_state = c0.to(acc, copy=True) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4, cell="lstm",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
-        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, y, c, gates, reverse,
-                                                 cfg), configs, T, x_proj.device, _phases(w_hr))
+        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, resets, y, c, gates,
+                                                 reverse, cfg), configs, T, x_proj.device, _phases(w_hr))
     return y, c, gates
 
 
-def lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, y, c, gates, reverse, config):
+def lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``: operands with a contiguous
     last dimension, ``c_state (B, H)`` the cell state in the accumulator's precision (c0 or zeros)."""
     T, B, G = x_proj.shape
@@ -339,18 +352,20 @@ def lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, y, c, gates, rever
         h0_proj = (h0.to(c_state.dtype) @ w_hh.to(c_state.dtype).T).contiguous()  # (B, 4H)
     m = c.new_empty(2, B, H) if w_hr is not None else c  # the projection's input, all units
     args = (x_proj, h0_proj, c_state, w_hh, w_hr if w_hr is not None else w_hh,
-            lengths if lengths is not None else x_proj, y, c, gates, m, T, B, H, P,
-            x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
+            lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, m,
+            T, B, H, P, x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
             c.stride(0), c.stride(1), c_state.stride(0), gates.stride(0), gates.stride(1), m.stride(0), m.stride(1),
-            w_hh.stride(0), w_hr.stride(0) if w_hr is not None else 0)
+            w_hh.stride(0), w_hr.stride(0) if w_hr is not None else 0,
+            *(resets.stride() if resets is not None else (0, 0)))
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
     kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
+                  HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, P, P), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
     return lstm_fwd_kernel, grid, args, kwargs
 
 
-def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
+def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None,
              config=None):
     """Launch the LSTM backward. Returns ``d_gates (T, B, 4H)`` (zero past each sequence's end) and
     ``dc0 (B, H)`` (zeros without c0). ``y`` and ``h0`` are not read (the autograd formula's products
@@ -358,7 +373,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
     d_gates = gates.new_empty(T, B, G)
-    acc = torch.float64 if gates.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(gates.dtype)
     dc_carry = gates.new_zeros(B, H, dtype=acc)  # dc * f, carried in the accumulator's precision
     if T == 0 or B == 0:
         return d_gates, dc_carry.to(gates.dtype)
@@ -369,27 +384,29 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     configs = (config,) if config else pick_configs(B, H, gates.dtype, gates.device, gates=4, cell="lstm",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(gates):
-        run_sequence(lambda cfg: lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates,
-                                                 dc_carry, dh_buf, reverse, cfg), configs, T, gates.device,
-                     _phases(w_hr))
+        run_sequence(lambda cfg: lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets,
+                                                 d_gates, dc_carry, dh_buf, reverse, cfg), configs, T,
+                     gates.device, _phases(w_hr))
     return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)
 
 
-def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, d_gates, dc_carry, dh_buf, reverse,
-                    config):
+def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf,
+                    reverse, config):
     """``(kernel, grid, args, kwargs)`` of the LSTM backward for ``config``: operands with a contiguous
     last dimension, ``dc_carry (B, H)`` zeros in the accumulator's precision, ``dh_buf (2, B, P)``
     scratch (with a projection)."""
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
     args = (dy, dh_n, dc_n, c, gates, c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
-            lengths if lengths is not None else c, d_gates, dc_carry, dh_buf, T, B, H, P,
+            lengths if lengths is not None else c, resets if resets is not None else c, d_gates, dc_carry, dh_buf,
+            T, B, H, P,
             dy.stride(0), dy.stride(1), dh_n.stride(0), c.stride(0), c.stride(1), dc_n.stride(0),
             c0.stride(0) if c0 is not None else 0, gates.stride(0), gates.stride(1), d_gates.stride(0),
             d_gates.stride(1), dc_carry.stride(0), dh_buf.stride(0), dh_buf.stride(1), w_hh.stride(0),
-            w_hr.stride(0) if w_hr is not None else 0)
+            w_hr.stride(0) if w_hr is not None else 0, *(resets.stride() if resets is not None else (0, 0)))
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
     kwargs = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+                  HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, H, 4 * H), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(gates.dtype, gates.device))
     return lstm_bwd_kernel, grid, args, kwargs
@@ -409,21 +426,23 @@ def _phases(w_hr):
     return ({"PHASE": 1}, {"PHASE": 2}) if w_hr is not None else ({},)
 
 
-def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None):
+def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None,
+                resets: bool = False):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launchers build it, with a projection where ``P`` is given and below H:
     what the compile sweep compiles. ``h0`` stands for both initial states."""
     T, P = 2, P or H
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
 
     def empty(*shape, dt=dtype):
         return torch.empty(*shape, dtype=dt, device="meta")
 
     lens = empty(B, dt=torch.int64) if lengths else None
+    cuts = empty(T, B, dt=torch.bool) if resets else None
     w_hh, w_hr, gates = empty(4 * H, P), (empty(P, H) if P != H else None), empty(T, B, 4 * H)
     if direction == "fwd":
         return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, P) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
-                               lens, empty(T, B, P), empty(T, B, H), gates, reverse, config)
+                               lens, cuts, empty(T, B, P), empty(T, B, H), gates, reverse, config)
     return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates,
-                           empty(B, H) if h0 else None, w_hh, w_hr, lens, empty(T, B, 4 * H), empty(B, H, dt=acc),
-                           empty(2, B, P), reverse, config)
+                           empty(B, H) if h0 else None, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),
+                           empty(B, H, dt=acc), empty(2, B, P), reverse, config)

@@ -1,17 +1,19 @@
-"""The character LM and the `fastrnn` command, on CPU."""
+"""The character LM (``fastrnn.charlm``) and the `fastrnn` command, on CPU, in this process."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastrnn import charlm
-from fastrnn.charlm import TrainConfig, default_corpus, train
-from fastrnn.cli import main
+from fastrnn.charlm import Interrupted, TrainConfig, default_corpus, train
+from fastrnn.charlm.cli import main
+from fastrnn.charlm.corpus import stdlib_sources
+from fastrnn.charlm.training import Trainer
 from fastrnn.scratch import Vocab
 
 SMALL = dict(steps=60, hidden=32, seq_len=16, batch_size=8, max_chars=60_000, log_every=10,
@@ -21,6 +23,9 @@ SMALL = dict(steps=60, hidden=32, seq_len=16, batch_size=8, max_chars=60_000, lo
 def test_default_corpus_is_the_stdlib_and_deterministic():
     a, b = default_corpus(50_000), default_corpus(50_000)
     assert a == b and len(a) == 50_000 and "def " in a
+    names = [path.name for path in stdlib_sources()]
+    assert names == sorted(names) and "abc.py" in names
+    assert not any(name.startswith("_sysconfigdata") for name in names)  # the build's, not Python's
 
 
 @pytest.mark.parametrize("model", ["fastrnn", "torch", "scratch"])
@@ -36,7 +41,7 @@ def test_short_run_lowers_perplexity_well_below_vocab_size(tmp_path, model):
 def stop_at(monkeypatch, step, how):
     """Stop training at the end of ``step``: by Ctrl-C (SIGINT: the loop writes a checkpoint there
     and raises Interrupted) or as a killed process would (no checkpoint written at that step)."""
-    real = charlm._Trainer.train_step
+    real = Trainer.train_step
 
     def train_step(self):
         loss = real(self)
@@ -46,13 +51,13 @@ def stop_at(monkeypatch, step, how):
             raise RuntimeError("killed")
         return loss
 
-    monkeypatch.setattr(charlm._Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
 def assert_resume_is_exact(tmp_path, monkeypatch, base, step, how):
     train(TrainConfig(out=str(tmp_path / "full"), **base))
     stop_at(monkeypatch, step, how)
-    with pytest.raises(charlm.Interrupted if how == "ctrl-c" else RuntimeError):
+    with pytest.raises(Interrupted if how == "ctrl-c" else RuntimeError):
         train(TrainConfig(out=str(tmp_path / "cut"), **base))
     monkeypatch.undo()
     train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
@@ -85,7 +90,7 @@ def test_gated_cells_train_resume_exactly_and_sample(tmp_path, monkeypatch, caps
     last = train(TrainConfig(out=str(tmp_path / "full"), **base), log=lambda *_: None)
     assert last["heldout_perplexity"] < 50  # from about the vocabulary size (95) at step 0
     stop_at(monkeypatch, 33, "ctrl-c")
-    with pytest.raises(charlm.Interrupted):
+    with pytest.raises(Interrupted):
         train(TrainConfig(out=str(tmp_path / "cut"), **base), log=lambda *_: None)
     monkeypatch.undo()
     train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base), log=lambda *_: None)
@@ -122,34 +127,118 @@ def test_python_dash_m_fastrnn_runs(tmp_path):
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
-BAD = {
+BAD = {  # argv, a fragment of the one line on stderr; {run} is a trained run, {file} a plain file
     "missing file": (["train", "--text", "/nonexistent/file.txt"], "not found"),
     "empty file": (["train", "--text", "{empty}"], "empty"),
+    "a folder as text": (["train", "--text", "{tmp}"], "cannot read"),
     "unknown device": (["train", "--device", "tpu9"], "device"),
-    "zero steps": (["train", "--steps", "0"], "--steps must be positive"),
-    "empty prefix": (["sample", "{run}", "--prefix", ""], "prefix"),
+    "empty device": (["train", "--device", ""], "device"),
+    "meta device": (["train", "--device", "meta"], "not supported"),
+    "second cpu": (["train", "--device", "cpu:1"], "the CPU is one device"),
     "cuda absent": (["train", "--device", "cuda:7"], "CUDA"),
     "bf16 on the cpu": (["train", "--bf16", "--device", "cpu"], "--bf16 is CUDA autocast"),
+    "zero steps": (["train", "--steps", "0"], "--steps must be positive"),
+    "zero hidden": (["train", "--hidden", "0"], "--hidden must be positive"),
+    "zero layers": (["train", "--layers", "0"], "--layers must be positive"),
+    "zero seq-len": (["train", "--seq-len", "0"], "--seq-len must be positive"),
+    "zero batch": (["train", "--batch-size", "0"], "--batch-size must be positive"),
+    "zero max-chars": (["train", "--max-chars", "0"], "--max-chars must be positive"),
+    "negative ckpt-every": (["train", "--ckpt-every", "-5"], "--ckpt-every must be positive"),
+    "zero eval-every": (["train", "--eval-every", "0"], "--eval-every must be positive"),
+    "zero log-every": (["train", "--log-every", "0"], "--log-every must be positive"),
+    "dropout 1.5": (["train", "--dropout", "1.5", "--layers", "2"], "--dropout must be a number in [0, 1)"),
+    "dropout 1": (["train", "--dropout", "1", "--layers", "2"], "--dropout must be a number in [0, 1)"),
+    "negative dropout": (["train", "--dropout", "-0.1"], "--dropout"),
+    "negative lr": (["train", "--lr", "-1"], "--lr must be a number > 0"),
+    "zero lr": (["train", "--lr", "0"], "--lr must be a number > 0"),
+    "nan lr": (["train", "--lr", "nan"], "--lr must be a number > 0, got nan"),
+    "lr not a number": (["train", "--lr", "abc"], "argument --lr: invalid float value"),
+    "zero clip": (["train", "--clip", "0"], "--clip must be a number > 0"),
+    "infinite clip": (["train", "--clip", "inf"], "--clip"),
+    "negative threads": (["train", "--threads", "-1"], "--threads must be an integer >= 0"),
+    "negative seed": (["train", "--seed", "-1"], "--seed must be an integer from 0 to"),
+    "seed past 64 bits": (["train", "--seed", str(2**64)], "--seed"),
+    "unknown model": (["train", "--model", "jax"], "argument --model: invalid choice"),
+    "unknown cell": (["train", "--cell", "mgu"], "argument --cell: invalid choice"),
+    "resume and force": (["train", "--resume", "--force"], "give one"),
+    "out is a file": (["train", "--out", "{empty}"], "is a file"),
+    "scratch with two layers": (["train", "--model", "scratch", "--layers", "2"], "--layers 1"),
+    "empty prefix": (["sample", "{run}", "--prefix", ""], "prefix"),
+    "negative num-chars": (["sample", "{run}", "--prefix", "a", "--num-chars", "-1"],
+                           "--num-chars must be an integer >= 0"),
+    "negative temperature": (["sample", "{run}", "--prefix", "a", "--temperature", "-1"],
+                             "--temperature must be a number >= 0"),
+    "nan temperature": (["sample", "{run}", "--prefix", "a", "--temperature", "nan"], "--temperature"),
+    "negative sample seed": (["sample", "{run}", "--prefix", "a", "--seed", "-3"], "--seed"),
+    "negative sample threads": (["sample", "{run}", "--prefix", "a", "--threads", "-1"], "--threads"),
+    "sample device": (["sample", "{run}", "--prefix", "a", "--device", "tpu9"], "device"),
+    "no checkpoint": (["sample", "{tmp}", "--prefix", "a"], "no checkpoint"),
+    "not a checkpoint": (["sample", "{junk}", "--prefix", "a"], "cannot read"),
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    train(TrainConfig(out=str(run), steps=2, hidden=8, seq_len=8, batch_size=4, max_chars=20_000,
+                      progress=False), log=lambda *_: None)
+    return run
+
+
+def exit_code(argv) -> int:
+    """``fastrnn ARGV``'s exit code, in this process (argparse's own errors exit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_arguments_give_one_clear_line(tmp_path, capsys, case):
+def test_bad_arguments_give_one_clear_line(tmp_path, capsys, tiny_run, case):
+    """Every value of ``fastrnn train`` and ``fastrnn sample`` is checked: one line, exit code 2.
+    (tests/test_cli.py runs the issue's cases through the real command.)"""
     if case == "cuda absent" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    run = tmp_path / "run"
-    if case == "empty prefix":
-        main(["train", "--out", str(run), "--steps", "2", "--hidden", "8", "--max-chars", "20000",
-              "--no-progress", "--seq-len", "8", "--batch-size", "4"])
-        capsys.readouterr()
-    argv = [a.format(empty=empty, run=run) for a in BAD[case][0]]
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "checkpoint.pt").write_text("not a checkpoint")
+    argv = [a.format(empty=empty, run=tiny_run, tmp=tmp_path, junk=junk) for a in BAD[case][0]]
+    if argv[0] == "train" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "x")]
     if argv[0] == "train":
-        argv += ["--out", str(tmp_path / "x"), "--no-progress"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and BAD[case][1] in err and "Traceback" not in err
+        argv += ["--no-progress"]
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastrnn: error: "), err
+    assert BAD[case][1] in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_a_tiny_temperature_is_greedy_rather_than_an_error(tiny_run, capsys):
+    args = ["sample", str(tiny_run), "--prefix", "def ", "--num-chars", "30"]
+    assert main([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args, "--temperature", "1e-45", "--seed", "0"]) == 0  # logits / 1e-45 overflow
+    assert capsys.readouterr().out == greedy
+
+
+def test_the_library_never_imports_the_application():
+    """``import fastrnn`` and its modules leave ``fastrnn.charlm`` (the app) out; only
+    ``python -m fastrnn`` (fastrnn/__main__.py) reaches it."""
+    root = Path(__file__).resolve().parent.parent
+    library = [p for p in [*(root / "fastrnn").glob("*.py"), *(root / "kernels").rglob("*.py")]
+               if p.name != "__main__.py"]
+    assert len(library) > 5
+    for path in library:
+        assert "charlm" not in path.read_text(), path
+    code = ("import sys, pkgutil, importlib, fastrnn, fastrnn.kernels\n"
+            "for m in pkgutil.iter_modules(fastrnn.__path__):\n"
+            "    if m.name not in ('charlm', '__main__'): importlib.import_module('fastrnn.' + m.name)\n"
+            "print(sorted(n for n in sys.modules if 'charlm' in n))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
 
 
 def test_checkpoint_from_another_vocabulary_is_refused(tmp_path, capsys):

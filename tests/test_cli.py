@@ -1,7 +1,9 @@
 """The `fastrnn` command as a user runs it: a real process (`python -m fastrnn`), its exit code,
 stdout and stderr; small runs on a slice of the default corpus."""
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,16 +17,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrnn.charlm import TrainConfig, train
+from fastrnn.charlm import TrainConfig, default_corpus, train
+from fastrnn.charlm.cli import parsers
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--hidden", "16", "--seq-len", "8", "--batch-size", "4", "--max-chars", "20000",
         "--eval-every", "10", "--ckpt-every", "10", "--no-progress"]
 
 
-def fastrnn(*args, timeout=120):
+def fastrnn(*args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "fastrnn", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
+
+
+def start_fastrnn(*args):
+    """``fastrnn ARGS`` started, not waited for."""
+    return subprocess.Popen([sys.executable, "-m", "fastrnn", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, p, seconds=60):
+    """Poll ``condition`` until it holds, while the command ``p`` runs."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and p.poll() is None:
+        if condition():
+            return
+        time.sleep(0.02)
+    if not condition():
+        p.kill()
+        pytest.fail(f"waited in vain; the command printed {p.communicate(timeout=60)}")
 
 
 def one_error_line(r, code=2):
@@ -43,9 +64,10 @@ def weights(run):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished 30-step run and what the command printed."""
+    """A finished 30-step run and what the command printed (with OMP_NUM_THREADS=2 set, which
+    --threads, default 1, overrides)."""
     run = tmp_path_factory.mktemp("cli") / "run"
-    r = fastrnn("train", "--out", run, "--steps", 30, *TINY)
+    r = fastrnn("train", "--out", run, "--steps", 30, *TINY, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     return run, r.stdout
 
@@ -64,6 +86,13 @@ def test_train_reports_the_whole_runs_throughput_and_draws_the_curve(trained):
     assert metrics_steps(run) == [10, 20, 30]
 
 
+def test_train_names_its_text_and_threads_first(trained):
+    first = trained[1].splitlines()[0]
+    digest = hashlib.sha256(default_corpus(20_000).encode()).hexdigest()[:12]
+    assert re.fullmatch(rf"text: 20000 characters of .+\*\.py \(sha256 {digest}\), vocabulary \d+; "
+                        r"1 CPU thread", first), first
+
+
 def test_resume_of_a_finished_run_says_so_and_reports_its_perplexity(trained):
     run, stdout = trained
     r = fastrnn("train", "--out", run, "--resume")
@@ -71,6 +100,35 @@ def test_resume_of_a_finished_run_says_so_and_reports_its_perplexity(trained):
     assert "nothing to train" in r.stdout
     assert r.stdout.strip().splitlines()[-1] == stdout.strip().splitlines()[-1]
     assert metrics_steps(run) == [10, 20, 30]
+
+
+def test_resume_of_a_finished_run_reports_the_saved_figure_without_evaluating(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    ckpt = torch.load(run / "checkpoint.pt")
+    assert ckpt["heldout"]["step"] == 30
+    ckpt["heldout"]["perplexity"] = 123.0  # a figure no evaluation gives
+    torch.save(ckpt, run / "checkpoint.pt")
+    r = fastrnn("train", "--out", run, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "perplexity 123.0000 (held-out, step 30)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--dropout", 1.5, "--layers", 2], "--dropout must be a number in [0, 1), got 1.5"),
+    (["train", "--lr", -1], "--lr must be a number > 0, got -1.0"),
+    (["train", "--clip", 0], "--clip must be a number > 0, got 0.0"),
+    (["train", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["sample", "{run}", "--prefix", "x", "--temperature", -1],
+     "--temperature must be a number >= 0, got -1.0"),
+], ids=["dropout", "lr", "clip", "lr-not-a-number", "temperature"])
+def test_a_bad_value_is_one_line_and_exit_code_2(trained, tmp_path, args, message):
+    """Issue #19's cases through the real command (tests/test_charlm.py checks every value)."""
+    args = [str(a).format(run=trained[0]) for a in args]
+    out = ["--out", tmp_path / "run"] if args[0] == "train" else []
+    err = one_error_line(fastrnn(*args, *out))
+    assert err == f"fastrnn: error: {message}\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_takes_the_saved_configuration_and_refuses_a_conflicting_flag(trained, tmp_path):
@@ -101,15 +159,13 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_goes_on_exactly(tmp_path):
     run = tmp_path / "run"
     args = ["--lr-schedule", "constant", *TINY, "--ckpt-every", 1000, "--log-every", 5]
     command = ["train", "--out", run, "--steps", 100_000, *args]
-    p = subprocess.Popen([sys.executable, "-m", "fastrnn", *map(str, command)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.05)
+    p = start_fastrnn(*command)
+    wait_for((run / "metrics.jsonl").exists, p)
     p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=60)
+    _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
-    assert stderr.count("\n") == 1 and "Traceback" not in stderr and "--resume" in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert f"`fastrnn train --out {run} --resume` continues it" in stderr
     step = torch.load(run / "checkpoint.pt")["step"]
     assert 5 <= step < 100_000 and f"interrupted at step {step}" in stderr
     r = fastrnn("train", "--out", run, "--resume", "--steps", step + 12)
@@ -121,6 +177,53 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_goes_on_exactly(tmp_path):
     train(reference, log=lambda *_: None)
     want, got = weights(tmp_path / "reference"), weights(run)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_ctrl_c_during_a_held_out_evaluation_stops_it_and_resume_logs_that_row(tmp_path):
+    """The evaluation checks for Ctrl-C between batches: the run stops at once with a checkpoint
+    whose metrics row waits for its held-out figure, which --resume evaluates and logs first."""
+    run = tmp_path / "run"
+    # a long evaluation (60000 held-out characters, 4 sequences of 8 a batch) after short steps
+    p = start_fastrnn("train", "--out", run, "--steps", 4, "--hidden", 8, "--seq-len", 8, "--batch-size",
+                      4, "--max-chars", 600_000, "--log-every", 1, "--eval-every", 2, "--no-progress")
+    wait_for((run / "metrics.jsonl").exists, p)  # step 1 logged; step 2 trains, then evaluates
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    assert stderr == (f"fastrnn: interrupted at step 2, checkpoint written to {run / 'checkpoint.pt'}; "
+                      f"`fastrnn train --out {run} --resume` continues it\n")
+    ckpt = torch.load(run / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["unlogged"]["step"] == 2 and ckpt["heldout"] is None
+    assert metrics_steps(run) == [1]
+    r = fastrnn("train", "--out", run, "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["step"] for row in rows if "heldout_perplexity" in row] == [2, 4]
+
+
+def test_ctrl_c_before_training_names_the_run_folder_too(tmp_path):
+    """A Ctrl-C outside the loop (here while the text is read) says how to resume, with --out."""
+    fifo, run = tmp_path / "text.fifo", tmp_path / "run"
+    os.mkfifo(fifo)
+    p = start_fastrnn("train", "--text", fifo, "--out", run, "--no-progress")
+
+    writers = []
+
+    def command_reads_the_pipe():  # only then does this end open without blocking (else ENXIO)
+        try:
+            writers.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return True
+        except OSError:
+            return False
+
+    wait_for(command_reads_the_pipe, p)  # it now waits in read() for text that never comes
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=60)
+    os.close(writers[0])
+    assert p.returncode == 130, stderr
+    assert stderr == (f"fastrnn: interrupted; `fastrnn train --out {run} --resume` continues from the "
+                      "last checkpoint, if any\n")
 
 
 def test_help_shows_defaults_version_and_a_misspelt_flag_gets_trains_usage():
@@ -150,6 +253,17 @@ def test_default_sample_is_drawn_and_greedy_is_one_flag_away(trained):
     assert longest_run(drawn) < 20
 
 
+def test_readme_lists_every_option_of_both_commands():
+    readme = (ROOT / "README.md").read_text()
+    _, commands = parsers()
+    for name, parser in commands.items():
+        for action in parser._actions:  # argparse keeps no public list of a parser's options
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert f"`{option}" in readme, f"fastrnn {name} {option} is not in README"
+    assert "`fastrnn --version`" in readme
+
+
 def test_readme_install_command_gives_the_curve_and_figures_name_the_defaults():
     readme = " ".join((ROOT / "README.md").read_text().split())
     extras = re.search(r'pip install -e "\.\[([\w,]+)\]" && fastrnn train', readme)[1].split(",")
@@ -158,5 +272,5 @@ def test_readme_install_command_gives_the_curve_and_figures_name_the_defaults():
     d = TrainConfig()
     stamp = (f"--steps {d.steps} --hidden {d.hidden} --layers {d.layers} --seq-len {d.seq_len} "
              f"--batch-size {d.batch_size} --optimizer {d.optimizer} --lr-schedule {d.lr_schedule} "
-             f"--clip {d.clip} --max-chars {d.max_chars} --seed {d.seed}")
+             f"--clip {d.clip} --threads {d.threads} --max-chars {d.max_chars} --seed {d.seed}")
     assert stamp in readme  # README's figures were measured with today's defaults

@@ -9,7 +9,7 @@ import fastrnn.kernels.config as config
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    monkeypatch.setattr(config, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(config, "sm_count", lambda device: 132)
     config._pick_configs.cache_clear()
     yield torch.device("cuda")
     config._pick_configs.cache_clear()

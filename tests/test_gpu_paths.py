@@ -24,7 +24,7 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """An H100's SM count without one (read only by the configuration)."""
-    monkeypatch.setattr(config, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(config, "sm_count", lambda device: 132)
     return CUDA
 
 

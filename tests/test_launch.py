@@ -279,5 +279,5 @@ class Compiled:
     (Compiled(n_regs=255, num_warps=8), "stepwise", (20, 70), True),  # stepwise: no limit on the grid
 ])
 def test_compiled_kernel_fits(monkeypatch, compiled, variant, grid, fits):
-    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(launch.config, "sm_count", lambda device: 132)
     assert launch._compiled_fits(compiled, variant, grid, "cuda") is fits

@@ -1,0 +1,139 @@
+"""The run folder (``--out``): ``checkpoint.pt``, ``metrics.jsonl``, ``curve.png``; and ``--resume``.
+
+A checkpoint holds everything a run needs to go on as if never stopped: the model and optimizer,
+the vocabulary, where the data stands (step, epoch, batch) and the state carried between batches
+(one per process), the random generators, the configuration, and the last held-out figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .config import RESUMABLE, RESUMABLE_FLAGS, TrainConfig, UsageError, check_resume_or_force, flag
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curve.png")
+
+
+def read_checkpoint(out: str | Path) -> dict:
+    """OUT/checkpoint.pt, loaded on the CPU with torch.load's weights_only=True."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        raise UsageError(f"cannot read {path} as a checkpoint: {type(e).__name__}") from None
+
+
+def save_checkpoint(checkpoint: dict, out: Path) -> None:
+    """Write OUT/checkpoint.pt atomically: a reader sees the old checkpoint or the new one, never
+    half of one."""
+    path = out / "checkpoint.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def resume_config(out: str, given: dict) -> TrainConfig:
+    """The configuration saved in OUT/checkpoint.pt with ``given`` (the options set on the command
+    line) applied; an option outside RESUMABLE that differs from the saved one is a UsageError."""
+    check_resume_or_force(True, given.get("force", False))
+    saved = read_checkpoint(out)["config"]
+    check_resumable(saved, given, Path(out))
+    known = {f.name for f in fields(TrainConfig)}
+    this_call = {"resume": True, "force": False, "progress": True}  # never taken from the checkpoint
+    return TrainConfig(**{k: v for k, v in {**saved, **this_call, **given}.items() if k in known})
+
+
+def check_resumable(saved: dict, given: dict, out: Path) -> None:
+    """Refuse any option outside RESUMABLE whose value differs from the saved run's."""
+    differ = [k for k, v in given.items() if k not in RESUMABLE and k in saved and v != saved[k]]
+    if differ:
+        def flags(config):
+            return ", ".join(f"{flag(k)} {config[k]}" for k in differ)
+
+        raise UsageError(f"--resume: the run in {out} has {flags(saved)}, not {flags(given)}; "
+                         f"only {RESUMABLE_FLAGS} may change on resume")
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A new run does not overwrite another one unless told to (--force)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    for name in RUN_FILES[:2]:
+        if (out / name).exists():
+            raise UsageError(f"{out} already holds a run ({name}): --resume continues it, --force "
+                             "overwrites it, --out DIR trains elsewhere")
+
+
+def prepare_out(out: Path, resume: bool, step: int) -> None:
+    """A new run starts from an empty run folder; a resumed one keeps the metrics rows up to its
+    checkpoint's step, so that the steps it trains again are not logged twice."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the run folder {out}: {e.strerror}") from None
+    metrics = out / "metrics.jsonl"
+    if not resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    elif metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        metrics.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+
+
+def append_metrics(out: Path, row: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def rng_state() -> dict:
+    """The state of every random generator a run draws from."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_cpu(obj):
+    """A tensor, or a list or tuple of them (nested), detached and on the CPU; anything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(o) for o in obj)
+    return obj
+
+
+def plot_curve(metrics_file: Path, png: Path, log=print) -> bool:
+    """Perplexity against step as a PNG; without matplotlib, a one-line notice."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("notice: matplotlib is not installed, so no curve.png (pip install matplotlib)")
+        return False
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["train_perplexity"] for r in rows], label="train")
+    held = [r for r in rows if "heldout_perplexity" in r]
+    ax.plot([r["step"] for r in held], [r["heldout_perplexity"] for r in held], "o-", label="held-out")
+    ax.set_xlabel("step"), ax.set_ylabel("perplexity"), ax.set_yscale("log"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True

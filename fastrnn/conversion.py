@@ -1,0 +1,81 @@
+"""``convert(model)``: one line that puts fastrnn's modules into a model someone else wrote.
+
+Every ``torch.nn.RNN``, ``torch.nn.LSTM`` and ``torch.nn.GRU`` inside the model (exactly those
+classes, as ``fastrnn.CELLS`` records them) becomes the fastrnn module of the same configuration,
+holding the very same ``Parameter`` objects: an optimizer built before still updates them, and the
+``state_dict`` is unchanged. The rest of what the torch module carries comes along too:
+
+* its training mode, and its device and dtype (the parameters themselves are kept);
+* every attribute set on it, buffers and child modules included (``qconfig``, a pruning mask, ...);
+* its hooks, in the very same dictionaries, so a ``RemovableHandle`` taken before still removes the
+  hook (``torch.nn.utils.weight_norm`` and pruning, which work by hooks, keep working).
+
+Left alone: subclasses of the torch modules (their own ``forward`` may rely on torch's; a
+parametrized module, ``torch.nn.utils.parametrize``, is one), fastrnn's own modules (so converting
+twice changes nothing), and references to a torch module from outside the module tree (a plain
+list, an optimizer's closure): they keep the torch module, which shares its parameters and hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from torch import nn
+
+from .cells import CELLS, Cell
+
+# What holds a module's structure: copied, so that the old module and the new one stop changing
+# together. Every other attribute (hooks' dictionaries included) is carried over as the same object.
+STRUCTURE = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "_flat_weights",
+             "_flat_weight_refs", "_flat_weights_names", "_all_weights")
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """``module`` with every ``torch.nn.RNN`` / ``LSTM`` / ``GRU`` in it replaced by fastrnn's.
+
+    Returns a new module when ``module`` itself is one of them, else ``module``, changed in place.
+    A torch module registered at several places becomes one fastrnn module registered at all of
+    them. Outputs, gradients and parameters are those of the model before; see the module's
+    docstring for what else is kept and what is left alone."""
+    cells = {cell.torch_module: cell for cell in CELLS.values()}
+    converted = {}  # id(torch module) -> its fastrnn module, so a shared module stays shared
+    root = module
+    for path, child in list(module.named_modules(remove_duplicate=False)):
+        cell = cells.get(type(child))
+        if cell is None:
+            continue
+        if id(child) not in converted:
+            converted[id(child)] = fastrnn_twin(child, cell)
+        if path == "":
+            root = converted[id(child)]
+        else:
+            parent_path, _, name = path.rpartition(".")
+            root.get_submodule(parent_path).add_module(name, converted[id(child)])
+    return root
+
+
+def fastrnn_twin(rnn: nn.RNNBase, cell: Cell) -> nn.RNNBase:
+    """A ``cell.module`` that is ``rnn`` with fastrnn's forward: built by fastrnn's constructor for
+    ``rnn``'s configuration (on the meta device, so nothing is allocated and no random number is
+    drawn), then given ``rnn``'s attributes: its parameters, buffers, hooks and the rest."""
+    with warnings.catch_warnings():  # the torch module gave them when it was built (dropout, ...)
+        warnings.simplefilter("ignore", UserWarning)
+        twin = cell.module(**configuration(rnn), device="meta", dtype=rnn.weight_ih_l0.dtype)
+    for key, value in vars(rnn).items():
+        twin.__dict__[key] = copy.copy(value) if key in STRUCTURE else value
+    return twin
+
+
+def configuration(rnn: nn.RNNBase) -> dict:
+    """The constructor's arguments that built ``rnn`` (device and dtype aside): ``nonlinearity``
+    only where the module has one (RNN), ``proj_size`` only where it is used (LSTM)."""
+    arguments = {"input_size": rnn.input_size, "hidden_size": rnn.hidden_size,
+                 "num_layers": rnn.num_layers, "bias": rnn.bias, "batch_first": rnn.batch_first,
+                 "dropout": rnn.dropout, "bidirectional": rnn.bidirectional}
+    if getattr(rnn, "nonlinearity", None) is not None:
+        arguments["nonlinearity"] = rnn.nonlinearity
+    if rnn.proj_size > 0:
+        arguments["proj_size"] = rnn.proj_size
+    return arguments
+
