@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a round times each provider for at least this long, median of its calls (default 50)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated cells (default all)")
     parser.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
+                        help="FASTRNN_BACKEND: auto, what a user's module runs on the CPU, or torch, the "
+                             "PyTorch twins of the kernels (default auto)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, one call per round")
     args = parser.parse_args(argv)
     if args.quick:
@@ -71,14 +74,15 @@ def table_row(cell: str, shape: tuple, mode: str, summary: dict) -> tuple:
 def heading(args: argparse.Namespace, seconds: float) -> str:
     """What the table is, where and how it was measured."""
     command = shlex.join(["python", "benchmarks/cpu_table.py", *sys.argv[1:]])
-    return (f"{machine_line('cpu')}, {os.cpu_count()} cores; fp32; ratio = torch time / fastrnn time "
+    return (f"{machine_line('cpu')}, {os.cpu_count()} cores; fp32; FASTRNN_BACKEND={args.backend}; "
+            f"ratio = torch time / fastrnn time "
             f"(median and range over {args.rounds} interleaved rounds); `{command}`, {date.today()}, "
             f"{seconds:.0f} s")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ["FASTRNN_BACKEND"] = "torch"  # the CPU path, whatever the environment asks for
+    os.environ["FASTRNN_BACKEND"] = args.backend  # auto: what a user's module runs on the CPU
     cells = args.cells.split(",")
     unknown = sorted(set(cells) - set(CELLS))
     if unknown:

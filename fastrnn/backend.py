@@ -2,11 +2,14 @@
 
 ``torch``: the cells' PyTorch twins of the kernels' loops (the CPU path); ``triton``: the fused
 kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``); ``auto`` (the
-default): ``triton`` for CUDA tensors, ``torch`` otherwise.
+default): ``triton`` for CUDA tensors, ``torch`` otherwise, where a module's plain fp32/fp64 call on
+the CPU (no resets, not compiled) runs torch's own module instead (``torch_module_runs``): the same
+results as the twins within the tests' tolerances, at torch's speed on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Callable
@@ -36,6 +39,14 @@ def get_backend(device: torch.device) -> str:
     return backend
 
 
+def torch_module_runs(x: torch.Tensor, resets) -> bool:
+    """Whether a module's call on ``x`` runs torch's own module: under ``auto``, for fp32/fp64 CPU
+    tensors, without resets, outside torch.compile (which keeps the fused ops in its graph)."""
+    backend = os.environ.get("FASTRNN_BACKEND", "auto").strip().lower() or "auto"
+    return (backend == "auto" and resets is None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -44,6 +55,7 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def loop(backend: str, kernels: str, name: str, twin: Callable) -> Callable:
     """The loop a custom op runs: the launcher ``fastrnn.kernels.<kernels>.<name>`` on ``triton``,
     else ``twin``, its PyTorch twin (imported on first use: triton is optional); with autocast off,

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import own_precision, vmap_by_loop, with_defaults
+from .op import Differentiable, own_precision, with_defaults
 from .sequence import (add_at, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps, edge_step,
                        enters, previous_states, shifted, valid_steps)
 
@@ -128,15 +128,17 @@ def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths
 # ``w_hh`` are saved: ``y`` gives every ``h_{t-1}`` and the activation's derivative (1 - y**2).
 
 
-@torch.library.custom_op("fastrnn::elman_fwd", mutates_args=())
-def elman_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor, nonlinearity: str,
-                 reverse: bool, lengths: Optional[torch.Tensor], backend: str,
-                 resets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``y (T, B, H)``, ``h_n (B, H)``."""
+def elman_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor, nonlinearity: str,
+                  reverse: bool, lengths: Optional[torch.Tensor], backend: str,
+                  resets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op: -> ``y (T, B, H)``, ``h_n (B, H)``."""
     y = loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths,
                                                             resets)
     h_n = at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
     return y, h_n
+
+
+elman_fwd_op = torch.library.custom_op("fastrnn::elman_fwd", elman_forward, mutates_args=())
 
 
 @elman_fwd_op.register_fake
@@ -144,13 +146,15 @@ def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
 
 
-@torch.library.custom_op("fastrnn::elman_bwd", mutates_args=())
-def elman_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor, nonlinearity: str,
-                 reverse: bool, lengths: Optional[torch.Tensor], backend: str,
-                 resets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """-> ``d_pre (T, B, H)``, the gradient of the pre-activations."""
+def elman_backward(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor, nonlinearity: str,
+                   reverse: bool, lengths: Optional[torch.Tensor], backend: str,
+                   resets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The backward op: -> ``d_pre (T, B, H)``, the gradient of the pre-activations."""
     return loop(backend, "elman", "elman_bwd", elman_bwd_torch)(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths,
                                                                resets)
+
+
+elman_bwd_op = torch.library.custom_op("fastrnn::elman_bwd", elman_backward, mutates_args=())
 
 
 @elman_bwd_op.register_fake
@@ -170,8 +174,7 @@ def _backward(ctx, dy, dh_n):
     T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
-    d_pre = RecurrenceBackward.apply(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend,
-                                     resets)
+    d_pre = ELMAN_BWD(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend, resets)
     cut = cut_steps(resets, ctx.reverse)  # (T, B, 1): the state entering step t is zero, or None
     d_first = enters(at_step(d_pre, edge_step(T, ctx.reverse, lengths, y.device)), cut, ctx.reverse)  # (B, H)
     dh0 = d_first @ w_hh if h0 is not None and ctx.needs_input_grad[1] else None
@@ -185,9 +188,6 @@ def _backward(ctx, dy, dh_n):
             dw_hh = dw_hh + d_first.T @ h0
     dx_proj = d_pre if ctx.needs_input_grad[0] else None
     return dx_proj, dh0, dw_hh, None, None, None, None, None
-
-
-elman_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # The backward's own derivative (double backward: gradient penalties, Hessian-vector products).
@@ -212,8 +212,8 @@ def _backward_of_backward(ctx, e):
     dy, dh_n, y, w_hh, lengths, resets, d_pre = ctx.saved_tensors
     T, B, H = y.shape
     reverse = ctx.reverse  # the forward's direction; the backward walked the other way
-    G = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(dh_n), y, w_hh.t(), ctx.nonlinearity,
-                                 not reverse, lengths, ctx.backend, resets)  # (T, B, H) = dL/dg
+    G = ELMAN_BWD(e.contiguous(), torch.zeros_like(dh_n), y, w_hh.t(), ctx.nonlinearity, not reverse, lengths,
+                  ctx.backend, resets)  # (T, B, H) = dL/dg
     cut = cut_steps(resets, reverse)
     last = edge_step(T, not reverse, lengths, y.device)
     d_dy = G if ctx.needs_input_grad[0] else None
@@ -254,8 +254,8 @@ def _jvp(ctx, dx, dh0, dw, *_):
         e = e + previous_states(y, h0, ctx.reverse, lengths, cut) @ dw.T
     if dh0 is not None:
         e = add_at(e, edge_step(T, ctx.reverse, lengths, y.device), enters(dh0, cut, ctx.reverse) @ w_hh.T)
-    dy = RecurrenceBackward.apply(e.contiguous(), torch.zeros_like(y[0]), y, w_hh.t(), ctx.nonlinearity,
-                                  not ctx.reverse, lengths, ctx.backend, resets)
+    dy = ELMAN_BWD(e.contiguous(), torch.zeros_like(y[0]), y, w_hh.t(), ctx.nonlinearity, not ctx.reverse,
+                   lengths, ctx.backend, resets)
     return dy, at_step(dy, edge_step(T, not ctx.reverse, lengths, y.device))
 
 
@@ -272,54 +272,26 @@ def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
     if d_w is not None:
         e = e + shifted(d_pre, later=not reverse, cut=cut_next) @ d_w
     d_dh_n = d_dh_n if d_dh_n is not None else torch.zeros_like(dh_n)
-    u = RecurrenceBackward.apply(e.contiguous(), d_dh_n.contiguous(), y, w_hh, ctx.nonlinearity,
-                                 reverse, lengths, ctx.backend, resets)
+    u = ELMAN_BWD(e.contiguous(), d_dh_n.contiguous(), y, w_hh, ctx.nonlinearity, reverse, lengths, ctx.backend,
+                  resets)
     return u + s
 
 
-elman_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
+def _save_for_forward(ctx, inputs, output):
+    """What forward mode (``_jvp``) reads, as ``_setup_context`` saves it: y, h0, w_hh, lengths, resets."""
+    x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 8)
+    ctx.save_for_forward(output[0], h0, w_hh, lengths, resets)
 
 
-class Recurrence(torch.autograd.Function):
-    """The forward op and its formulas as an autograd.Function, which torch.func transforms (grad of
-    grad, jacrev, jvp, hessian) accept where a custom op's registered formula is refused. Eager calls
-    go through it; under torch.compile the custom op itself is called (Dynamo refuses a custom jvp)."""
-
-    @staticmethod
-    def forward(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets):
-        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
-
-    backward = staticmethod(_backward)
-    jvp = staticmethod(_jvp)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.save_for_forward(output[0], inputs[1], inputs[2], inputs[5], inputs[7])
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(Recurrence.apply, info, in_dims, *args)
+def _save_for_forward_bwd(ctx, inputs, output):
+    """What ``_jvp_of_backward`` reads, as ``_setup_context_bwd`` saves it."""
+    dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 9)
+    ctx.save_for_forward(dy, dh_n, y, w_hh, lengths, resets, output)
 
 
-class RecurrenceBackward(torch.autograd.Function):
-    """The backward op, differentiable again (``_backward_of_backward``)."""
-
-    @staticmethod
-    def forward(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets):
-        return elman_bwd_op(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets)
-
-    backward = staticmethod(_backward_of_backward)
-    jvp = staticmethod(_jvp_of_backward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context_bwd(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:4], inputs[6], inputs[8], output)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(RecurrenceBackward.apply, info, in_dims, *args)
+ELMAN = Differentiable("Elman", elman_fwd_op, elman_forward, _setup_context, _backward, _jvp, _save_for_forward)
+ELMAN_BWD = Differentiable("ElmanBackward", elman_bwd_op, elman_backward, _setup_context_bwd, _backward_of_backward,
+                           _jvp_of_backward, _save_for_forward_bwd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,9 +317,7 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
     if T == 0 or B == 0:
         return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths, resets)
     backend = get_backend(x_proj.device)
-    if torch.compiler.is_compiling():  # the custom op: Dynamo keeps it in the graph
-        return elman_fwd_op(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
-    return Recurrence.apply(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
+    return ELMAN(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
 
 
 # --------------------------------------------------------------------------------------------------

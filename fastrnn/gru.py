@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import own_precision, vmap_by_loop, with_defaults
+from .op import Differentiable, own_precision, with_defaults
 from .sequence import (Walk, acc_dtype, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
                        edge_step, enters, huge_pages, previous_states, shifted, sigmoid_backward, step_rows,
                        sum_with_previous, tanh_backward, to_acc, valid_steps)
@@ -239,14 +239,17 @@ def _source_terms(gates_src, gates, valid):
 # derivative), h0 and w_hh; dw_hh, db_hn and dh0's path through w_hh are single products here.
 
 
-@torch.library.custom_op("fastrnn::gru_fwd", mutates_args=())
-def gru_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
+def gru_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
                b_hn: Optional[torch.Tensor], reverse: bool, lengths: Optional[torch.Tensor],
                backend: str, resets: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on x_proj's device."""
+    """The forward op: -> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on
+    x_proj's device."""
     y, gates = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
     return y, gates, at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
+
+
+gru_fwd_op = torch.library.custom_op("fastrnn::gru_fwd", gru_forward, mutates_args=())
 
 
 @gru_fwd_op.register_fake
@@ -256,18 +259,21 @@ def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets=None):
     return x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(B, H)
 
 
-@torch.library.custom_op("fastrnn::gru_bwd", mutates_args=())
-def gru_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, gates: torch.Tensor,
+def gru_backward(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, gates: torch.Tensor,
                h0: Optional[torch.Tensor], w_hh: torch.Tensor, reverse: bool, lengths: Optional[torch.Tensor],
                backend: str, resets: Optional[torch.Tensor] = None, gates_src: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``. ``gates_src (T, B, 4H)``:
+    """The backward op: -> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``.
+    ``gates_src (T, B, 4H)``:
     the gradient that reaches the gate activations directly (only a second derivative has it); that
     runs on the PyTorch twin."""
     args = (dy, dh_n, y, gates, h0, w_hh, reverse, lengths, resets)
     if gates_src is None:
         return loop(backend, "gru", "gru_bwd", gru_bwd_torch)(*args)
     return loop("torch", "gru", "gru_bwd", gru_bwd_torch)(*args, gates_src=gates_src)
+
+
+gru_bwd_op = torch.library.custom_op("fastrnn::gru_bwd", gru_backward, mutates_args=())
 
 
 @gru_bwd_op.register_fake
@@ -292,8 +298,7 @@ def _backward(ctx, dy, d_act, dh_n):
     T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
-    d_x, dh0_local = GRUBackward.apply(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend, resets,
-                                       d_act)
+    d_x, dh0_local = GRU_BWD(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend, resets, d_act)
     need_x, need_h0, need_w_hh, need_b_hn = ctx.needs_input_grad[:4]
     cut = cut_steps(resets, ctx.reverse)
     first = edge_step(T, ctx.reverse, lengths, y.device)
@@ -318,9 +323,6 @@ def _hidden_parts(d_x, gates, d_act=None):
     if d_act is not None:
         dn_r = dn_r + d_act[..., 3 * H:]
     return d_x[..., :2 * H], dn_r
-
-
-gru_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # The backward's own derivative (double backward). Walking back, the backward is linear in (dy, dh_n):
@@ -394,39 +396,8 @@ def _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk):
     return walk.masked(d_act), d_y, d_h0
 
 
-gru_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
-
-
-class GRUFunction(torch.autograd.Function):
-    """The forward op and its formula as an autograd.Function, which torch.func transforms accept
-    where a custom op's registered formula is refused. Eager calls go through it; under
-    torch.compile the custom op itself is called."""
-
-    @staticmethod
-    def forward(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets):
-        return gru_fwd_op(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(GRUFunction.apply, info, in_dims, *args)
-
-
-class GRUBackward(torch.autograd.Function):
-    """The backward op, differentiable again (``_backward_of_backward``)."""
-
-    @staticmethod
-    def forward(*args):
-        return gru_bwd_op(*args)
-
-    setup_context = staticmethod(_setup_context_bwd)
-    backward = staticmethod(_backward_of_backward)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(GRUBackward.apply, info, in_dims, *args)
+GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward)
+GRU_BWD = Differentiable("GRUBackward", gru_bwd_op, gru_backward, _setup_context_bwd, _backward_of_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,8 +426,7 @@ def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Te
     if T == 0 or B == 0:
         return gru_reference(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
     backend = get_backend(x_proj.device)
-    run = gru_fwd_op if torch.compiler.is_compiling() else GRUFunction.apply  # (Dynamo keeps the op)
-    y, _, h_n = run(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets)
+    y, _, h_n = GRU_OP(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets)
     return y, h_n
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import own_precision, vmap_by_loop, with_defaults
+from .op import Differentiable, own_precision, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, as_dtype, at_step, check_operands, checked_steps, cut_after,
                        cut_steps, edge_step, enters, huge_pages, previous_states, shifted, sigmoid_backward,
                        step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
@@ -246,17 +246,19 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
 # and gates (which give h_{t-1}, c_{t-1}, tanh(c_t) and every gate's derivative), h0, c0 and weights.
 
 
-@torch.library.custom_op("fastrnn::lstm_fwd", mutates_args=())
-def lstm_fwd_op(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
+def lstm_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
                 w_hh: torch.Tensor, w_hr: Optional[torch.Tensor], reverse: bool,
                 lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``, ``c_n (B, H)``;
-    ``lengths`` on x_proj's device."""
+    """The forward op: -> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``,
+    ``c_n (B, H)``; ``lengths`` on x_proj's device."""
     y, c, gates = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse, lengths,
                                                                     resets)
     last = edge_step(y.shape[0], not reverse, lengths, y.device)
     return y, c, gates, at_step(y, last).clone(), at_step(c, last).clone()
+
+
+lstm_fwd_op = torch.library.custom_op("fastrnn::lstm_fwd", lstm_forward, mutates_args=())
 
 
 @lstm_fwd_op.register_fake
@@ -267,20 +269,22 @@ def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None):
             x_proj.new_empty(B, P), x_proj.new_empty(B, H))
 
 
-@torch.library.custom_op("fastrnn::lstm_bwd", mutates_args=())
-def lstm_bwd_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: torch.Tensor,
+def lstm_backward(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: torch.Tensor,
                 c: torch.Tensor, gates: torch.Tensor, h0: Optional[torch.Tensor],
                 c0: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
                 reverse: bool, lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None,
                 dc_src: Optional[torch.Tensor] = None, dz_src: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``. ``dc_src
+    """The backward op: -> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``. ``dc_src
     (T, B, H)`` and ``dz_src (T, B, 4H)``: gradients that reach every c_t and pre-activation directly
     (only a second derivative has them); those run on the PyTorch twin."""
     args = (dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, resets)
     if dc_src is None and dz_src is None:
         return loop(backend, "lstm", "lstm_bwd", lstm_bwd_torch)(*args)
     return loop("torch", "lstm", "lstm_bwd", lstm_bwd_torch)(*args, dc_src=dc_src, dz_src=dz_src)
+
+
+lstm_bwd_op = torch.library.custom_op("fastrnn::lstm_bwd", lstm_backward, mutates_args=())
 
 
 @lstm_bwd_op.register_fake
@@ -307,8 +311,8 @@ def _backward(ctx, dy, d_c, d_act, dh_n, dc_n):
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
     dc_n = torch.zeros_like(c[0]) if dc_n is None else dc_n.contiguous()
     dz_src = d_act * gate_slopes(gates) if d_act is not None else None
-    d_gates, dc0 = LSTMBackward.apply(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths,
-                                      ctx.backend, resets, d_c, dz_src)
+    d_gates, dc0 = LSTM_BWD(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, ctx.backend, resets,
+                            d_c, dz_src)
     need_x, need_h0, need_c0, need_w_hh, need_w_hr = ctx.needs_input_grad[:5]
     cut = cut_steps(resets, reverse)
     d_first = at_step(d_gates, edge_step(T, reverse, lengths, y.device))  # (B, 4H)
@@ -334,9 +338,6 @@ def _hidden_gradients(dy, dh_n, d_gates, w_hh, reverse, lengths, cut):
     (T, B, P), nothing across a cut; out of place throughout (vmap takes it)."""
     dh = dy + shifted(d_gates @ w_hh, later=not reverse, cut=cut_after(cut, reverse))
     return add_at(dh, edge_step(dy.shape[0], not reverse, lengths, dy.device), dh_n)
-
-
-lstm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # The backward's own derivative (double backward: gradient penalties, MAML, Hessian-vector products).
@@ -422,39 +423,8 @@ def _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk):
     return walk.masked(d_act), d_c, d_c0
 
 
-lstm_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_context_bwd)
-
-
-class LSTMFunction(torch.autograd.Function):
-    """The forward op and its formula as an autograd.Function, which torch.func transforms accept
-    where a custom op's registered formula is refused. Eager calls go through it; under
-    torch.compile the custom op itself is called."""
-
-    @staticmethod
-    def forward(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets):
-        return lstm_fwd_op(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(LSTMFunction.apply, info, in_dims, *args)
-
-
-class LSTMBackward(torch.autograd.Function):
-    """The backward op, differentiable again (``_backward_of_backward``)."""
-
-    @staticmethod
-    def forward(*args):
-        return lstm_bwd_op(*args)
-
-    setup_context = staticmethod(_setup_context_bwd)
-    backward = staticmethod(_backward_of_backward)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(LSTMBackward.apply, info, in_dims, *args)
+LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward)
+LSTM_BWD = Differentiable("LSTMBackward", lstm_bwd_op, lstm_backward, _setup_context_bwd, _backward_of_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,9 +457,7 @@ def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Ten
     if T == 0 or B == 0:
         return lstm_reference(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, resets)
     backend = get_backend(x_proj.device)
-    args = (x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets)
-    run = lstm_fwd_op if torch.compiler.is_compiling() else LSTMFunction.apply  # (Dynamo keeps the op)
-    y, _, _, h_n, c_n = run(*args)
+    y, _, _, h_n, c_n = LSTM_OP(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets)
     return y, h_n, c_n
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from .backend import torch_module_runs
 from .export import onnx_forward
 from .sequence import check_resets
 
@@ -42,20 +43,29 @@ class FusedRNNBase(nn.RNNBase):
     def _public_state(self, parts):
         return parts[0]
 
-    def forward(self, input: Tensor | PackedSequence, hx=None, *, resets: Tensor | None = None):
+    def forward(self, input: Tensor | PackedSequence, hx=None, resets: Tensor | None = None):
         """``input (T, B, I)`` (``(B, T, I)`` with batch_first; ``(T, I)`` unbatched; or packed) and
         the state as the torch module takes it -> ``output (T, B, directions * P)`` and the state.
 
         ``resets`` (bool, ``(T, B)``, ``(B, T)`` with batch_first, ``(T,)`` unbatched): True at step t
         of row b starts a new, independent sequence there. The result equals running the module on
         each such segment separately: the state entering a segment is zero, except the first
-        segment's (forward direction) and the last one's (reverse direction), which take ``hx``."""
+        segment's (forward direction) and the last one's (reverse direction), which take ``hx``. (Pass
+        it by name; it is not keyword-only because torch's TorchScript exporter passes every default
+        by position.)"""
         if torch.onnx.is_in_onnx_export():  # the fused ops have no ONNX form: see fastrnn/export.py
             if resets is not None:
                 raise ValueError("resets: ONNX's recurrent operators cannot reset inside a sequence")
             if not isinstance(input, PackedSequence):  # (torch's forward checks packed input itself)
                 self._prepare(input, hx)  # the eager checks, so a bad state fails the export too
             return onnx_forward(self, input, hx)
+        data = input.data if isinstance(input, PackedSequence) else input
+        if torch_module_runs(data, resets):  # a plain CPU call: torch's own module is as fast as it gets
+            if isinstance(input, PackedSequence):
+                _check_batch_sizes(input.data, input.batch_sizes)  # a clear error where torch's would not be
+            from .cells import cell_of  # (the registry imports the modules)
+
+            return cell_of(self).torch_module.forward(self, input, hx)
         x, state, packing, batched = self._prepare(input, hx)  # (T, B, I), parts (L * D, B, N)
         resets = self._time_major_resets(resets, input, x, batched)  # (T, B) or None
         output, state = self._run_layers(x, state, packing, resets)
@@ -197,8 +207,11 @@ class SumOfBiases(torch.autograd.Function):
 
 
 def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    """The two biases of a layer as the one its input projection adds (None without bias)."""
-    return SumOfBiases.apply(b_ih, b_hh) if b_ih is not None else None
+    """The two biases of a layer as the one its input projection adds (None without bias). Eager
+    autograd gives each bias a gradient of its own anyway: the Function only runs under compile."""
+    if b_ih is None:
+        return None
+    return SumOfBiases.apply(b_ih, b_hh) if torch.compiler.is_compiling() else b_ih + b_hh
 
 
 def _count(n: int) -> str:

@@ -1,5 +1,12 @@
 """What turns a cell's pair of custom ops (forward, backward) into one differentiable op: the rules
 every cell's op shares.
+
+A cell writes its forward and backward loops as plain functions, makes each a custom op (so that
+torch.compile keeps it in its graph and fake tensors get shapes), and writes each one's autograd
+formula. ``Differentiable`` then makes the op callable three ways with the same formulas behind
+each: eager calls through an old-style ``autograd.Function`` (torch binds no arguments for it: a few
+microseconds a call), torch.func transforms (grad of grad, jacrev, vmap, jvp) through a new-style
+one with a vmap rule, and torch.compile through the custom op with the formula registered on it.
 """
 
 from __future__ import annotations
@@ -9,9 +16,57 @@ import functools
 import torch
 
 
+class Differentiable:
+    """``op`` (a custom op running ``impl``), differentiable by ``backward`` (and ``jvp``) after
+    ``setup_context`` (``save_for_forward`` where forward mode needs more), the same way in eager
+    mode, under torch.func transforms and under torch.compile."""
+
+    def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, save_for_forward=None):
+        def setup(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            if save_for_forward is not None:
+                save_for_forward(ctx, inputs, output)
+
+        def forward(ctx, *inputs):
+            output = op(*inputs)  # the op, not impl: on fake tensors (torch.export, opcheck) its fake runs
+            setup(ctx, inputs, output)
+            return output
+
+        formulas = dict(backward=staticmethod(backward), **({"jvp": staticmethod(jvp)} if jvp else {}))
+        self.op = op
+        self.eager = type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), **formulas))
+        self.transformable = type(name + "ForTransforms", (torch.autograd.Function,), dict(
+            forward=staticmethod(impl_through(op, impl)), setup_context=staticmethod(setup), **formulas,
+            vmap=staticmethod(lambda info, in_dims, *args: vmap_by_loop(self.transformable.apply, info, in_dims,
+                                                                        *args))))
+        op.register_autograd(backward, setup_context=setup_context)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():  # Dynamo keeps the custom op in its graph
+            return self.op(*args)
+        if _transforms_active():
+            return self.transformable.apply(*args)
+        return self.eager.apply(*args)
+
+
+def impl_through(op, impl):
+    """A function with ``impl``'s signature (torch.func binds its defaults) that calls ``op``."""
+    @functools.wraps(impl)
+    def forward(*args, **kwargs):
+        return op(*args, **kwargs)
+
+    return forward
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is running."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return True if active is None else active()
+
+
 def vmap_by_loop(fn, info, in_dims, *args):
-    """A vmap rule for the cells' autograd.Functions (torch.func.jacrev, vmap of grad): ``fn`` once
-    per batch element, outputs stacked along dim 0."""
+    """A vmap rule for the cells' ops (torch.func.jacrev, vmap of grad): ``fn`` once per batch
+    element, outputs stacked along dim 0."""
     def element(i):
         return [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
 
@@ -27,6 +82,8 @@ def own_precision(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+            return fn(*args, **kwargs)  # (the usual case: no context to enter)
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             return fn(*args, **kwargs)
 

@@ -38,7 +38,7 @@ from ..sequence import acc_dtype
 from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
                      state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, pick_configs
-from .launch import run_sequence
+from .launch import h0_product, run_sequence
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -289,14 +289,16 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
         return y
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device)
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
-        run_sequence(lambda cfg: fwd_launch(x_proj, h0, w_hh, lengths, resets, y, activation, reverse, cfg),
-                     configs, T, x_proj.device)
+        h0_proj = h0_product(h0, w_hh) if any(c.variant != "resident" for c in configs) else None
+        run_sequence(lambda cfg: fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, activation, reverse,
+                                            cfg), configs, T, x_proj.device)
     return y
 
 
-def fwd_launch(x_proj, h0, w_hh, lengths, resets, y, activation, reverse, config):
+def fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, activation, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the forward for ``config`` (operands with a contiguous
-    last dimension); what ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
+    last dimension; ``h0_proj``, ``h0 @ w_hh.T`` from ``h0_product``, for the tiled kernel); what
+    ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
     T, B, H = x_proj.shape
     kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_H0=h0 is not None,
                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, num_warps=config.num_warps,
@@ -310,12 +312,8 @@ def fwd_launch(x_proj, h0, w_hh, lengths, resets, y, activation, reverse, config
                 w_hh.stride(0), *resets_strides)
         kwargs.update(BLOCK_B=config.block_b, BLOCK_H=config.block_n)
         return fwd_resident_kernel, (triton.cdiv(B, config.block_b),), args, kwargs
-    h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
-    if h0 is not None:
-        acc = acc_dtype(x_proj.dtype)
-        h0_proj = (h0.to(acc) @ w_hh.to(acc).T).contiguous()  # (B, H)
-    args = (x_proj, h0_proj, w_hh, *optional, y, T, B, H, *strides, h0_proj.stride(0) if h0 is not None else 0,
-            w_hh.stride(0), *resets_strides)
+    args = (x_proj, h0_proj if h0 is not None else x_proj, w_hh, *optional, y, T, B, H, *strides,
+            h0_proj.stride(0) if h0 is not None else 0, w_hh.stride(0), *resets_strides)
     kwargs.update(BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, W_RESIDENT=config.block_k >= H)
     return fwd_tiled_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
@@ -399,7 +397,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     lens = empty(B, dt=torch.int64) if lengths else None
     cuts = empty(T, B, dt=torch.bool) if resets else None
     if direction == "fwd":
-        return fwd_launch(empty(T, B, H), empty(B, H) if h0 else None, empty(H, H), lens, cuts, empty(T, B, H),
-                          "tanh", reverse, config)
+        h0_, h0_proj = (empty(B, H), empty(B, H, dt=acc_dtype(dtype))) if h0 else (None, None)
+        return fwd_launch(empty(T, B, H), h0_, h0_proj, empty(H, H), lens, cuts, empty(T, B, H), "tanh", reverse,
+                          config)
     return bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), empty(H, H), lens, cuts, empty(T, B, H),
                       "tanh", reverse, config)

@@ -23,7 +23,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
-from .launch import run_sequence
+from .launch import h0_product, run_sequence
 
 
 @triton.jit
@@ -236,24 +236,24 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3, cell="gru",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
-        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse,
-                                                cfg), configs, T, x_proj.device)
+        h0_proj = h0_product(h0, w_hh)
+        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gates,
+                                                reverse, cfg), configs, T, x_proj.device)
     return y, gates
 
 
-def gru_fwd_launch(x_proj, h0, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse, config):
+def gru_fwd_launch(x_proj, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the GRU forward for ``config``: operands with a contiguous
-    last dimension, ``h_state (B, H)`` the state in the accumulator's precision (h0 or zeros)."""
+    last dimension, ``h0_proj (B, 3H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``h_state (B, H)`` the
+    state in the accumulator's precision (h0 or zeros)."""
     T, B, G = x_proj.shape
     H = G // 3
-    h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
-    if h0 is not None:
-        h0_proj = (h0.to(h_state.dtype) @ w_hh.to(h_state.dtype).T).contiguous()  # (B, 3H)
+    has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
     args = (x_proj, h_state, h0_proj, w_hh, b_hn if b_hn is not None else y,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, gates, T, B, H,
             x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1), h_state.stride(0),
             gates.stride(0), gates.stride(1), w_hh.stride(0), *(resets.stride() if resets is not None else (0, 0)))
-    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_B_HN=b_hn is not None,
+    kwargs = dict(REVERSE=reverse, HAS_H0=has_h0, HAS_B_HN=b_hn is not None,
                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, **gated_tile_kwargs(config, H, H),
                   **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
     return gru_fwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
@@ -310,7 +310,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     cuts = empty(T, B, dt=torch.bool) if resets else None
     w_hh, gates = empty(3 * H, H), empty(T, B, 4 * H)
     if direction == "fwd":
-        return gru_fwd_launch(empty(T, B, 3 * H), empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, empty(H),
+        return gru_fwd_launch(empty(T, B, 3 * H), empty(B, 3 * H, dt=acc) if h0 else None, empty(B, H, dt=acc), w_hh,
+                              empty(H),
                               lens, cuts, empty(T, B, H), gates, reverse, config)
     return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, empty(B, H) if h0 else None, w_hh,
                           lens, cuts, empty(T, B, 3 * H), empty(2, B, 3 * H), empty(B, H, dt=acc), reverse, config)

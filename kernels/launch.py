@@ -44,15 +44,20 @@ def run_sequence(build, configs, T: int, device, phases=({},)) -> None:
     from ``config.pick_configs``) whose compiled kernel fits the GPU; ``build(config)`` gives its
     ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that all programs must finish
     before the next starts (an LSTM's projection) meets at a barrier between them when tiled;
-    stepwise, it is launched once per part, each with its ``phases`` entry added to its constexprs."""
-    chosen, (kernel, grid, args, kwargs) = choose(build, configs, lambda plans: fits_gpu(plans, device), phases)
-    if chosen.variant == "resident":
+    stepwise, it is launched once per part, each with its ``phases`` entry added to its constexprs.
+
+    The choice (and whether the driver takes the tiled grid cooperatively) is made at a launch's first
+    call and kept (``PLANS``): a warm call builds one launch, binds Triton's arguments once and
+    allocates nothing but what it returns."""
+    plan, (kernel, grid, args, kwargs) = planned(build, configs, device, phases)
+    if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
         return
     sync = arrival_counters(grid[0], device)
-    if chosen.variant == "tiled":
+    if plan.config.variant == "tiled" and plan.cooperative is not False:
         coop_args, coop_kwargs = tiled_arguments(args, kwargs, sync, 0, T, cooperative=True)
-        if _launch_cooperative(kernel, grid, coop_args, coop_kwargs, device):
+        plan.cooperative = _launch_cooperative(kernel, grid, coop_args, coop_kwargs, device, plan.cooperative)
+        if plan.cooperative:
             return
     for s in range(T):
         for phase in phases:
@@ -60,12 +65,50 @@ def run_sequence(build, configs, T: int, device, phases=({},)) -> None:
             kernel[grid](*step_args, **step_kwargs, **phase)
 
 
-def choose(build, configs, fits, phases=({},)):
+class Plan:
+    """What a launch runs: its configuration, and whether the driver takes its tiled grid
+    cooperatively (None until its first tiled launch tells)."""
+
+    def __init__(self, config) -> None:
+        self.config, self.cooperative = config, None
+
+
+PLANS: dict = {}  # launch key (``launch_key``) -> Plan
+
+
+def planned(build, configs, device, phases=({},)):
+    """``(plan, launch)``: the kept plan of this launch and its ``(kernel, grid, args, kwargs)``, or
+    at its first call the ``choose`` of ``configs``, kept."""
+    first = build(configs[0])
+    key = launch_key(configs, first, device)
+    plan = PLANS.get(key)
+    if plan is None:
+        chosen, launch = choose(build, configs, lambda plans: fits_gpu(plans, device), phases, first)
+        plan = PLANS[key] = Plan(chosen)
+        return plan, launch
+    return plan, (first if plan.config == configs[0] else build(plan.config))
+
+
+def launch_key(configs, launch, device) -> tuple:
+    """What a launch's choice depends on: the candidates, the device, the grid, the constexprs and
+    every argument but the tensors' data and the sequence length (never specialised)."""
+    kernel, grid, args, kwargs = launch
+    shape = tuple((a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
+    return configs, str(device), id(kernel), grid, tuple(sorted(kwargs.items())), _without_length(shape, launch)
+
+
+def _without_length(shape: tuple, launch) -> tuple:
+    """``shape`` with the sequence length T left out (the kernels' first int argument)."""
+    ints = [i for i, a in enumerate(shape) if isinstance(a, int) and not isinstance(a, bool)]
+    return tuple(a for i, a in enumerate(shape) if not ints or i != ints[0])
+
+
+def choose(build, configs, fits, phases=({},), first=None):
     """``(config, build(config))`` for the first of ``configs`` whose compiled kernels ``fits``
     accepts (``fits(plans)``, plans from ``launch_plans``); the last runs regardless, and under the
-    interpreter the first (nothing is compiled there)."""
+    interpreter the first (nothing is compiled there). ``first``: ``build(configs[0])``, if made."""
     for i, candidate in enumerate(configs):
-        launch = build(candidate)
+        launch = first if i == 0 and first is not None else build(candidate)
         if INTERPRETED or i == len(configs) - 1 or fits(launch_plans(candidate, launch, phases)):
             return candidate, launch
         logger.info("fastrnn: %s does not fit the GPU (local memory, shared memory or co-residency); "
@@ -118,9 +161,32 @@ def _compiled_fits(compiled, variant: str, grid, device) -> bool:
     return per_sm > 0 and (variant != "tiled" or math.prod(grid) <= per_sm * config.sm_count(torch.device(device)))
 
 
+def h0_product(h0: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor | None:
+    """``h0 @ w_hh.T`` (B, G x H) in the accumulator's precision, once per call: what stands for
+    ``h_{t-1} @ w_hh.T`` at each sequence's first step in the tiled kernels. None without h0."""
+    if h0 is None:
+        return None
+    acc = torch.float64 if h0.dtype == torch.float64 else torch.float32
+    return (h0.to(acc) @ w_hh.to(acc).T).contiguous()
+
+
+COUNTERS: dict = {}  # (device, stream) -> int32 arrival counters, reused launch after launch
+
+
 def arrival_counters(n_groups: int, device) -> torch.Tensor:
-    """The grid barrier's int32 counter of each group of programs that meet: 0 (or 0x80000000)."""
-    return torch.zeros(n_groups, dtype=torch.int32, device=device)
+    """The grid barrier's int32 counter of each group of programs that meet: 0 (or 0x80000000). On a
+    GPU one buffer per device and stream serves every launch (after each barrier a counter is back at 0
+    or 0x80000000, which the barrier starts from alike; launches on one stream never overlap, two
+    streams never share one); under CUDA graph capture the graph gets its own."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n_groups, dtype=torch.int32, device=device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).cuda_stream)
+    counters = COUNTERS.get(key)
+    if counters is None or counters.numel() < n_groups:
+        counters = COUNTERS[key] = torch.zeros(max(n_groups, 64), dtype=torch.int32, device=device)
+    return counters[:n_groups]
 
 
 def tiled_arguments(args, kwargs, sync, step_begin: int, n_steps: int, cooperative: bool):
@@ -132,10 +198,11 @@ def tiled_arguments(args, kwargs, sync, step_begin: int, n_steps: int, cooperati
     return (*args, sync, step_begin, n_steps), kwargs
 
 
-def _launch_cooperative(kernel, grid, args, kwargs, device) -> bool:
-    """Launch the grid cooperatively; False, launching nothing, where it cannot be resident at once."""
+def _launch_cooperative(kernel, grid, args, kwargs, device, known=None) -> bool:
+    """Launch the grid cooperatively; False, launching nothing, where it cannot be resident at once
+    (checked unless ``known``: an earlier launch of the same plan went through)."""
     n_programs = math.prod(grid)
-    capacity = resident_capacity(kernel, grid, args, kwargs, device)
+    capacity = math.inf if known else resident_capacity(kernel, grid, args, kwargs, device)
     if n_programs > capacity:
         logger.warning("fastrnn: %d programs cannot be resident at once (room for %d): one launch per "
                        "step instead", n_programs, capacity)

@@ -27,7 +27,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
-from .launch import run_sequence
+from .launch import h0_product, run_sequence
 
 
 @triton.jit
@@ -337,19 +337,19 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4, cell="lstm",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
-        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, resets, y, c, gates,
-                                                 reverse, cfg), configs, T, x_proj.device, _phases(w_hr))
+        h0_proj = h0_product(h0, w_hh)
+        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c,
+                                                 gates, reverse, cfg), configs, T, x_proj.device, _phases(w_hr))
     return y, c, gates
 
 
-def lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config):
+def lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``: operands with a contiguous
-    last dimension, ``c_state (B, H)`` the cell state in the accumulator's precision (c0 or zeros)."""
+    last dimension, ``h0_proj (B, 4H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``c_state (B, H)``
+    the cell state in the accumulator's precision (c0 or zeros)."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
-    h0_proj = x_proj  # never read unless HAS_H0; else h0's product once, in the accumulator's precision
-    if h0 is not None:
-        h0_proj = (h0.to(c_state.dtype) @ w_hh.to(c_state.dtype).T).contiguous()  # (B, 4H)
+    has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
     m = c.new_empty(2, B, H) if w_hr is not None else c  # the projection's input, all units
     args = (x_proj, h0_proj, c_state, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, m,
@@ -358,7 +358,7 @@ def lstm_fwd_launch(x_proj, h0, c_state, w_hh, w_hr, lengths, resets, y, c, gate
             w_hh.stride(0), w_hr.stride(0) if w_hr is not None else 0,
             *(resets.stride() if resets is not None else (0, 0)))
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
-    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_LENGTHS=lengths is not None,
+    kwargs = dict(REVERSE=reverse, HAS_H0=has_h0, HAS_LENGTHS=lengths is not None,
                   HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, P, P), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
@@ -441,7 +441,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     cuts = empty(T, B, dt=torch.bool) if resets else None
     w_hh, w_hr, gates = empty(4 * H, P), (empty(P, H) if P != H else None), empty(T, B, 4 * H)
     if direction == "fwd":
-        return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, P) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
+        return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, 4 * H, dt=acc) if h0 else None, empty(B, H, dt=acc),
+                               w_hh, w_hr,
                                lens, cuts, empty(T, B, P), empty(T, B, H), gates, reverse, config)
     return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates,
                            empty(B, H) if h0 else None, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),

@@ -25,6 +25,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / (denom if denom > 0 else 1.0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_launch_plans():
+    """Every test starts without the launch plans earlier tests kept (fastrnn/kernels/launch.py)."""
+    import sys
+
+    launch = sys.modules.get("fastrnn.kernels.launch")
+    if launch is not None:
+        launch.PLANS.clear()
+
+
 @pytest.fixture
 def backend(request, monkeypatch):
     """Run a test on the path named by the parameter (``torch`` or ``triton``)."""

@@ -283,12 +283,15 @@ def test_whole_model_loads_with_weights_only(cell, tmp_path):
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_double_backward_is_a_clear_error(cell):
-    x = torch.randn(5, 2, 3, requires_grad=True)
-    y, _ = CELLS[cell][1](3, 4)(x)
+def test_third_derivative_is_a_clear_error(cell, monkeypatch):
+    """Second derivatives are there (tests/test_double_backward.py); a third is a clear error."""
+    monkeypatch.setenv("FASTRNN_BACKEND", "torch")
+    x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+    y, _ = CELLS[cell][1](3, 4, dtype=F64)(x)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match=r"double backward .* fastrnn\.(LSTM|GRU) is not supported"):
-        g.sum().backward()
+    (gg,) = torch.autograd.grad((g * g).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"third derivatives through fastrnn\.(LSTM|GRU)"):
+        gg.sum().backward()
 
 
 @BOTH

@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).with_name("gpu_check.py")
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+SECTIONS = ("rnn parity", "lstm parity", "gru parity", "lstm-proj parity", "barrier", "extremes", "variants",
+            "ecosystem")
 
 
 def test_gpu_check_smoke(tmp_path):
@@ -14,6 +16,16 @@ def test_gpu_check_smoke(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = (tmp_path / "r.md").read_text()
-    for section in ("parity", "lstm parity", "gru parity", "extremes", "variants", "ecosystem"):
+    for section in SECTIONS:
         assert f"{section}: PASS" in text
     assert "FAIL" not in text
+    assert "autocast torch.bfloat16: fastrnn returns torch.bfloat16" in text
+
+
+def test_gpu_check_picks_sections_shapes_and_dtypes(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections", "parity", "--kinds", "gru",
+                        "--shapes", "smoke2", "--dtypes", "fp32"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.strip().endswith("gru parity: PASS")
+    assert [line for line in r.stdout.splitlines() if line.startswith("| 2 | 3 | 2 | 1 | fp32 |")]

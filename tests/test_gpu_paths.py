@@ -11,6 +11,7 @@ import fastrnn
 import fastrnn.kernels.config as config
 from fastrnn.gru import gru_fwd_torch
 from fastrnn.kernels import Config, elman_fwd, gru_bwd, gru_fwd, lstm_bwd, lstm_fwd
+from fastrnn.kernels.launch import h0_product
 from fastrnn.lstm import lstm_fwd_torch
 from fastrnn.sequence import lengths_on_device
 
@@ -113,20 +114,20 @@ def _run_gated(cell, direction, T, B, H, w, cfg):
     if cell == "lstm":
         c = torch.empty(T, B, H, dtype=torch.bfloat16)
         if direction == "fwd":
-            build = kernels.lstm_fwd_launch(x, h0, state, w, None, None, y, c, gates, False, cfg)
+            build = kernels.lstm_fwd_launch(x, h0_product(h0, w), state, w, None, None, None, y, c, gates, False, cfg)
             outputs = (y, c, gates)
         else:
             d_gates = torch.empty(T, B, 4 * H, dtype=torch.bfloat16)
             build = kernels.lstm_bwd_launch(rand(T, B, H), rand(B, H), rand(B, H), rand(T, B, H), rand(T, B, 4 * H),
-                                            h0, w, None, None, d_gates, state, y, False, cfg)
+                                            h0, w, None, None, None, d_gates, state, y, False, cfg)
             outputs = (d_gates, state)
     elif direction == "fwd":
-        build = kernels.gru_fwd_launch(x, h0, state, w, rand(H), None, y, gates, False, cfg)
+        build = kernels.gru_fwd_launch(x, h0_product(h0, w), state, w, rand(H), None, None, y, gates, False, cfg)
         outputs = (y, gates)
     else:
         d_x, d_hh = torch.empty(T, B, 3 * H, dtype=torch.bfloat16), torch.empty(2, B, 3 * H, dtype=torch.bfloat16)
         build = kernels.gru_bwd_launch(rand(T, B, H), rand(B, H), rand(T, B, H), rand(T, B, 4 * H), h0, w, None,
-                                       d_x, d_hh, state, False, cfg)
+                                       None, d_x, d_hh, state, False, cfg)
         outputs = (d_x, state)
     kernel, grid, args, kwargs = build
     kernel[grid](*args, torch.zeros(grid[0], dtype=torch.int32), 0, T, SYNC=False, **kwargs)

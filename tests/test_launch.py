@@ -281,3 +281,49 @@ class Compiled:
 def test_compiled_kernel_fits(monkeypatch, compiled, variant, grid, fits):
     monkeypatch.setattr(launch.config, "sm_count", lambda device: 132)
     assert launch._compiled_fits(compiled, variant, grid, "cuda") is fits
+
+
+def test_warm_call_keeps_its_plan(monkeypatch):
+    """The first call at a shape chooses its configuration (compiling and checking candidates on a
+    GPU); later calls, whatever their length, launch the kept plan without choosing again."""
+    chosen = []
+    real = launch.choose
+    monkeypatch.setattr(launch, "choose", lambda *a, **k: chosen.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    w = torch.randn(8, 8, dtype=torch.float64) * 0.3
+    for T in (5, 9, 5):
+        elman_fwd(torch.randn(T, 3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64), w)
+    assert len(chosen) == 1
+    elman_fwd(torch.randn(5, 4, 8, dtype=torch.float64), None, w)  # another batch: another plan
+    assert len(chosen) == 2
+
+
+def test_launch_key_leaves_out_the_length_and_the_data():
+    x = torch.randn(5, 3, 8)
+    configs = (Config("tiled", 16, 16, 16),)
+    key = launch.launch_key(configs, ("k", (1, 1), (x, None, 5, 3, 8, 24, 8), {"A": 1}), "cpu")
+    other = launch.launch_key(configs, ("k", (1, 1), (x + 1, None, 9, 3, 8, 24, 8), {"A": 1}), "cpu")
+    assert key == other
+    assert key != launch.launch_key(configs, ("k", (1, 1), (x, None, 5, 4, 8, 24, 8), {"A": 1}), "cpu")
+
+
+def test_arrival_counters_are_kept_per_device_and_stream(monkeypatch):
+    """One counter buffer per device and stream, reused launch after launch; a new one under CUDA
+    graph capture (made here on the CPU with a stand-in for torch.cuda)."""
+    class Stream:
+        def __init__(self, handle):
+            self.cuda_stream = handle
+    stream = [Stream(7)]
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
+    monkeypatch.setattr(launch, "COUNTERS", {})
+    cuda = torch.device("cuda", 0)
+    a, b = launch.arrival_counters(4, cuda), launch.arrival_counters(2, cuda)
+    assert a.data_ptr() == b.data_ptr() and a.numel() == 4 and b.numel() == 2 and not a.any()
+    stream[0] = Stream(9)
+    assert launch.arrival_counters(4, cuda).data_ptr() != a.data_ptr()
+    capturing[0] = True
+    assert launch.arrival_counters(4, cuda).data_ptr() not in (a.data_ptr(),)

@@ -167,7 +167,7 @@ def test_index_arithmetic_past_2_31(kernel):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("this check addresses host memory under the interpreter")
     T, B, H, stride_t = 3, 2, 16, 2**31 + 64
-    flags = dict(ACTIVATION=0, REVERSE=False, HAS_LENGTHS=False, **dtype_flags(torch.bfloat16, torch.device("cpu")))
+    flags = dict(ACTIVATION=0, REVERSE=False, HAS_LENGTHS=False, HAS_RESETS=False, **dtype_flags(torch.bfloat16, torch.device("cpu")))
     fast = dict(FAST=True)  # the forward's activation (the interpreter keeps the exact formula)
     torch.manual_seed(0)
     a, out = _strided(T, B, H, stride_t), _strided(T, B, H, stride_t)
@@ -176,10 +176,10 @@ def test_index_arithmetic_past_2_31(kernel):
     w = (torch.randn(H, H) / 4).bfloat16()
     if kernel.startswith("fwd"):
         if kernel == "fwd_resident":
-            fwd_resident_kernel[(1,)](a, a, w, a, out, T, B, H, stride_t, H, stride_t, H, 0, H, HAS_H0=False,
+            fwd_resident_kernel[(1,)](a, a, w, a, a, out, T, B, H, stride_t, H, stride_t, H, 0, H, 0, 0, HAS_H0=False,
                                        BLOCK_B=16, BLOCK_H=16, **flags, **fast)
         else:
-            fwd_tiled_kernel[(1, 1)](a, a, w, a, out, T, B, H, stride_t, H, stride_t, H, 0, H,
+            fwd_tiled_kernel[(1, 1)](a, a, w, a, a, out, T, B, H, stride_t, H, stride_t, H, 0, H, 0, 0,
                                       torch.zeros(1, dtype=torch.int32), 0, T, HAS_H0=False, SYNC=True,
                                       SPLIT_K=1, BLOCK_B=16, BLOCK_N=16, **fast,
                                       BLOCK_K=16, W_RESIDENT=not kernel.endswith("streamed"), **flags)
@@ -189,10 +189,10 @@ def test_index_arithmetic_past_2_31(kernel):
         y.copy_(torch.randn(T, B, H).tanh())
         dh_n = torch.randn(B, H).bfloat16()
         if kernel == "bwd_resident":
-            bwd_resident_kernel[(1,)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H,
+            bwd_resident_kernel[(1,)](a, dh_n, y, w, a, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H, 0, 0,
                                        BLOCK_B=16, BLOCK_H=16, **flags)
         else:
-            bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H,
+            bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H, 0, 0,
                                       torch.zeros(1, dtype=torch.int32), 0, T, SYNC=True, BLOCK_B=16,
                                       BLOCK_N=16, BLOCK_K=16, SPLIT_K=1,
                                       W_RESIDENT=not kernel.endswith("streamed"), **flags)

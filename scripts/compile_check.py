@@ -1,9 +1,9 @@
 """Compile every fused kernel exactly as a launch compiles it, for Hopper (sm_90), without a GPU.
 
-    python tests/compile_check.py           # the whole sweep (hours on 2 cores); last line "compile check: PASS|FAIL"
-    python tests/compile_check.py --ci      # its representative part (minutes): what CI runs
-    python tests/compile_check.py --suite   # only what the benchmark suite launches
-    python tests/compile_check.py --table   # also the published suite's figures, as a markdown table
+    python scripts/compile_check.py           # the whole sweep (hours on 2 cores); last line "compile check: PASS|FAIL"
+    python scripts/compile_check.py --ci      # its representative part (minutes): what CI runs
+    python scripts/compile_check.py --suite   # only what the benchmark suite launches
+    python scripts/compile_check.py --table   # also the published suite's figures, as a markdown table
 
 For each shape the launchers can be asked about (B from 1 to 4096, H from 1 to 8192, multiples of 16
 and not), each dtype (fp32 with IEEE and with TF32 products, bf16, fp16, fp64), forward and backward,
@@ -19,22 +19,34 @@ is register pressure, re-read at every step), more shared memory than an H100 pr
 next. The run fails where the kernel that would be launched has any of these or a compile error.
 Local-memory accesses inside a loop (the step loop) are counted from the SASS and reported. Registers
 and stack are read from the cubin with the wheel's cuobjdump. It cannot run the kernels: that is
-tests/gpu_check.py, on a GPU.
+scripts/gpu_check.py, on a GPU.
+
+The cells come from the registry (``fastrnn.cells.CELLS``: name, gates, kernels module), plus
+"lstm-proj", the LSTM cell with a projection (P = H // 2). The sweep's worker processes end with it,
+whatever ends it: an error, SIGTERM or SIGINT (``worker_pool`` ends them), or the sweep's own death
+(each worker asks the kernel to kill it when its parent goes: ``end_with_parent``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import hashlib
+import importlib
 import itertools
+import json
 import math
+import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real (decided when the kernels are imported)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns while the default is implicit
@@ -45,11 +57,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 import fastrnn.kernels.config as config  # noqa: E402
-from fastrnn.kernels.gru import gru_bwd_launch, gru_fwd_launch  # noqa: E402
+from fastrnn.cells import CELLS  # noqa: E402
 from fastrnn.kernels.launch import MAX_STACK, choose, launch_plans, programs_per_sm  # noqa: E402
-from fastrnn.kernels.lstm import lstm_bwd_launch, lstm_fwd_launch  # noqa: E402
-from fastrnn.kernels.recurrence_bwd import bwd_launch  # noqa: E402
-from fastrnn.kernels.recurrence_fwd import fwd_launch  # noqa: E402
 
 TARGET, N_SM = GPUTarget("cuda", 90, 32), 132
 MAX_SHARED = 232448  # bytes of shared memory one H100 program may use
@@ -93,46 +102,40 @@ def compile_only(target=TARGET):
         driver._active = saved
 
 
-GATES = {"rnn": 1, "lstm": 4, "lstm-proj": 4, "gru": 3}
+def case_kinds() -> dict[str, tuple]:
+    """``{kind: (gates, kernels module)}``: each registered cell, and "lstm-proj", the LSTM cell with
+    a projection (P = H // 2)."""
+    kinds = {name: (cell.gates, importlib.import_module(f"fastrnn.kernels.{cell.kernels}"))
+             for name, cell in CELLS.items()}
+    kinds["lstm-proj"] = kinds["lstm"]
+    return kinds
 
 
-def ladder(cell: str, B: int, H: int, dtype_name: str):
-    """The candidates ``pick_configs`` gives this case on an H100, in order of preference."""
+KINDS = case_kinds()
+GATED = tuple(kind for kind, (gates, _) in KINDS.items() if gates > 1)
+
+
+def ladder(cell: str, B: int, H: int, dtype_name: str, forced: str = ""):
+    """The candidates ``pick_configs`` gives this case on an H100, in order of preference
+    (``forced``: the variant FASTRNN_VARIANT forces, if any)."""
+    _fake_h100()
     dtype, precision = DTYPES[dtype_name]
-    return config._pick_configs(B, H, dtype, torch.device("cuda"), "", GATES[cell], precision == "tf32")
+    return config._pick_configs(B, H, dtype, torch.device("cuda"), forced, KINDS[cell][0], precision == "tf32")
+
+
+def case_ladder(case):
+    """The ladder of a case ``(cell, direction, B, H, dtype_name, flags)``: ``flags["variant"]``,
+    where given, is the variant forced (h0, lengths and reverse are the launch's flags)."""
+    cell, _, B, H, dtype_name, flags = case
+    return ladder(cell, B, H, dtype_name, flags.get("variant", ""))
 
 
 def operands(cell: str, direction: str, B: int, H: int, dtype, flags: dict, cfg):
-    """``(kernel, grid, args, kwargs)`` of one launcher on meta tensors (T = 2; T is never
-    specialised), through the launchers' own ``*_launch`` functions."""
-    T, P = 2, (H // 2 or 1) if cell == "lstm-proj" else H
-    G = GATES[cell]
-
-    def empty(*shape, dt=dtype):
-        return torch.empty(*shape, dtype=dt, device="meta")
-
-    lengths = empty(B, dt=torch.int64) if flags["lengths"] else None
-    h0 = empty(B, P) if flags["h0"] else None
-    reverse = flags["reverse"]
-    if cell == "rnn" and direction == "fwd":
-        return fwd_launch(empty(T, B, H), h0, empty(H, H), lengths, empty(T, B, H), "tanh", reverse, cfg)
-    if cell == "rnn":
-        return bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), empty(H, H), lengths,
-                          empty(T, B, H), "tanh", reverse, cfg)
-    w_hh, gates = empty(G * H, P), empty(T, B, 4 * H)
-    if cell == "gru" and direction == "fwd":
-        return gru_fwd_launch(empty(T, B, 3 * H), h0, w_hh, empty(H), lengths, empty(T, B, H), gates,
-                              reverse, cfg)
-    if cell == "gru":
-        return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, h0, w_hh, lengths,
-                              empty(T, B, 3 * H), empty(B, H), reverse, cfg)
-    w_hr = empty(P, H) if cell == "lstm-proj" else None
-    c0 = empty(B, H) if flags["h0"] else None
-    if direction == "fwd":
-        return lstm_fwd_launch(empty(T, B, 4 * H), h0, c0, w_hh, w_hr, lengths, empty(T, B, P),
-                               empty(T, B, H), gates, reverse, cfg)
-    return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates, c0, w_hh, w_hr,
-                           lengths, empty(T, B, 4 * H), empty(B, H), reverse, cfg)
+    """``(kernel, grid, args, kwargs)`` of one launcher on meta tensors, as the launchers build it
+    (each cell's kernels' ``meta_launch``)."""
+    kernels = KINDS[cell][1]
+    P = (H // 2 or 1) if cell == "lstm-proj" else None
+    return kernels.meta_launch(direction, B, H, dtype, cfg, flags["h0"], flags["lengths"], flags["reverse"], P)
 
 
 def builder(cell: str, direction: str, B: int, H: int, dtype_name: str, flags: dict):
@@ -155,21 +158,32 @@ def phases(cell: str):
 
 def specialisation_key(cell, direction, B, H, dtype_name, flags):
     """What the JIT's binder sees of a case: cases with the same key compile to the same kernels."""
-    return (cell, direction, ladder(cell, B, H, dtype_name), dtype_name, tuple(sorted(flags.items())), B == 1,
-            H == 1, H % 16 == 0, (B * H) % 16 == 0)
+    return (cell, direction, case_ladder((cell, direction, B, H, dtype_name, flags)), dtype_name,
+            tuple(sorted(flags.items())), B == 1, H == 1, H % 16 == 0, (B * H) % 16 == 0)
 
 
 def resource_usage(compiled) -> tuple[int, int, int]:
     """(registers per thread, stack bytes per thread, local-memory accesses inside a loop) of a
-    compiled kernel, read from its cubin: a spill inside the step loop costs every step."""
+    compiled kernel, read from its cubin (a spill inside the step loop costs every step); once per
+    cubin, remembered in Triton's cache folder (``fastrnn-resources/``), so that a kernel found in
+    the cache costs no cuobjdump."""
+    cubin = compiled.asm["cubin"]
+    memo = Path(triton.knobs.cache.dir) / "fastrnn-resources" / f"{hashlib.sha256(cubin).hexdigest()}.json"
+    if memo.exists():
+        return tuple(json.loads(memo.read_text()))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     fields = dict(tok.split(":", 1) for tok in usage.split() if tok.startswith(("REG:", "STACK:")))
-    return int(fields["REG"]), int(fields["STACK"]), spills_in_loops(sass)
+    found = int(fields["REG"]), int(fields["STACK"]), spills_in_loops(sass)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    partial = memo.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(found))
+    os.replace(partial, memo)  # whole or not at all, whoever else writes it
+    return found
 
 
 def spills_in_loops(sass: str) -> int:
@@ -183,29 +197,41 @@ def spills_in_loops(sass: str) -> int:
                and any(start <= at <= end for start, end in loops))
 
 
-def check_case(case) -> list[dict]:
+def compile_row(row: dict, plan, after_compile=None) -> bool:
+    """Compile one planned kernel ``(variant, kernel, grid, args, kwargs)`` for sm_90 and fill
+    ``row`` with its registers, stack, step-loop spills, shared memory, compile seconds and
+    problems (or its error); whether it fits. ``after_compile(compiled)``, if given, is called on it."""
+    variant, kernel, grid, args, kwargs = plan
+    start = time.perf_counter()
+    try:
+        with compile_only():
+            compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        row["seconds"] = time.perf_counter() - start
+        row["regs"], row["stack"], row["loop_spills"] = resource_usage(compiled)
+        row["shared"] = compiled.metadata.shared
+        if after_compile:
+            after_compile(compiled)
+    except Exception as e:  # noqa: BLE001 - reported
+        row.setdefault("seconds", time.perf_counter() - start)
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+        return False
+    row["problems"] = problems(row, variant, grid)
+    return not row["problems"]
+
+
+def check_case(case, after_compile=None) -> list[dict]:
     """Walk the case's ladder as the launcher does (``launch.choose``), compiling each candidate's
-    kernels until one fits; a row per compiled kernel, the launched ones marked, with what is wrong
-    with a launched one (a rejected one is the ladder working, not a failure)."""
+    kernels until one fits; a row per compiled kernel (``compile_row``), the launched ones marked,
+    with what is wrong with a launched one (a rejected one is the ladder working, not a failure)."""
     _fake_h100()
     rows = []
 
     def fits(plans) -> bool:
         ok = True
-        for variant, kernel, grid, args, kwargs in plans:
-            row = dict(case=case, variant=variant, cfg=current[0], launched=False, error="")
+        for plan in plans:
+            row = dict(case=case, variant=plan[0], cfg=current[0], launched=False, error="")
             rows.append(row)
-            try:
-                with compile_only():
-                    compiled = kernel.warmup(*args, grid=grid, **kwargs)
-                row["regs"], row["stack"], row["loop_spills"] = resource_usage(compiled)
-                row["shared"] = compiled.metadata.shared
-            except Exception as e:  # noqa: BLE001 - reported
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-                ok = False
-                continue
-            row["problems"] = problems(row, variant, grid)
-            ok &= not row["problems"]
+            ok &= compile_row(row, plan, after_compile)
         return ok
 
     current = [None]
@@ -216,7 +242,7 @@ def check_case(case) -> list[dict]:
         return build(cfg)
 
     try:
-        configs = ladder(case[0], case[2], case[3], case[4])
+        configs = case_ladder(case)
         chosen, launch_ = choose(build_and_note, configs, fits, phases(case[0]))
         if not any(row["cfg"] is chosen for row in rows):  # the last resort, taken unchecked
             fits(launch_plans(chosen, launch_, phases(case[0])))
@@ -243,7 +269,8 @@ def problems(row, variant: str, grid) -> list[str]:
 
 
 def _fake_h100():
-    config._sm_count = lambda device: N_SM
+    """The SM count the ladders read: an H100's (``sm_count``, ``_sm_count`` before its rename)."""
+    setattr(config, "sm_count" if hasattr(config, "sm_count") else "_sm_count", lambda device: N_SM)
 
 
 def sweep_cases():
@@ -251,10 +278,9 @@ def sweep_cases():
     and reverse all on; all off on the suite's shapes. One case per distinct compiled kernel."""
     _fake_h100()
     cases, seen = [], set()
-    shapes = [("rnn", B, H, ALL_ON) for B in SWEEP_B for H in SWEEP_H]
-    shapes += [(cell, B, H, ALL_ON) for cell in ("lstm", "lstm-proj", "gru") for B in SWEEP_B[::2]
-               for H in SWEEP_H[::2]]
-    shapes += [(cell, B, H, ALL_OFF) for cell in GATES for B, H in SUITE.values()]
+    shapes = [(cell, B, H, ALL_ON) for cell in KINDS if cell not in GATED for B in SWEEP_B for H in SWEEP_H]
+    shapes += [(cell, B, H, ALL_ON) for cell in GATED for B in SWEEP_B[::2] for H in SWEEP_H[::2]]
+    shapes += [(cell, B, H, ALL_OFF) for cell in KINDS for B, H in SUITE.values()]
     for (cell, B, H, flags), direction, dtype_name in itertools.product(shapes, ("fwd", "bwd"), DTYPES):
         key = specialisation_key(cell, direction, B, H, dtype_name, flags)
         if key not in seen:
@@ -291,7 +317,7 @@ def representative_cases(cases):
 
         top = [max(by_cfg, key=tile), max(by_cfg, key=accumulator)]
         picked += [by_cfg[c] for c in dict.fromkeys(top) if by_cfg[c] not in picked]
-    published = {(cell, B, H, dtype_name, ()) for cell in GATES for B, H in SUITE.values()
+    published = {(cell, B, H, dtype_name, ()) for cell in KINDS for B, H in SUITE.values()
                  for dtype_name in ("tf32", "bf16")}  # what the benchmark suite launches
     return picked + [c for c in cases if c not in picked and
                      (c[0], c[2], c[3], c[4], tuple(k for k, v in c[5].items() if v)) in published]
@@ -303,7 +329,7 @@ def suite_table(rows) -> list[str]:
     launched = {r["case"][:5]: r for r in rows if r["launched"]}
     lines = ["| cell | # | B | H | dtype | variant | blocks (B, N, K), split | warps | fwd regs/stack/smem KB | "
              "bwd regs/stack/smem KB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for cell, (number, (B, H)), dtype_name in itertools.product(("rnn", "lstm", "gru"), SUITE.items(),
+    for cell, (number, (B, H)), dtype_name in itertools.product(CELLS, SUITE.items(),
                                                                  ("tf32", "bf16")):
         fwd, bwd = launched[(cell, "fwd", B, H, dtype_name)], launched[(cell, "bwd", B, H, dtype_name)]
 
@@ -317,6 +343,38 @@ def suite_table(rows) -> list[str]:
     return lines
 
 
+def end_with_parent() -> None:
+    """A worker's initializer: the kernel kills this process when the process that started it ends,
+    however it ends (Linux; elsewhere nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, initializer=end_with_parent, initargs=()):
+    """A process pool whose workers end with the block, however it is left (an exception, or SIGTERM
+    and SIGINT, which raise SystemExit and KeyboardInterrupt here), and with this process if it is
+    killed outright (``initializer`` must call ``end_with_parent``)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    pool = ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in multiprocessing.active_children():
+            process.kill()
+            process.join(5)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def suite_cases() -> list[tuple]:
+    """What the benchmark suite launches: every cell, shape, TF32 and bf16, forward and backward."""
+    return [(cell, d, B, H, n, ALL_OFF) for cell in CELLS for B, H in SUITE.values()
+            for d in ("fwd", "bwd") for n in ("tf32", "bf16")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="print the suite's figures")
@@ -326,12 +384,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     opts = parser.parse_args()
     start = time.time()
-    suite = [(cell, d, B, H, n, ALL_OFF) for cell in ("rnn", "lstm", "gru") for B, H in SUITE.values()
-             for d in ("fwd", "bwd") for n in ("tf32", "bf16")]
+    suite = suite_cases()
     cases = suite if opts.suite else sweep_cases()
     if opts.ci:
         cases = representative_cases(cases)
-    with ProcessPoolExecutor(opts.workers) as pool:
+    with worker_pool(opts.workers) as pool:
         rows = [r for rs in pool.map(check_case, cases, chunksize=4) for r in rs]
         suite_rows = ([r for rs in pool.map(check_case, suite) for r in rs] if opts.table and not opts.suite
                       else rows)
@@ -342,9 +399,10 @@ def main() -> int:
     rejected = {repr(r["case"]) for r in rows if not r["launched"]}
     ok = [r for r in launched if "regs" in r]
     in_loop = [r for r in ok if r["loop_spills"]]
+    most_stack = max((r["stack"] for r in in_loop), default=0)
+    most_spills = max((r["loop_spills"] for r in in_loop), default=0)
     print(f"{len(in_loop)} launched kernels access local memory in their step loop (at most "
-          f"{max((r['stack'] for r in in_loop), default=0)} B of it, {max((r['loop_spills'] for r in in_loop), default=0)}"
-          " accesses)")
+          f"{most_stack} B of it, {most_spills} accesses)")
     kind = "suite" if opts.suite else ("representative" if opts.ci else "whole")
     print(f"triton {triton.__version__}: {kind} sweep, {len(cases)} cases, "
           f"{len(rows)} kernels compiled for sm_90 in {time.time() - start:.0f} s; {len(rejected)} cases "
