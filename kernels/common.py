@@ -205,7 +205,7 @@ def grid_barrier(sync_ptr, rank, n_programs):
 
 
 @triton.jit
-def wide(x):
+def as_int64(x):
     """``x`` as int64, a scalar argument or a constexpr alike (Triton makes an argument equal to 1 a
     constexpr), so that offsets built from it stay exact past 2^31."""
     return x + tl.zeros([], tl.int64)

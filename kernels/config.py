@@ -55,7 +55,7 @@ class Config:
     num_warps: int = 4
     split_k: int = 1  # the tiled product's reduction cut into this many chunks, a warp's each
     # Software pipelining of the tiled kernels' K loop made them spill registers on sm_90 (static
-    # count, tests/compile_check.py); the persistent kernels run one program per SM anyway.
+    # count, scripts/compile_check.py); the persistent kernels run one program per SM anyway.
     num_stages: int = 1
 
 
@@ -72,7 +72,7 @@ def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates
     runs the first whose compiled kernel fits the GPU (at most ``launch.MAX_STACK`` bytes of local
     memory per thread, shared memory within a program's limit, a tiled grid resident at once); the
     last, the smallest stepwise tile, runs regardless. What fits is the compiler's to say (ptxas
-    versions differ), so it is measured, not modelled: ``tests/compile_check.py`` walks the same
+    versions differ), so it is measured, not modelled: ``scripts/compile_check.py`` walks the same
     ladder for every shape of its sweep."""
     forced = os.environ.get("FASTRNN_VARIANT", "")
     if forced and forced not in VARIANTS:
@@ -82,7 +82,7 @@ def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates
                          f"are {', '.join(variants)}")
     device = torch.device(device)
     tf32 = dtype == torch.float32 and device.type == "cuda" and fp32_uses_tf32()
-    configs = _pick_configs(B, H, dtype, device, forced, gates, tf32)
+    configs = candidate_configs(B, H, dtype, device, forced, gates, tf32)
     logger.debug("fastrnn: B=%d H=%d gates=%d %s on %s -> %s", B, H, gates, dtype, device, configs)
     return configs
 
@@ -98,7 +98,7 @@ RESIDENT_W_BYTES = 192 * 1024
 
 
 @functools.lru_cache(maxsize=1024)
-def _pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, forced: str, gates: int = 1,
+def candidate_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, forced: str, gates: int = 1,
                   tf32: bool = True) -> tuple[Config, ...]:
     block_h = max(16, triton.next_power_of_2(H))
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -38,7 +38,7 @@ from ..sequence import acc_dtype
 from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
                      state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, pick_configs
-from .launch import h0_product, run_sequence
+from .launch import h0_product, resets_operand, run_sequence
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -300,6 +300,7 @@ def fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, activation, revers
     last dimension; ``h0_proj``, ``h0 @ w_hh.T`` from ``h0_product``, for the tiled kernel); what
     ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
     T, B, H = x_proj.shape
+    resets = resets_operand(resets, x_proj.dtype)
     kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_H0=h0 is not None,
                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, num_warps=config.num_warps,
                   num_stages=config.num_stages, **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
@@ -344,6 +345,7 @@ def bwd_launch(dy, dh_n, y, w_hh, lengths, resets, d_pre, activation, reverse, c
     """``(kernel, grid, args, kwargs)`` of the backward for ``config`` (operands with a contiguous
     last dimension); what ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
     T, B, H = y.shape
+    resets = resets_operand(resets, y.dtype)
     kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse,
                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, num_warps=config.num_warps,
                   num_stages=config.num_stages, **dtype_flags(y.dtype, y.device))

@@ -6,21 +6,21 @@ at ``k * H + n``. Generic over the gate count: a cell calls them once per gate.
 import triton
 import triton.language as tl
 
-from .common import weight_chunks, wide
+from .common import as_int64, weight_chunks
 
 
 @triton.jit
 def load_gate(ptr, gate, o_b, o_n, H, stride_b, mask, ACC_DTYPE: tl.constexpr):
     """Gate ``gate`` of one step of a (., B, G x H) tensor, rows ``o_b`` (int64) and units ``o_n``:
     (BLOCK_B, BLOCK_N) in ACC_DTYPE, zero where ``mask`` is off."""
-    return tl.load(ptr + o_b[:, None] * stride_b + wide(H) * gate + o_n[None, :], mask=mask,
+    return tl.load(ptr + o_b[:, None] * stride_b + as_int64(H) * gate + o_n[None, :], mask=mask,
                    other=0.0).to(ACC_DTYPE)
 
 
 @triton.jit
 def store_gate(ptr, gate, value, o_b, o_n, H, stride_b, mask):
     """``value`` (BLOCK_B, BLOCK_N) into gate ``gate`` of one step of a (., B, G x H) tensor."""
-    tl.store(ptr + o_b[:, None] * stride_b + wide(H) * gate + o_n[None, :],
+    tl.store(ptr + o_b[:, None] * stride_b + as_int64(H) * gate + o_n[None, :],
              value.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -28,4 +28,4 @@ def store_gate(ptr, gate, value, o_b, o_n, H, stride_b, mask):
 def gate_weights(w_hh_ptr, gate, k0, o_n, H, K, stride_w, SPLIT_K: tl.constexpr, CHUNK: tl.constexpr):
     """Rows ``k0 ...`` of ``w_hh.T`` (K of them) for the units ``o_n`` of one gate, from
     ``w_hh (G x H, K)``: (SPLIT_K, CHUNK, BLOCK_N)."""
-    return weight_chunks(w_hh_ptr + wide(H) * gate * stride_w, k0, o_n, 1, stride_w, K, H, SPLIT_K, CHUNK)
+    return weight_chunks(w_hh_ptr + as_int64(H) * gate * stride_w, k0, o_n, 1, stride_w, K, H, SPLIT_K, CHUNK)

@@ -23,7 +23,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
-from .launch import h0_product, run_sequence
+from .launch import h0_product, resets_operand, run_sequence
 
 
 @triton.jit
@@ -232,7 +232,8 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     b_hn, lengths = (t.contiguous() if t is not None else None for t in (b_hn, lengths))
     acc = acc_dtype(x_proj.dtype)
-    h_state = h0.to(acc, copy=True) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    h_state = x_proj.new_zeros(B, H, dtype=acc) if h0 is None else torch.empty_like(h0, dtype=acc,
+        memory_format=torch.contiguous_format).copy_(h0)  # the kernel writes it: a buffer of its own, rows of H
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3, cell="gru",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
@@ -249,6 +250,7 @@ def gru_fwd_launch(x_proj, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gat
     T, B, G = x_proj.shape
     H = G // 3
     has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
+    resets = resets_operand(resets, x_proj.dtype)
     args = (x_proj, h_state, h0_proj, w_hh, b_hn if b_hn is not None else y,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, gates, T, B, H,
             x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1), h_state.stride(0),
@@ -285,6 +287,7 @@ def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_
     last dimension, ``d_hh (2, B, 3H)`` scratch, ``dh_carry (B, H)`` zeros in the accumulator's
     precision."""
     T, B, H = y.shape
+    resets = resets_operand(resets, y.dtype)
     args = (dy, dh_n, y, gates, h0 if h0 is not None else y, w_hh, lengths if lengths is not None else y,
             resets if resets is not None else y, d_x, d_hh, dh_carry, T, B, H, dy.stride(0), dy.stride(1),
             dh_n.stride(0), y.stride(0), y.stride(1), h0.stride(0) if h0 is not None else 0, gates.stride(0),

@@ -16,7 +16,7 @@ Which configuration runs: ``config.pick_configs`` lists candidates in order of p
 ``choose`` takes the first whose compiled kernel fits (``fits_gpu``: local memory, shared memory,
 co-residency), so a tiled kernel that spills registers with this machine's compiler is never
 launched, whatever its ptxas version.
-``tests/compile_check.py`` walks the same ladder with its own measure, compiling for sm_90 on a CPU.
+``scripts/compile_check.py`` walks the same ladder with its own measure, compiling for sm_90 on a CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run_sequence(build, configs, T: int, device, phases=({},)) -> None:
     The choice (and whether the driver takes the tiled grid cooperatively) is made at a launch's first
     call and kept (``PLANS``): a warm call builds one launch, binds Triton's arguments once and
     allocates nothing but what it returns."""
-    plan, (kernel, grid, args, kwargs) = planned(build, configs, device, phases)
+    plan, (kernel, grid, args, kwargs) = kept_plan(build, configs, device, phases)
     if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
         return
@@ -76,7 +76,7 @@ class Plan:
 PLANS: dict = {}  # launch key (``launch_key``) -> Plan
 
 
-def planned(build, configs, device, phases=({},)):
+def kept_plan(build, configs, device, phases=({},)):
     """``(plan, launch)``: the kept plan of this launch and its ``(kernel, grid, args, kwargs)``, or
     at its first call the ``choose`` of ``configs``, kept."""
     first = build(configs[0])
@@ -93,7 +93,8 @@ def launch_key(configs, launch, device) -> tuple:
     """What a launch's choice depends on: the candidates, the device, the grid, the constexprs and
     every argument but the tensors' data and the sequence length (never specialised)."""
     kernel, grid, args, kwargs = launch
-    shape = tuple((a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
+    shape = tuple((a.dtype, a.stride(), a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+                  for a in args)  # (Triton compiles 16-byte aligned pointers apart)
     return configs, str(device), id(kernel), grid, tuple(sorted(kwargs.items())), _without_length(shape, launch)
 
 
@@ -161,6 +162,16 @@ def _compiled_fits(compiled, variant: str, grid, device) -> bool:
     return per_sm > 0 and (variant != "tiled" or math.prod(grid) <= per_sm * config.sm_count(torch.device(device)))
 
 
+def resets_operand(resets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``resets (T, B)`` as the kernels read it: the bool tensor itself, or in fp64 a copy as int32.
+    (Triton 3.6 sizes an fp64 product's operands by the narrowest type in what feeds them, masks
+    included: a mask from an 8-bit load asks for an fp64 MMA it does not have, and the kernel fails to
+    compile.)"""
+    if resets is None or dtype != torch.float64:
+        return resets
+    return resets.to(torch.int32)
+
+
 def h0_product(h0: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor | None:
     """``h0 @ w_hh.T`` (B, G x H) in the accumulator's precision, once per call: what stands for
     ``h_{t-1} @ w_hh.T`` at each sequence's first step in the tiled kernels. None without h0."""
@@ -170,19 +181,19 @@ def h0_product(h0: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor | No
     return (h0.to(acc) @ w_hh.to(acc).T).contiguous()
 
 
-COUNTERS: dict = {}  # (device, stream) -> int32 arrival counters, reused launch after launch
+COUNTERS: dict = {}  # device index -> int32 arrival counters of its default stream, reused launch after launch
 
 
 def arrival_counters(n_groups: int, device) -> torch.Tensor:
     """The grid barrier's int32 counter of each group of programs that meet: 0 (or 0x80000000). On a
-    GPU one buffer per device and stream serves every launch (after each barrier a counter is back at 0
-    or 0x80000000, which the barrier starts from alike; launches on one stream never overlap, two
-    streams never share one); under CUDA graph capture the graph gets its own."""
+    GPU one buffer per device serves every launch on its default stream (after each barrier a counter
+    is back at 0 or 0x80000000, which the barrier starts from alike; launches on one stream never
+    overlap). Other streams, CUDA graph capture and torch.compile's graph warm-ups among them (which
+    allocate from a graph's private pool), get fresh zeros each launch."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
         return torch.zeros(n_groups, dtype=torch.int32, device=device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
+    key = device.index if device.index is not None else torch.cuda.current_device()
     counters = COUNTERS.get(key)
     if counters is None or counters.numel() < n_groups:
         counters = COUNTERS[key] = torch.zeros(max(n_groups, 64), dtype=torch.int32, device=device)

@@ -27,7 +27,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
-from .launch import h0_product, run_sequence
+from .launch import h0_product, resets_operand, run_sequence
 
 
 @triton.jit
@@ -333,7 +333,8 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (h0, w_hr, lengths))
     acc = acc_dtype(x_proj.dtype)
-    c_state = c0.to(acc, copy=True) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+    c_state = x_proj.new_zeros(B, H, dtype=acc) if c0 is None else torch.empty_like(c0, dtype=acc,
+        memory_format=torch.contiguous_format).copy_(c0)  # the kernel writes it: a buffer of its own, rows of H
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4, cell="lstm",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
@@ -350,6 +351,7 @@ def lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c,
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
+    resets = resets_operand(resets, x_proj.dtype)
     m = c.new_empty(2, B, H) if w_hr is not None else c  # the projection's input, all units
     args = (x_proj, h0_proj, c_state, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, m,
@@ -397,6 +399,7 @@ def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d
     scratch (with a projection)."""
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
+    resets = resets_operand(resets, gates.dtype)
     args = (dy, dh_n, dc_n, c, gates, c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else c, resets if resets is not None else c, d_gates, dc_carry, dh_buf,
             T, B, H, P,

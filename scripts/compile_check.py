@@ -71,6 +71,8 @@ DTYPES = {"fp32": (torch.float32, "tf32x3"), "tf32": (torch.float32, "tf32"), "b
           "fp16": (torch.float16, None), "fp64": (torch.float64, None)}
 ALL_ON = dict(h0=True, lengths=True, reverse=True)
 ALL_OFF = dict(h0=False, lengths=False, reverse=False)
+RESETS = (dict(h0=True, lengths=False, reverse=True, resets=True),  # resets come without lengths
+          dict(h0=False, lengths=False, reverse=False, resets=True))
 
 
 class _CompileOnlyDriver:
@@ -120,7 +122,7 @@ def ladder(cell: str, B: int, H: int, dtype_name: str, forced: str = ""):
     (``forced``: the variant FASTRNN_VARIANT forces, if any)."""
     _fake_h100()
     dtype, precision = DTYPES[dtype_name]
-    return config._pick_configs(B, H, dtype, torch.device("cuda"), forced, KINDS[cell][0], precision == "tf32")
+    return config.candidate_configs(B, H, dtype, torch.device("cuda"), forced, KINDS[cell][0], precision == "tf32")
 
 
 def case_ladder(case):
@@ -135,7 +137,8 @@ def operands(cell: str, direction: str, B: int, H: int, dtype, flags: dict, cfg)
     (each cell's kernels' ``meta_launch``)."""
     kernels = KINDS[cell][1]
     P = (H // 2 or 1) if cell == "lstm-proj" else None
-    return kernels.meta_launch(direction, B, H, dtype, cfg, flags["h0"], flags["lengths"], flags["reverse"], P)
+    return kernels.meta_launch(direction, B, H, dtype, cfg, flags["h0"], flags["lengths"], flags["reverse"], P,
+                               flags.get("resets", False))
 
 
 def builder(cell: str, direction: str, B: int, H: int, dtype_name: str, flags: dict):
@@ -269,18 +272,19 @@ def problems(row, variant: str, grid) -> list[str]:
 
 
 def _fake_h100():
-    """The SM count the ladders read: an H100's (``sm_count``, ``_sm_count`` before its rename)."""
-    setattr(config, "sm_count" if hasattr(config, "sm_count") else "_sm_count", lambda device: N_SM)
+    """The SM count the ladders read: an H100's."""
+    config.sm_count = lambda device: N_SM
 
 
 def sweep_cases():
     """The Elman cell on every shape of the sweep, the gated cells on a coarser one, with h0, lengths
-    and reverse all on; all off on the suite's shapes. One case per distinct compiled kernel."""
+    and reverse all on; all off, and with resets, on the suite's shapes. One case per distinct
+    compiled kernel."""
     _fake_h100()
     cases, seen = [], set()
     shapes = [(cell, B, H, ALL_ON) for cell in KINDS if cell not in GATED for B in SWEEP_B for H in SWEEP_H]
     shapes += [(cell, B, H, ALL_ON) for cell in GATED for B in SWEEP_B[::2] for H in SWEEP_H[::2]]
-    shapes += [(cell, B, H, ALL_OFF) for cell in KINDS for B, H in SUITE.values()]
+    shapes += [(cell, B, H, flags) for cell in KINDS for B, H in SUITE.values() for flags in (ALL_OFF, *RESETS)]
     for (cell, B, H, flags), direction, dtype_name in itertools.product(shapes, ("fwd", "bwd"), DTYPES):
         key = specialisation_key(cell, direction, B, H, dtype_name, flags)
         if key not in seen:
@@ -317,6 +321,8 @@ def representative_cases(cases):
 
         top = [max(by_cfg, key=tile), max(by_cfg, key=accumulator)]
         picked += [by_cfg[c] for c in dict.fromkeys(top) if by_cfg[c] not in picked]
+    picked += [c for c in cases if c[5].get("resets") and (c[2], c[3]) == SUITE[2] and c[4] in ("tf32", "bf16", "fp64")
+               and c not in picked]  # every kernel with resets, at one suite shape (fp64 reads them as int32)
     published = {(cell, B, H, dtype_name, ()) for cell in KINDS for B, H in SUITE.values()
                  for dtype_name in ("tf32", "bf16")}  # what the benchmark suite launches
     return picked + [c for c in cases if c not in picked and

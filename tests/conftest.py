@@ -100,3 +100,55 @@ def assert_matches_reference(names, fused, ref64, ref_low, dtype, bound):
         err = rel_err(a, b)
         limit = bound if dtype == torch.float64 else max(bound, 3 * rel_err(ref_low[i], b))
         assert err <= limit, f"{name}: relative error {err:.2e} > {limit:.2e}"
+
+
+# The long sweeps. Of each of these parametrized tests README's default command runs every n-th case
+# (the first included, the rest spread over the parameters); `pytest -m slow` runs the others. Whole
+# tests that only the long run takes are marked `@pytest.mark.slow` where they stand.
+SAMPLED = {
+    "test_elman.py::test_fused_matches_reference": 24,
+    "test_elman.py::test_every_kernel_variant": 6,
+    "test_elman.py::test_torch_twins_match_reference": 6,
+    "test_lstm.py::test_op_matches_reference": 9,
+    "test_lstm.py::test_every_flag": 8,
+    "test_lstm.py::test_gradcheck_float64": 4,
+    "test_gru.py::test_op_matches_reference": 9,
+    "test_gru.py::test_every_flag": 6,
+    "test_gru.py::test_gradcheck_float64": 2,
+    "test_launch.py::test_tiled_with_many_programs_per_group": 8,
+    "test_launch.py::test_gated_cells_with_many_programs_per_group": 5,
+    "test_double_backward.py::test_gradgradcheck_op": 8,
+    "test_double_backward.py::test_gradgradcheck_gated_op": 6,
+    "test_double_backward.py::test_gradgradcheck_gated_module_layers_bidirectional_packed": 6,
+    "test_double_backward.py::test_forward_mode_gradcheck": 3,
+    "test_gated_modules.py::test_matches_torch_float64": 6,
+    "test_gated_modules.py::test_packed_sequence": 6,
+    "test_gated_modules.py::test_unbatched_input": 4,
+    "test_training_step.py::test_compiled_step_with_clipping_and_accumulation_matches_eager": 4,
+    "test_rnn.py::test_matches_torch_float64": 4,
+    "test_resets.py::test_resets_in_every_kernel_variant": 2,
+    "test_resets.py::test_resets_compile_fullgraph": 3,
+    "test_cli.py::test_a_bad_value_is_one_line_and_exit_code_2": 3,
+    "test_readme.py::test_readme_python_block_runs_on_its_own": 4,
+    "test_elman.py::test_gradcheck_float64": 2,
+    "test_rnn.py::test_gradcheck_float64": 2,
+    "test_lstm.py::test_opcheck": 2,
+    "test_gru.py::test_opcheck": 2,
+    "test_double_backward.py::test_gradgradcheck_module_layers_bidirectional_packed": 2,
+    "test_ecosystem.py::test_compile_fullgraph_matches_eager": 3,
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark all but every n-th case of each ``SAMPLED`` test slow (before ``-m`` deselects)."""
+    import collections
+
+    seen = collections.Counter()
+    for item in items:
+        key = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        every = SAMPLED.get(key)
+        if every:
+            if seen[key] % every:
+                item.add_marker(pytest.mark.slow)
+            seen[key] += 1

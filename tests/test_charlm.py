@@ -253,6 +253,7 @@ def test_checkpoint_from_another_vocabulary_is_refused(tmp_path, capsys):
     assert "another vocabulary" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo, DDP) on the same global batch as one process."""
     args = ["train", "--steps", "8", "--hidden", "16", "--seq-len", "8", "--batch-size", "8",

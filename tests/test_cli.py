@@ -102,6 +102,7 @@ def test_resume_of_a_finished_run_says_so_and_reports_its_perplexity(trained):
     assert metrics_steps(run) == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_reports_the_saved_figure_without_evaluating(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
@@ -131,6 +132,7 @@ def test_a_bad_value_is_one_line_and_exit_code_2(trained, tmp_path, args, messag
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_takes_the_saved_configuration_and_refuses_a_conflicting_flag(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
@@ -144,6 +146,7 @@ def test_resume_takes_the_saved_configuration_and_refuses_a_conflicting_flag(tra
     assert metrics_steps(run) == [10, 20, 30, 40]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_needs_force(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
@@ -179,6 +182,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_goes_on_exactly(tmp_path):
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_held_out_evaluation_stops_it_and_resume_logs_that_row(tmp_path):
     """The evaluation checks for Ctrl-C between batches: the run stops at once with a checkpoint
     whose metrics row waits for its held-out figure, which --resume evaluates and logs first."""
@@ -226,6 +230,7 @@ def test_ctrl_c_before_training_names_the_run_folder_too(tmp_path):
                       "last checkpoint, if any\n")
 
 
+@pytest.mark.slow
 def test_help_shows_defaults_version_and_a_misspelt_flag_gets_trains_usage():
     r = fastrnn("train", "--help")
     assert r.returncode == 0

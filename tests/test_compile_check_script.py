@@ -117,6 +117,7 @@ def sleepers() -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_spills():
     triton = pytest.importorskip("triton")
     if not has_nvidia_backend(Path(triton.__file__).parent):
@@ -126,6 +127,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert f"triton {triton.__version__}:" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not OLDEST, reason="FASTRNN_OLDEST_TRITON (a folder with Triton 3.6) is not set")
 def test_kernels_compile_with_the_oldest_supported_triton():
     assert has_nvidia_backend(Path(OLDEST) / "triton"), f"no Triton with an NVIDIA backend in {OLDEST}"

@@ -10,9 +10,9 @@ import fastrnn.kernels.config as config
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(config, "sm_count", lambda device: 132)
-    config._pick_configs.cache_clear()
+    config.candidate_configs.cache_clear()
     yield torch.device("cuda")
-    config._pick_configs.cache_clear()
+    config.candidate_configs.cache_clear()
 
 
 @pytest.mark.parametrize("B", [1, 8, 16, 32, 64, 128, 256, 1000, 5000])
@@ -23,7 +23,7 @@ def test_every_candidate_is_launchable(fake_gpu, B, H, dtype, gates):
     """Every candidate of the ladder: blocks tl.dot can take, a tiled grid of at most one program per
     SM, w_hh on chip only where both products' operands fit the shared-memory budget; it ends with
     the smallest stepwise tile, which always launches."""
-    ladder = config._pick_configs(B, H, dtype, fake_gpu, "", gates)
+    ladder = config.candidate_configs(B, H, dtype, fake_gpu, "", gates)
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_h = max(16, triton.next_power_of_2(H))
     for cfg in ladder:
@@ -47,7 +47,7 @@ def test_every_candidate_is_launchable(fake_gpu, B, H, dtype, gates):
 
 def test_small_hidden_sizes_stay_resident(fake_gpu):
     def first(B, H, dtype):
-        return config._pick_configs(B, H, dtype, fake_gpu, "")[0]
+        return config.candidate_configs(B, H, dtype, fake_gpu, "")[0]
 
     assert first(8, 128, torch.float32).variant == "resident"
     assert first(32, 256, torch.bfloat16).variant == "resident"
@@ -57,7 +57,7 @@ def test_small_hidden_sizes_stay_resident(fake_gpu):
 def test_interpreter_configs_never_wait_across_programs():
     cpu = torch.device("cpu")
     def only(forced):
-        (cfg,) = config._pick_configs(17, 130, torch.float32, cpu, forced)  # one candidate: no compiler
+        (cfg,) = config.candidate_configs(17, 130, torch.float32, cpu, forced)  # one candidate: no compiler
         return cfg
 
     assert only("").variant == "resident"
@@ -97,7 +97,7 @@ def test_gated_launches_give_tl_dot_chunks_of_16(fake_gpu, cell, H, P, direction
     """Every candidate a gated launcher can be handed reduces in chunks of 16 or more (BLOCK_K //
     SPLIT_K, and the projection's BLOCK_KP), as tl.dot requires on a GPU; the interpreter does not
     check it, so this is where a hidden or projection size below 16 would be caught on CPU."""
-    for cfg in config._pick_configs(B, H, torch.float32, fake_gpu, "", 4 if cell == "lstm" else 3):
+    for cfg in config.candidate_configs(B, H, torch.float32, fake_gpu, "", 4 if cell == "lstm" else 3):
         kwargs = _gated_launch(cell, direction, B, H, P, cfg)[3]
         assert kwargs["BLOCK_K"] // kwargs["SPLIT_K"] >= 16, (cfg, kwargs)
         assert kwargs["BLOCK_B"] >= 16 and kwargs["BLOCK_N"] >= 16

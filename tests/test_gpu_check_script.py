@@ -2,6 +2,8 @@
 
 import os
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ SECTIONS = ("rnn parity", "lstm parity", "gru parity", "lstm-proj parity", "barr
             "ecosystem")
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path / "r.md")],

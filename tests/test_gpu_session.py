@@ -37,6 +37,7 @@ def test_plan_keeps_each_part_within_seven_minutes():
     assert "plan: every part within 7 minutes" in r.stdout
 
 
+@pytest.mark.slow
 def test_part_one_smoke(tmp_path):
     """Part 1 end to end on the CPU: every step passes, results and log written under --out."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_CACHE_DIR")}
@@ -126,6 +127,7 @@ def test_sanitize_script_reads_each_tools_summary(tmp_path, errors):
     assert r.stdout.strip().endswith("sanitize: PASS" if errors == 0 else "sanitize: FAIL")
 
 
+@pytest.mark.slow
 def test_sanitize_payload_smoke():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, str(SCRIPTS / "sanitize_payload.py"), "--smoke"], capture_output=True,

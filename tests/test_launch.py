@@ -307,23 +307,21 @@ def test_launch_key_leaves_out_the_length_and_the_data():
     assert key != launch.launch_key(configs, ("k", (1, 1), (x, None, 5, 4, 8, 24, 8), {"A": 1}), "cpu")
 
 
-def test_arrival_counters_are_kept_per_device_and_stream(monkeypatch):
-    """One counter buffer per device and stream, reused launch after launch; a new one under CUDA
-    graph capture (made here on the CPU with a stand-in for torch.cuda)."""
-    class Stream:
-        def __init__(self, handle):
-            self.cuda_stream = handle
-    stream = [Stream(7)]
-    capturing = [False]
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream[0])
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch):
+    """One counter buffer per device, reused launch after launch on its default stream; fresh zeros on
+    any other stream (graph capture, torch.compile's graph warm-ups). Run here on the CPU with a
+    stand-in for torch.cuda's streams."""
+    default, side = object(), object()
+    current = [default]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: default)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     real_zeros = torch.zeros
     monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
     monkeypatch.setattr(launch, "COUNTERS", {})
     cuda = torch.device("cuda", 0)
     a, b = launch.arrival_counters(4, cuda), launch.arrival_counters(2, cuda)
     assert a.data_ptr() == b.data_ptr() and a.numel() == 4 and b.numel() == 2 and not a.any()
-    stream[0] = Stream(9)
-    assert launch.arrival_counters(4, cuda).data_ptr() != a.data_ptr()
-    capturing[0] = True
-    assert launch.arrival_counters(4, cuda).data_ptr() not in (a.data_ptr(),)
+    current[0] = side
+    fresh = launch.arrival_counters(4, cuda)
+    assert fresh.data_ptr() != a.data_ptr() and not fresh.any() and len(launch.COUNTERS) == 1

@@ -139,3 +139,20 @@ def test_lstm_with_projection_at_batch_one(monkeypatch):
         (torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y) * y).sum().backward()
         results[backend] = [y, xb.grad] + [p.grad for p in m.parameters()]
     _assert_same(results["triton"], results["torch"])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_initial_states_of_any_layout(cell, monkeypatch):
+    """An initial state that is a transposed view (rows not contiguous) is read as a state, not as its
+    memory: the kernels keep the carried state in a buffer of their own, laid out (B, H)."""
+    torch.manual_seed(0)
+    module = fastrnn.CELLS[cell].module(3, 5, dtype=torch.float64)
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    h = torch.randn(1, 5, 6, dtype=torch.float64).transpose(1, 2)  # (1, B, H), a view with stride (., 1, B)
+    hx = (h, torch.randn(1, 5, 6, dtype=torch.float64).transpose(1, 2)) if cell == "lstm" else h
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTRNN_BACKEND", backend)
+        y, state = module(x, hx)
+        results[backend] = [y, *(state if cell == "lstm" else (state,))]
+    _assert_same(results["triton"], results["torch"])

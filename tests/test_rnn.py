@@ -121,7 +121,7 @@ def test_gradcheck_float64(backend):
 
     # through the interpreter, gradcheck's fast mode (a random projection of the Jacobian: a few
     # evaluations instead of one per input element); every gradient of the fused path equals torch's
-    # at 1e-9 in test_matches_torch_float64, and the fused op gets the full check in test_recurrence
+    # at 1e-9 in test_matches_torch_float64, and the fused op gets the full check in test_elman
     assert torch.autograd.gradcheck(f, (x, h0, *[p.detach().requires_grad_() for p in params]),
                                     fast_mode=backend == "triton")
 

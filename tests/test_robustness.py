@@ -231,7 +231,7 @@ class HostSyncs(TorchDispatchMode):
 def test_packed_forward_backward_never_waits_for_the_device(layers, bidirectional):
     """Packed input: lengths and row indices are computed on the host and copied once per forward,
     however many layers and directions; nothing reads a device value back (the GPU path is
-    checked the same way with torch.cuda.set_sync_debug_mode in tests/gpu_check.py)."""
+    checked the same way with torch.cuda.set_sync_debug_mode in scripts/gpu_check.py)."""
     rnn = RNN(3, 4, layers, bidirectional=bidirectional, device="meta")
     x, lengths = torch.randn(6, 3, 3), torch.tensor([2, 6, 4])
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -246,6 +246,7 @@ def test_packed_forward_backward_never_waits_for_the_device(layers, bidirectiona
     assert syncs.copies <= 2  # the lengths (B,) and the packed rows' indices
 
 
+@pytest.mark.slow
 @BOTH
 def test_long_sequence_forward_backward(backend):
     """T = 100000 on the CPU path (T = 2000 through the slow interpreter), finite gradients, the
@@ -293,6 +294,7 @@ configs = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.slow
 @given(cfg=configs)
 def test_property_module_matches_torch_on_cpu(cfg):
     os.environ["FASTRNN_BACKEND"] = "torch"
@@ -330,10 +332,11 @@ op_configs = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.slow
 @given(cfg=op_configs)
 def test_property_fused_op_matches_reference(cfg):
     """The fused op (interpreter on CPU) against the loop, outputs and gradients."""
-    from .test_recurrence import check_against_reference
+    from .test_elman import check_against_reference
 
     check_against_reference(cfg["T"], cfg["B"], cfg["H"], cfg["dtype"], cfg["nonlinearity"], cfg["reverse"],
                             cfg["lengths"], seed=cfg["seed"], h0=cfg["with_h0"])
