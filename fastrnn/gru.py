@@ -8,7 +8,7 @@
     hh_r, hh_z, hh_n = h_{t-1} @ w_hh.T;  r = sigmoid(x_r + hh_r);  z = sigmoid(x_z + hh_z)
     n = tanh(x_n + r * (hh_n + b_hn));  h_t = (1 - z) * n + z * h_{t-1}
 Returns every ``h_t`` as ``y (T, B, H)`` and the final state ``h_n (B, H)``. ``reverse`` and
-``lengths`` as in ``fastrnn.recurrence``. Backends as in ``fastrnn.ops``.
+``lengths`` as in ``fastrnn.recurrence``. Backends as in ``fastrnn.backend``.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def _source_terms(gates_src, gates, valid):
 # The custom ops and their autograd formula
 # --------------------------------------------------------------------------------------------------
 
-# As fastrnn::recurrence_fwd/_bwd. Saved: y (every h_{t-1}) and gates (r, z, n, hn: every gate's
+# As fastrnn::elman_fwd/_bwd. Saved: y (every h_{t-1}) and gates (r, z, n, hn: every gate's
 # derivative), h0 and w_hh; dw_hh, db_hn and dh0's path through w_hh are single products here.
 
 

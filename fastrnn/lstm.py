@@ -9,7 +9,7 @@ one product for all steps); ``h0 (B, P)``, ``c0 (B, H)`` or None (zeros); ``w_hh
     c_t = f * c_{t-1} + i * g;    h_t = (o * tanh(c_t)) @ w_hr.T   (or o * tanh(c_t))
 Returns every ``h_t`` as ``y (T, B, P)`` and the final states ``h_n (B, P)``, ``c_n (B, H)``.
 ``reverse`` and ``lengths`` as in ``fastrnn.recurrence``: past each sequence's end ``y`` is zero and the
-state is carried unchanged. Backends as in ``fastrnn.ops``.
+state is carried unchanged. Backends as in ``fastrnn.backend``.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
 # The custom ops and their autograd formula
 # --------------------------------------------------------------------------------------------------
 
-# As fastrnn::recurrence_fwd/_bwd: two custom ops paired by one autograd formula. The loops run in the
+# As fastrnn::elman_fwd/_bwd: two custom ops paired by one autograd formula. The loops run in the
 # launchers; every product over all steps (dw_hh, dh0, dw_hr) is one matrix product here. Saved: y, c
 # and gates (which give h_{t-1}, c_{t-1}, tanh(c_t) and every gate's derivative), h0, c0 and weights.
 

@@ -91,8 +91,7 @@ class FusedRNNBase(nn.RNNBase):
             _check_batch_sizes(data, batch_sizes)
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
-            self.check_forward_args(data, hx if hx is not None else self._zeros(data, int(batch_sizes[0])),
-                                    batch_sizes)
+            self._check_args(data, hx, batch_sizes)
             x, lengths, rows = _unpack(data, batch_sizes)  # (T, B, I), (B,), (sum(lengths),)
             packing, batched = (lengths, rows, batch_sizes, sorted_indices, unsorted_indices), True
         else:
@@ -105,8 +104,7 @@ class FusedRNNBase(nn.RNNBase):
             if not batched:
                 input = input.unsqueeze(batch_dim)
                 hx = self._map_state(hx, lambda s: s.unsqueeze(1)) if hx is not None else None
-            self.check_forward_args(input, hx if hx is not None else self._zeros(input, input.size(batch_dim)),
-                                    None)
+            self._check_args(input, hx, None)
             x, packing = (input.transpose(0, 1) if self.batch_first else input), None
         state = self._state_parts(hx) if hx is not None else None
         self._check_state_matches(x, hx, state)
@@ -150,11 +148,12 @@ class FusedRNNBase(nn.RNNBase):
                 raise RuntimeError("Input and hidden tensors are not at the same device, found input "
                                    f"tensor at {x.device} and hidden tensor at {s.device}")
 
-    def _zeros(self, x: Tensor, batch: int):
-        """A zero state for shape checks only (its values are never used)."""
-        D = 2 if self.bidirectional else 1
-        return self._public_state(tuple(x.new_zeros(()).expand(self.num_layers * D, batch, n)
-                                        for n in self._state_sizes()))
+    def _check_args(self, input: Tensor, hx, batch_sizes) -> None:
+        """torch's own checks of the input, and of the state where one is given."""
+        if hx is None:
+            self.check_input(input, batch_sizes)
+        else:
+            self.check_forward_args(input, hx, batch_sizes)
 
     def _map_state(self, hx, fn):
         return self._public_state(tuple(fn(s) for s in self._state_parts(hx)))

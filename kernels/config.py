@@ -68,12 +68,12 @@ def sm_count(device: torch.device) -> int:
 def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1,
                  cell: str = "elman", variants: tuple[str, ...] = VARIANTS) -> tuple[Config, ...]:
     """The candidate configurations for ``B`` sequences of ``H`` units of ``cell``, with ``gates``
-    gates per unit (Elman 1, GRU 3, LSTM 4) and kernels for ``variants``, in order of preference. The launcher (``launch.run_sequence``)
-    runs the first whose compiled kernel fits the GPU (at most ``launch.MAX_STACK`` bytes of local
-    memory per thread, shared memory within a program's limit, a tiled grid resident at once); the
-    last, the smallest stepwise tile, runs regardless. What fits is the compiler's to say (ptxas
-    versions differ), so it is measured, not modelled: ``scripts/compile_check.py`` walks the same
-    ladder for every shape of its sweep."""
+    gates per unit (Elman 1, GRU 3, LSTM 4) and kernels for ``variants``, in order of preference. The
+    launcher (``launch.run_sequence``) runs the first whose compiled kernel fits the GPU (at most
+    ``launch.MAX_STACK`` bytes of local memory per thread, shared memory within a program's limit, a
+    tiled grid resident at once); the last, the smallest stepwise tile, runs regardless. What fits is
+    the compiler's to say (ptxas versions differ), so it is measured, not modelled:
+    ``scripts/compile_check.py`` walks the same ladder for every shape of its sweep."""
     forced = os.environ.get("FASTRNN_VARIANT", "")
     if forced and forced not in VARIANTS:
         raise ValueError(f"FASTRNN_VARIANT must be one of {', '.join(VARIANTS)}; got {forced!r}")

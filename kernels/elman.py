@@ -29,6 +29,8 @@ sequence ``b`` then starts from ``h0`` at ``t = lengths[b] - 1``. Every tensor i
 strides (the last dimension contiguous).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -289,9 +291,13 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
         return y
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device)
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
-        h0_proj = h0_product(h0, w_hh) if any(c.variant != "resident" for c in configs) else None
-        run_sequence(lambda cfg: fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, activation, reverse,
-                                            cfg), configs, T, x_proj.device)
+        h0_proj = functools.cache(lambda: h0_product(h0, w_hh))  # the tiled kernels' alone: made if asked
+
+        def build(cfg):
+            return fwd_launch(x_proj, h0, h0_proj() if cfg.variant != "resident" else None, w_hh, lengths, resets, y,
+                              activation, reverse, cfg)
+
+        run_sequence(build, configs, T, x_proj.device)
     return y
 
 

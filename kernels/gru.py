@@ -222,8 +222,8 @@ def gru_bwd_kernel(
 
 def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, config=None):
     """Launch the GRU forward. ``x_proj (T, B, 3H)``, ``h0 (B, H)`` or None, ``w_hh (3H, H)``,
-    ``b_hn (H,)`` or None, ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, H)`` and
-    ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end."""
+    ``b_hn (H,)`` or None, ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the device or None.
+    Returns ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end."""
     T, B, G = x_proj.shape
     H = G // 3
     y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)

@@ -91,17 +91,18 @@ def kept_plan(build, configs, device, phases=({},)):
 
 def launch_key(configs, launch, device) -> tuple:
     """What a launch's choice depends on: the candidates, the device, the grid, the constexprs and
-    every argument but the tensors' data and the sequence length (never specialised)."""
+    every argument but the tensors' data and the sequence length T (the kernels' first int argument,
+    never specialised)."""
     kernel, grid, args, kwargs = launch
-    shape = tuple((a.dtype, a.stride(), a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
-                  for a in args)  # (Triton compiles 16-byte aligned pointers apart)
-    return configs, str(device), id(kernel), grid, tuple(sorted(kwargs.items())), _without_length(shape, launch)
-
-
-def _without_length(shape: tuple, launch) -> tuple:
-    """``shape`` with the sequence length T left out (the kernels' first int argument)."""
-    ints = [i for i, a in enumerate(shape) if isinstance(a, int) and not isinstance(a, bool)]
-    return tuple(a for i, a in enumerate(shape) if not ints or i != ints[0])
+    shape, length_seen = [], False
+    for a in args:
+        if isinstance(a, torch.Tensor):  # (Triton compiles 16-byte aligned pointers apart)
+            shape.append((a.dtype, a.stride(), a.data_ptr() % 16 == 0))
+        elif type(a) is int and not length_seen:
+            length_seen = True
+        else:
+            shape.append(a)
+    return configs, str(device), id(kernel), grid, tuple(sorted(kwargs.items())), tuple(shape)
 
 
 def choose(build, configs, fits, phases=({},), first=None):
@@ -143,13 +144,13 @@ def fits_gpu(plans, device) -> bool:
     for variant, kernel, grid, args, kwargs in plans:
         compiled = kernel.warmup(*args, grid=grid, **kwargs)
         if id(compiled) not in _VERDICTS:
-            _VERDICTS[id(compiled)] = (compiled, _compiled_fits(compiled, variant, grid, device))
+            _VERDICTS[id(compiled)] = (compiled, compiled_fits(compiled, variant, grid, device))
         if not _VERDICTS[id(compiled)][1]:
             return False
     return True
 
 
-def _compiled_fits(compiled, variant: str, grid, device) -> bool:
+def compiled_fits(compiled, variant: str, grid, device) -> bool:
     from triton.runtime.errors import OutOfResources
 
     try:

@@ -3,7 +3,7 @@
     z_t = x_proj[t] + h_{t-1} @ w_hh.T    (B, 4H), x_proj with both biases added (one product outside)
     i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of z_t;  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
 
-One kernel each way, in the tiled form of the Elman kernels (``recurrence_fwd.py``): programs own
+One kernel each way, in the tiled form of the Elman kernels (``kernels/elman.py``): programs own
 ``(BLOCK_B, BLOCK_N)`` tiles of hidden units and all four gates of them, so the gate nonlinearities
 and the cell state stay in the program; each step reads the whole ``h_{t-1}`` of its batch rows back
 from ``y`` and multiplies it by its four ``BLOCK_N``-row blocks of ``w_hh`` (on chip for the whole
@@ -323,8 +323,8 @@ def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, cut_prev, b_dm
 def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None, config=None):
     """Launch the LSTM forward. ``x_proj (T, B, 4H)``, ``h0 (B, P)``, ``c0 (B, H)`` or None,
     ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` int64 or
-    ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)``, zero past each
-    sequence's end."""
+    ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and
+    ``gates (T, B, 4H)``, zero past each sequence's end."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G)

@@ -9,9 +9,12 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrnn import RNN
 from fastrnn.elman import elman_bwd_op, elman_fwd_op
+from fastrnn.op import runs_directly
 
 BOTH = pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 
@@ -41,6 +44,36 @@ def test_compile_has_no_graph_break():
     rnn = RNN(4, 6)
     explanation = torch._dynamo.explain(lambda x: rnn(x)[0].sum())(torch.randn(5, 2, 4))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+class RecordedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@BOTH
+def test_the_dispatcher_sees_the_op_whenever_it_is_watched(backend):
+    """An eager call on plain tensors runs the op's function itself (no dispatcher round trip); a
+    dispatch mode (profilers, torch.export's tracing), fake or meta tensors and subclasses see the
+    custom op."""
+    x, w = torch.randn(4, 2, 3), torch.randn(3, 3)
+    assert runs_directly((x, None, w, "tanh")) and runs_directly((x, nn.Parameter(w)))
+    assert not runs_directly((x.to("meta"), w)) and not runs_directly((x.as_subclass(Subclass), w))
+    with FakeTensorMode():
+        assert not runs_directly((torch.randn(4, 2, 3), w))
+    with RecordedOps() as recorded:
+        assert not runs_directly((x, w))
+        y, _ = RNN(3, 3)(x)
+    assert "fastrnn.elman_fwd.default" in recorded.names and y.shape == (4, 2, 3)
+
+
+class Subclass(torch.Tensor):
+    pass
 
 
 @BOTH

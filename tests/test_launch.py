@@ -253,7 +253,7 @@ def test_choose_takes_the_first_candidate_that_fits_and_the_last_regardless(monk
 
 
 class Compiled:
-    """Stands in for a compiled Triton kernel: what launch._compiled_fits reads of one."""
+    """Stands in for a compiled Triton kernel: what launch.compiled_fits reads of one."""
 
     def __init__(self, n_regs=64, n_spills=0, num_warps=4, shared=0, loads=True):
         from triton.runtime.errors import OutOfResources
@@ -280,7 +280,7 @@ class Compiled:
 ])
 def test_compiled_kernel_fits(monkeypatch, compiled, variant, grid, fits):
     monkeypatch.setattr(launch.config, "sm_count", lambda device: 132)
-    assert launch._compiled_fits(compiled, variant, grid, "cuda") is fits
+    assert launch.compiled_fits(compiled, variant, grid, "cuda") is fits
 
 
 def test_warm_call_keeps_its_plan(monkeypatch):
@@ -296,6 +296,25 @@ def test_warm_call_keeps_its_plan(monkeypatch):
     assert len(chosen) == 1
     elman_fwd(torch.randn(5, 4, 8, dtype=torch.float64), None, w)  # another batch: another plan
     assert len(chosen) == 2
+
+
+def test_h0_product_only_for_the_tiled_kernels(monkeypatch):
+    """The Elman forward makes ``h0 @ w_hh.T`` (the tiled kernels' first-step operand) once per call
+    when the configuration that runs is tiled or stepwise, never when it is resident; all agree."""
+    import fastrnn.kernels.elman as kernels_elman
+
+    calls = []
+    monkeypatch.setattr(kernels_elman, "h0_product", lambda h0, w: calls.append(1) or launch.h0_product(h0, w))
+    x, h0, w, *_ = operands(6, 3, 8, dtype=torch.float64)
+    ys = []
+    for variant, made in (("resident", 0), ("tiled", 1), ("stepwise", 1)):  # (interpreted: the first runs)
+        ladder = (Config(variant, 16, 16, 16), *(Config(v, 16, 16, 16) for v in ("resident", "tiled") if v != variant))
+        monkeypatch.setattr(kernels_elman, "pick_configs", lambda *args, **kwargs: ladder)
+        calls.clear()
+        ys.append(elman_fwd(x, h0, w))
+        assert len(calls) == made, variant
+    torch.testing.assert_close(ys[1], ys[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ys[2], ys[0], rtol=1e-12, atol=1e-12)
 
 
 def test_launch_key_leaves_out_the_length_and_the_data():
