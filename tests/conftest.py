@@ -2,8 +2,16 @@
 switched on before triton compiles anything, so it is set here, before any test imports fastrnn."""
 
 import os
+import signal
 
 import torch
+
+# A test run started in the background by a non-interactive shell (`pytest ... &`, nohup) inherits
+# SIGINT ignored, and so would every command it starts: the Ctrl-C tests (tests/test_cli.py,
+# tests/test_charlm.py) need it delivered, as in a terminal. (A handled signal goes back to its
+# default in a started command; an ignored one stays ignored.)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

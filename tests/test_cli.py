@@ -187,10 +187,9 @@ def test_ctrl_c_during_a_held_out_evaluation_stops_it_and_resume_logs_that_row(t
     """The evaluation checks for Ctrl-C between batches: the run stops at once with a checkpoint
     whose metrics row waits for its held-out figure, which --resume evaluates and logs first."""
     run = tmp_path / "run"
-    # a long evaluation (200000 held-out characters, 2 sequences of 8 a batch: seconds, so that the
-    # signal lands inside it even when this machine is busy) after short steps
-    p = start_fastrnn("train", "--out", run, "--steps", 4, "--hidden", 64, "--seq-len", 8, "--batch-size",
-                      2, "--max-chars", 2_000_000, "--log-every", 1, "--eval-every", 2, "--no-progress")
+    # a long evaluation (60000 held-out characters, 4 sequences of 8 a batch) after short steps
+    p = start_fastrnn("train", "--out", run, "--steps", 4, "--hidden", 8, "--seq-len", 8, "--batch-size",
+                      4, "--max-chars", 600_000, "--log-every", 1, "--eval-every", 2, "--no-progress")
     wait_for((run / "metrics.jsonl").exists, p)  # step 1 logged; step 2 trains, then evaluates
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
