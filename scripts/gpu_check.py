@@ -19,9 +19,9 @@ any FAIL; ``--sections`` picks some, in this order):
 5. ecosystem: torch.compile(fullgraph=True) against eager, opcheck per dtype (operands on the device
    under test), autocast (bf16, fp16: fastrnn returns its input projection's dtype, the autocast
    dtype, and is compared with what torch.nn.RNN returns, which cuDNN computes in fp16 either way),
-   bitwise repeatability, packed forward and backward of every module under
-   ``torch.cuda.set_sync_debug_mode("error")`` (no host sync), double backward on the fused path
-   against the torch path.
+   bitwise repeatability, packed and resets forward and backward of every module under
+   ``torch.cuda.set_sync_debug_mode("error")`` (no host sync), a forward with resets captured in a
+   CUDA graph and replayed, double backward on the fused path against the torch path.
 Sanitizers: ``bash scripts/sanitize.sh`` runs compute-sanitizer over the kernels. The whole GPU
 session, in parts that fit one device command each: ``scripts/gpu_session.sh``.
 """
@@ -387,7 +387,8 @@ def ecosystem(device, lines, smoke=False) -> bool:
 
 
 def no_host_sync(device, lines) -> bool:
-    """A packed forward and backward of each module makes the host wait for the GPU nowhere."""
+    """A packed forward and backward of each module, and a padded one with resets, make the host wait
+    for the GPU nowhere; a warm forward with resets replays from a CUDA graph as it runs eagerly."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
     ok = True
@@ -395,23 +396,54 @@ def no_host_sync(device, lines) -> bool:
     for name in ("RNN", "LSTM", "GRU"):
         mod = getattr(fastrnn, name)(8, 16, 2, bidirectional=True).to(device)
         x = torch.randn(9, 4, 8, device=device, requires_grad=True)
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)  # made before the check
-        mod(packed)  # compiles the kernels first
+        packed = pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)  # made before the check, once
+        resets = torch.rand(9, 4, device=device) < 0.2
+        for what, run in (("packed", lambda: mod(packed)[0].data), ("resets", lambda: mod(x, resets=resets)[0])):
+            run().sum().backward()  # compiles the kernels first
+            good, why = without_sync(device, lambda: run().sum().backward())
+            ok &= good
+            lines.append(f"- {name} {what} forward+backward without a host sync: {'ok' if good else 'FAIL'}{why}")
         if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            out, _ = mod(packed)
-            out.data.sum().backward()
-            good, why = True, ""
-        except RuntimeError as e:  # raised by the sync debug mode at the synchronising call
-            good, why = False, f" ({str(e).splitlines()[0][:120]})"
-        finally:
-            if device == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
-        ok &= good
-        lines.append(f"- {name} packed forward+backward without a host sync: {'ok' if good else 'FAIL'}{why}")
+            good, why = graph_replay_matches(mod, x.detach(), resets)
+            ok &= good
+            lines.append(f"- {name} forward with resets captured in a CUDA graph, replayed: "
+                         f"{'ok' if good else 'FAIL'}{why}")
     return ok
+
+
+def without_sync(device, run) -> tuple[bool, str]:
+    """``run()`` under ``torch.cuda.set_sync_debug_mode("error")`` on a GPU: ``(no sync, why not)``."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+        return True, ""
+    except RuntimeError as e:  # raised by the sync debug mode at the synchronising call
+        return False, f" ({str(e).splitlines()[0][:120]})"
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def graph_replay_matches(mod, x, resets) -> tuple[bool, str]:
+    """A warm forward captured in a CUDA graph (on a side stream, as torch.cuda.graph does) and
+    replayed on new input equals the eager call on it, bit for bit."""
+    try:
+        static_x = x.clone()
+        with torch.no_grad():
+            mod(static_x, resets=resets)  # warm
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y, _ = mod(static_x, resets=resets)
+            static_x.copy_(torch.randn_like(x))
+            graph.replay()
+            want, _ = mod(static_x, resets=resets)
+        torch.cuda.synchronize()
+        return bool(torch.equal(static_y, want)), ""
+    except Exception as e:  # noqa: BLE001 - whatever the capture raises is a finding, the check goes on
+        return False, f" ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
 
 
 def double_backward(device, lines) -> bool:
@@ -489,7 +521,7 @@ def kernel_cases(sections, kinds=KINDS, shapes=ODD + SUITE, dtypes=tuple(DTYPES)
 
 def ecosystem_cases() -> list[tuple]:
     """The ecosystem section's kernels: the two-layer bidirectional RNN (compile, autocast, bitwise),
-    opcheck's op, the packed modules and the double backward."""
+    opcheck's op, the packed modules, the modules with resets and the double backward."""
     both = [dict(NO_STATE, reverse=r) for r in (False, True)]
     packed = [dict(NO_STATE, lengths=True, reverse=r) for r in (False, True)]
     cases = [c for f in both for c in both_ways("rnn", 4, 32, "tf32", f)]
@@ -497,6 +529,8 @@ def ecosystem_cases() -> list[tuple]:
     cases += [c for dname in ("tf32", "bf16", "fp16", "fp64")
               for c in both_ways("rnn", 3, 24, dname, dict(h0=True, lengths=True, reverse=True))]  # opcheck
     cases += [c for kind in CELLS for f in packed for c in both_ways(kind, 4, 16, "tf32", f)]
+    cases += [c for kind in CELLS for r in (False, True)  # the resets calls and their graph capture
+              for c in both_ways(kind, 4, 16, "tf32", dict(NO_STATE, reverse=r, resets=True))]
     return cases + [c for f in both for c in both_ways("rnn", 3, 6, "fp64", f)]  # double backward
 
 

@@ -298,6 +298,46 @@ def test_warm_call_keeps_its_plan(monkeypatch):
     assert len(chosen) == 2
 
 
+HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten._to_copy")
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_warm_call_never_reads_the_device(monkeypatch, cell):
+    """A warm forward and backward on the fused path's GPU route (launches made no-ops, so it runs
+    on CPU tensors) reads nothing back to the host: no ``.item()``, no data-dependent shape, no copy
+    between devices: what a CUDA graph capture and ``set_sync_debug_mode("error")`` need. With and
+    without resets, every layer and direction. (A copy of a CPU tensor to the CPU dispatches nothing:
+    ``scripts/gpu_check.py`` runs the same calls under the sync debug mode on a GPU.)"""
+    import fastrnn
+    import fastrnn.op
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    class Recorded(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for kind in (JITFunction, InterpretedFunction):
+        monkeypatch.setattr(kind, "__getitem__", lambda self, grid: (lambda *args, **kwargs: None))
+    monkeypatch.setattr(launch, "INTERPRETED", False)
+    monkeypatch.setattr(launch, "fits_gpu", lambda plans, device: True)
+    monkeypatch.setattr(launch, "resident_capacity", lambda *args, **kwargs: math.inf)
+    monkeypatch.setattr(fastrnn.op, "runs_directly", lambda inputs: True)  # the mode sees the launchers' ops
+    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
+    torch.manual_seed(0)
+    module = fastrnn.CELLS[cell].module(8, 8, 2, bidirectional=True)
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    for resets in (None, torch.rand(5, 3) < 0.3):
+        for _ in range(2):  # cold, then warm
+            module(x, resets=resets)[0].sum().backward()
+        names = []
+        with Recorded():
+            module(x, resets=resets)[0].sum().backward()
+        assert names and not [n for n in names if n.startswith(HOST_READS)], names
+
+
 def test_h0_product_only_for_the_tiled_kernels(monkeypatch):
     """The Elman forward makes ``h0 @ w_hh.T`` (the tiled kernels' first-step operand) once per call
     when the configuration that runs is tiled or stepwise, never when it is resident; all agree."""
