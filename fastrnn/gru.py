@@ -22,9 +22,9 @@ from torch.nn import functional as F
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
-from .sequence import (Walk, acc_dtype, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
-                       edge_step, enters, huge_pages, previous_states, shifted, sigmoid_backward, step_rows,
-                       sum_with_previous, tanh_backward, to_acc, valid_steps)
+from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after,
+                       cut_steps, edge_step, enters, final_steps, huge_pages, previous_states, shifted,
+                       sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -121,22 +121,12 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, rese
     return y, gates
 
 
-def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=None, gates_src=None):
-    """The backward launcher's twin, walking time in reverse: ``d_x (T, B, 3H)``, the gradient of
-    x_proj (zero past each end), and ``dh0_local (B, H)``, the gradient h0 gets through z (the caller
-    adds its path through w_hh). ``gates_src (T, B, 4H)``, where given, is the gradient that reaches
-    the gate activations r, z, n, hn directly (a second derivative's).
-
-    The factors of the gradients that do not depend on the recurrence are computed for all steps at
-    once, into ``d_x`` itself: ``d_x = (dn r * [hn (1-r)], dh * [(h_{t-1} - n) z (1-z)],
-    dh * [(1-z) (1-n^2)])``; a step is then its product, a few in-place products on ``d_x[t]`` and the
-    copy of ``d_hh[t] = (dr, dz, dn r)``, which feeds dh through w_hh."""
-    T, B, H = y.shape
-    acc = acc_dtype(y.dtype)
-    direct = y.dtype == acc  # d_x is the working buffer
-    w_hh = w_hh.to(acc)
-    d_x = huge_pages(y.new_empty(T, B, 3 * H))
-    k = d_x if direct else huge_pages(torch.empty(T, B, 3 * H, dtype=acc, device=y.device))
+def _step_factors(k, y, gates, h0, acc, reverse, lengths, resets, gates_src):
+    """The factors of the GRU's gradients that do not depend on the recurrence, for all steps at
+    once, written into ``k (T, B, 3H)``: ``(dn r * [hn (1-r)], dh * [(h_{t-1} - n) z (1-z)],
+    dh * [(1-z) (1-n^2)])`` -> the gates ``r, z (T, B, H)``, the valid steps and the cut steps (each
+    (T, B, 1) or None) and the second derivative's source terms (``_source_terms``, or None)."""
+    T, _, H = y.shape
     gates_a = to_acc(gates, acc)
     r, z, n, hn = (gates_a[..., m * H:(m + 1) * H] for m in range(4))
     k_r, k_z, k_n = (k[..., m * H:(m + 1) * H] for m in range(3))
@@ -165,12 +155,29 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, res
     src = _source_terms(gates_src, gates_a, valid) if gates_src is not None else None
     if valid is not None:
         k_n.masked_fill_(~valid, 0.0)  # past each end r, z, n, hn are zero, so are k_r, k_z; k_n is not
+    return r, z, valid, cut, src
 
+
+def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=None, gates_src=None):
+    """The backward launcher's twin, walking time in reverse: ``d_x (T, B, 3H)``, the gradient of
+    x_proj (zero past each end), and ``dh0_local (B, H)``, the gradient h0 gets through z (the caller
+    adds its path through w_hh). ``gates_src (T, B, 4H)``, where given, is the gradient that reaches
+    the gate activations r, z, n, hn directly (a second derivative's).
+
+    The factors of the gradients that do not depend on the recurrence are computed for all steps at
+    once (``_step_factors``); a step is then its product, a few in-place products on ``d_x[t]`` and
+    the copy of ``d_hh[t] = (dr, dz, dn r)``, which feeds dh through w_hh."""
+    T, B, H = y.shape
+    acc = acc_dtype(y.dtype)
+    direct = y.dtype == acc  # d_x is the working buffer
+    w_hh = w_hh.to(acc)
+    d_x = huge_pages(y.new_empty(T, B, 3 * H))
+    k = d_x if direct else huge_pages(torch.empty(T, B, 3 * H, dtype=acc, device=y.device))
+    r, z, valid, cut, src = _step_factors(k, y, gates, h0, acc, reverse, lengths, resets, gates_src)
+    k_r, k_n = k[..., :H], k[..., 2 * H:]
     last = edge_step(T, not reverse, lengths, y.device)
     dh_n = dh_n.to(acc)
-    at_last = None  # (T, B, 1): 1 at the step h_n was read at, else 0
-    if not isinstance(last, int):
-        at_last = (torch.arange(T, device=y.device)[:, None] == last[None, :]).to(acc).unsqueeze(-1)
+    at_last = final_steps(T, last, acc, y.device)  # (T, B, 1) or None: where h_n was read
     dh, dh_other = dh_n.new_empty(B, H), dh_n.new_empty(B, H)
     d_hh = dh_n.new_empty(B, 3 * H)  # (dr, dz, dn r) of the step processed last
     d_hh_rz, d_hh_n = d_hh[:, :2 * H], d_hh[:, 2 * H:]
@@ -196,11 +203,7 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, res
             torch.addcmul(dy_t, dh_other, zs[t_next], out=dh)
         if t_next is not None:
             dh.addmm_(d_hh, w_hh)  # (B, H)
-        if at_last is None:
-            if t == last:
-                dh += dh_n
-        else:
-            dh.addcmul_(dh_n, at_last[t])
+        add_final(dh, dh_n, t, last, at_last)
         k_zns[t].mul_(dh[:, None])  # (B, 2, H): dz, dn
         if src is not None:
             k_zns[t].add_(src[t, :, H:3 * H].unflatten(-1, (2, H)))

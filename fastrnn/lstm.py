@@ -24,9 +24,9 @@ from torch import nn
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
-from .sequence import (Walk, acc_dtype, add_at, as_dtype, at_step, check_operands, checked_steps, cut_after,
-                       cut_steps, edge_step, enters, huge_pages, previous_states, shifted, sigmoid_backward,
-                       step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, check_operands, checked_steps,
+                       cut_after, cut_steps, edge_step, enters, final_steps, huge_pages, previous_states, shifted,
+                       sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -134,26 +134,14 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
     return y, c, gates
 
 
-def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
-                   resets=None, dc_src=None, dz_src=None):
-    """The backward launcher's twin, walking time in reverse: ``d_gates (T, B, 4H)``, the gradient of
-    the pre-activations (zero past each end), and ``dc0 (B, H)`` (zeros when c0 is None). Reads
-    neither ``y`` nor ``h0`` (the launcher's signature has them). ``dc_src (T, B, H)`` and ``dz_src
-    (T, B, 4H)``, where given, are added to each step's dc and pre-activation gradient.
-
-    Every factor of the gate gradients that does not depend on the recurrence is computed for all
-    steps at once, into ``d_gates`` itself:
-        d_gates = (dc * [g i (1-i)], dc * [c_{t-1} f (1-f)], dc * [i (1-g^2)], dm * [tanh(c) o (1-o)])
-    and ``a = o (1 - tanh(c)^2)``; a step is then its product, ``dc = dc_carry + dm * a[t]``, two
-    in-place products on ``d_gates[t]`` and ``dc_carry = dc * f``."""
-    T, B, G = gates.shape
+def _step_factors(k, gates, c, c0, acc, reverse, lengths, resets):
+    """The factors of the LSTM's gate gradients that do not depend on the recurrence, for all steps
+    at once, written into ``k (T, B, 4H)``:
+        k = ([g i (1-i)], [c_{t-1} f (1-f)], [i (1-g^2)], [tanh(c) o (1-o)])
+    -> ``f (T, B, H)`` the forget gate, ``a = o (1 - tanh(c)^2)`` (dc_t's share of dm_t) and the
+    cut steps (``cut_steps``). Past each sequence's end every gate is zero, and so are these."""
+    T, _, G = gates.shape
     H = G // 4
-    acc = acc_dtype(gates.dtype)
-    direct = gates.dtype == acc  # d_gates is the working buffer
-    w_hh = w_hh.to(acc)
-    w_hr = w_hr.to(acc) if w_hr is not None else None
-    d_gates = huge_pages(torch.empty_like(gates))
-    k = d_gates if direct else huge_pages(torch.empty(gates.shape, dtype=acc, device=gates.device))
     gates_a, c_a = to_acc(gates, acc), to_acc(c, acc)
     i, f, g, o = (gates_a[..., n * H:(n + 1) * H] for n in range(4))
     k_i, k_f, k_g, k_o = (k[..., n * H:(n + 1) * H] for n in range(4))
@@ -180,14 +168,33 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
     a = torch.tanh(c_a, out=huge_pages(torch.empty_like(c_a)))
     sigmoid_backward(a, o, grad_input=k_o)
     tanh_backward(o, a, grad_input=a)  # a = o (1 - tanh(c)^2): dc_t's share of dm_t
-    # past each sequence's end every gate is zero, so are these factors, and so is d_gates there
+    return f, a, cut
 
+
+def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
+                   resets=None, dc_src=None, dz_src=None):
+    """The backward launcher's twin, walking time in reverse: ``d_gates (T, B, 4H)``, the gradient of
+    the pre-activations (zero past each end), and ``dc0 (B, H)`` (zeros when c0 is None). Reads
+    neither ``y`` nor ``h0`` (the launcher's signature has them). ``dc_src (T, B, H)`` and ``dz_src
+    (T, B, 4H)``, where given, are added to each step's dc and pre-activation gradient.
+
+    Every factor of the gate gradients that does not depend on the recurrence is computed for all
+    steps at once (``_step_factors``); a step is then its product, ``dc = dc_carry + dm * a[t]``,
+    two in-place products on ``d_gates[t]`` and ``dc_carry = dc * f``."""
+    T, B, G = gates.shape
+    H = G // 4
+    acc = acc_dtype(gates.dtype)
+    direct = gates.dtype == acc  # d_gates is the working buffer
+    w_hh = w_hh.to(acc)
+    w_hr = w_hr.to(acc) if w_hr is not None else None
+    d_gates = huge_pages(torch.empty_like(gates))
+    k = d_gates if direct else huge_pages(torch.empty(gates.shape, dtype=acc, device=gates.device))
+    f, a, cut = _step_factors(k, gates, c, c0, acc, reverse, lengths, resets)
+    k_o = k[..., 3 * H:]
     valid = valid_steps(T, lengths, gates.device)
     last = edge_step(T, not reverse, lengths, gates.device)
     dh_n, dc_n = dh_n.to(acc), dc_n.to(acc)
-    at_last = None  # (T, B, 1): 1 at the step h_n, c_n were read at, else 0
-    if not isinstance(last, int):
-        at_last = (torch.arange(T, device=gates.device)[:, None] == last[None, :]).to(acc).unsqueeze(-1)
+    at_last = final_steps(T, last, acc, gates.device)  # (T, B, 1) or None: where h_n, c_n were read
     dh = dh_n.new_empty(B, dh_n.shape[1])  # (B, P)
     dm = dh if w_hr is None else dh.new_empty(B, H)
     dc = dh.new_empty(B, H)
@@ -207,19 +214,11 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
             dh.copy_(dy_t)
         else:
             torch.addmm(dy_t, d, w_hh, out=dh)  # (B, P)
-        if at_last is None:
-            if t == last:
-                dh += dh_n
-        else:
-            dh.addcmul_(dh_n, at_last[t])
+        add_final(dh, dh_n, t, last, at_last)
         if w_hr is not None:
             torch.mm(dh, w_hr, out=dm)  # (B, P) -> (B, H)
         torch.addcmul(dc_carry, dm, a_s[t], out=dc)
-        if at_last is None:
-            if t == last:
-                dc += dc_n
-        else:
-            dc.addcmul_(dc_n, at_last[t])
+        add_final(dc, dc_n, t, last, at_last)
         if dc_src is not None:
             dc += dc_src[t]
         k_ifg[t].mul_(dc_b)  # (B, 3, H)

@@ -53,6 +53,25 @@ def add_at(x: torch.Tensor, step, v: torch.Tensor) -> torch.Tensor:
     return x.index_put((step, torch.arange(B, device=x.device)), v, accumulate=True)
 
 
+def final_steps(T: int, last: torch.Tensor | int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """(T, B, 1) in ``dtype``: 1 at the step each sequence's final state was read at (``last`` from
+    ``edge_step``), else 0; None where every sequence ends at the same step (``last`` one int)."""
+    if isinstance(last, int):
+        return None
+    return (torch.arange(T, device=device)[:, None] == last[None, :]).to(dtype).unsqueeze(-1)
+
+
+def add_final(x: torch.Tensor, final: torch.Tensor, t: int, last: torch.Tensor | int,
+              at_final: torch.Tensor | None) -> None:
+    """In place, at step ``t`` of a backward walk: ``x (B, N) += final (B, N)`` for the sequences
+    whose final state was read at ``t`` (``last``, ``at_final = final_steps(...)``)."""
+    if at_final is None:
+        if t == last:
+            x += final
+    else:
+        x.addcmul_(final, at_final[t])
+
+
 def valid_steps(T: int, lengths: torch.Tensor | None, device) -> torch.Tensor | None:
     """(T, B, 1) bool mask of the steps each sequence takes, or None for full sequences."""
     if lengths is None:
