@@ -61,12 +61,12 @@ def impl_through(op, impl):
 
 
 def runs_directly(inputs) -> bool:
-    """Whether an eager call may run the op's loop directly: plain tensors on a real device, and
+    """Whether an eager call may run the op's function directly: plain tensors on a real device, and
     nothing that watches the dispatcher (fake or meta tensors, tensor subclasses, dispatch or
-    function modes such as torch.export's tracing or FlopCounterMode, the TorchScript tracer),
-    which must see the custom op."""
+    function modes such as torch.export's tracing or FlopCounterMode, the TorchScript tracer, the
+    profiler, whose trace then names the op), which must see the custom op."""
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or \
-            torch._C._get_tracing_state():
+            torch._C._get_tracing_state() or torch._C._autograd._profiler_enabled():
         return False
     return all(type(a) in _PLAIN and not a.is_meta for a in inputs if isinstance(a, torch.Tensor))
 

@@ -70,6 +70,10 @@ def test_the_dispatcher_sees_the_op_whenever_it_is_watched(backend):
         assert not runs_directly((x, w))
         y, _ = RNN(3, 3)(x)
     assert "fastrnn.elman_fwd.default" in recorded.names and y.shape == (4, 2, 3)
+    with torch.profiler.profile() as profile:
+        assert not runs_directly((x, w))
+        RNN(3, 3)(x)
+    assert "fastrnn::elman_fwd" in {event.name for event in profile.events()}
 
 
 class Subclass(torch.Tensor):
