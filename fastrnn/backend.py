@@ -21,11 +21,17 @@ from .op import own_precision
 BACKENDS = ("auto", "triton", "torch")
 
 
-def get_backend(device: torch.device) -> str:
-    """The backend a tensor on ``device`` runs on, from ``FASTRNN_BACKEND``."""
+def requested_backend() -> str:
+    """``FASTRNN_BACKEND`` as given (``auto`` when unset or empty), checked."""
     backend = os.environ.get("FASTRNN_BACKEND", "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"FASTRNN_BACKEND must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    return backend
+
+
+def get_backend(device: torch.device) -> str:
+    """The backend a tensor on ``device`` runs on, from ``FASTRNN_BACKEND``."""
+    backend = requested_backend()
     if device.type == "meta":  # shapes only: the twins' fake implementations
         return "torch"
     if backend == "auto":
@@ -42,8 +48,7 @@ def get_backend(device: torch.device) -> str:
 def torch_module_runs(x: torch.Tensor, resets) -> bool:
     """Whether a module's call on ``x`` runs torch's own module: under ``auto``, for fp32/fp64 CPU
     tensors, without resets, outside torch.compile (which keeps the fused ops in its graph)."""
-    backend = os.environ.get("FASTRNN_BACKEND", "auto").strip().lower() or "auto"
-    return (backend == "auto" and resets is None and x.device.type == "cpu"
+    return (requested_backend() == "auto" and resets is None and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
 
 

@@ -23,7 +23,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
-from .launch import h0_product, resets_operand, run_sequence
+from .launch import carried_state, h0_product, resets_operand, run_sequence
 
 
 @triton.jit
@@ -231,9 +231,7 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
         return y, gates
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     b_hn, lengths = (t.contiguous() if t is not None else None for t in (b_hn, lengths))
-    acc = acc_dtype(x_proj.dtype)
-    h_state = x_proj.new_zeros(B, H, dtype=acc) if h0 is None else torch.empty_like(h0, dtype=acc,
-        memory_format=torch.contiguous_format).copy_(h0)  # the kernel writes it: a buffer of its own, rows of H
+    h_state = carried_state(h0, x_proj, B, H)  # (B, H): the kernel writes it
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3, cell="gru",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):

@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from ..sequence import acc_dtype
 from . import config
 
 logger = logging.getLogger("fastrnn")
@@ -178,8 +179,17 @@ def h0_product(h0: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor | No
     ``h_{t-1} @ w_hh.T`` at each sequence's first step in the tiled kernels. None without h0."""
     if h0 is None:
         return None
-    acc = torch.float64 if h0.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(h0.dtype)
     return (h0.to(acc) @ w_hh.to(acc).T).contiguous()
+
+
+def carried_state(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: int) -> torch.Tensor:
+    """The state a gated kernel carries and writes, ``(B, N)`` in the accumulator's precision: a
+    contiguous buffer of its own holding ``initial`` (h0 or c0, whatever its layout), or zeros."""
+    acc = acc_dtype(like.dtype)
+    if initial is None:
+        return like.new_zeros(B, N, dtype=acc)
+    return torch.empty_like(initial, dtype=acc, memory_format=torch.contiguous_format).copy_(initial)
 
 
 COUNTERS: dict = {}  # device index -> int32 arrival counters of its default stream, reused launch after launch

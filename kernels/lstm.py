@@ -27,7 +27,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
 from .gates import gate_weights, load_gate, store_gate
-from .launch import h0_product, resets_operand, run_sequence
+from .launch import carried_state, h0_product, resets_operand, run_sequence
 
 
 @triton.jit
@@ -332,9 +332,7 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
         return y, c, gates
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (h0, w_hr, lengths))
-    acc = acc_dtype(x_proj.dtype)
-    c_state = x_proj.new_zeros(B, H, dtype=acc) if c0 is None else torch.empty_like(c0, dtype=acc,
-        memory_format=torch.contiguous_format).copy_(c0)  # the kernel writes it: a buffer of its own, rows of H
+    c_state = carried_state(c0, x_proj, B, H)  # (B, H): the kernel writes it
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4, cell="lstm",
                                                             variants=GATED_VARIANTS)
     with torch.cuda.device_of(x_proj):
