@@ -83,3 +83,36 @@ def test_compiled_step_with_clipping_and_accumulation_matches_eager(cell, backen
         _assert_disjoint(_storages(compiled))
         for (name, _), a, b in zip(eager.named_parameters(), got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} (x{accumulate}, clip {clip})")
+
+
+class TorchTagger(nn.Module):
+    """The same model as a user writes it, against torch's own module (``nn.RNN``, ``nn.LSTM``,
+    ``nn.GRU``), looked up when built: swapping ``torch.nn.<Cell>`` for fastrnn's changes it."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.rnn = getattr(nn, fastrnn.CELLS[cell].torch_module.__name__)(6, 8, 2, bidirectional=True)
+        self.head = nn.Linear(16, 11)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+@pytest.mark.parametrize("cell", [pytest.param(c, marks=[] if c == "lstm" else pytest.mark.slow) for c in CELLS])
+def test_swapped_in_and_compiled_trains_as_torchs_module(cell, monkeypatch):
+    """A user's model with ``torch.nn.<Cell> = fastrnn.<Cell>`` and ``model.compile()``: each step's
+    gradients, accumulated and clipped, are torch's own module's, eager."""
+    torch.manual_seed(0)
+    want_model = TorchTagger(cell).double()
+    monkeypatch.setattr(nn, fastrnn.CELLS[cell].torch_module.__name__, fastrnn.CELLS[cell].module)
+    ours = TorchTagger(cell).double()
+    assert type(ours.rnn) is fastrnn.CELLS[cell].module
+    ours.load_state_dict(want_model.state_dict())
+    ours.compile()
+    for accumulate, clip in ((1, None), (2, None), (1, 1e-3), (2, 1e-3)):
+        want = _step(want_model, TOKENS, accumulate, clip)
+        got = _step(ours, TOKENS, accumulate, clip)
+        _assert_disjoint(_storages(ours))
+        for (name, _), a, b in zip(ours.named_parameters(), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{name} (x{accumulate}, clip {clip})")
