@@ -16,10 +16,35 @@ forward on the same weights, exactly as those modules do.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
+
+
+def in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without its two imports on every eager call."""
+    if torch.compiler.is_compiling():  # (Dynamo knows the public function, and skips the flags' modules)
+        return torch.onnx.is_in_onnx_export()
+    flags = _exporter_flags()
+    if flags is None:
+        return torch.onnx.is_in_onnx_export()
+    torchscript, dynamo = flags
+    return torchscript.in_onnx_export or dynamo._is_onnx_exporting
+
+
+@functools.cache
+def _exporter_flags():
+    """The exporters' flags where this torch keeps them (where ``is_in_onnx_export`` reads them), or
+    None: then the public function is asked."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    return GLOBALS, _flags
 
 
 def onnx_forward(rnn: nn.RNNBase, input: Tensor | PackedSequence, hx):

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .backend import torch_module_runs
-from .export import onnx_forward
+from .export import in_onnx_export, onnx_forward
 from .sequence import check_resets
 
 
@@ -53,7 +53,7 @@ class FusedRNNBase(nn.RNNBase):
         segment's (forward direction) and the last one's (reverse direction), which take ``hx``. (Pass
         it by name; it is not keyword-only because torch's TorchScript exporter passes every default
         by position.)"""
-        if torch.onnx.is_in_onnx_export():  # the fused ops have no ONNX form: see fastrnn/export.py
+        if in_onnx_export():  # the fused ops have no ONNX form: see fastrnn/export.py
             if resets is not None:
                 raise ValueError("resets: ONNX's recurrent operators cannot reset inside a sequence")
             if not isinstance(input, PackedSequence):  # (torch's forward checks packed input itself)
@@ -178,13 +178,19 @@ class FusedRNNBase(nn.RNNBase):
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = _dropout(layer_input, self.dropout, packing)
+        if len(finals) == 1:  # (one layer and direction: its final state, a tensor of its own, as is)
+            return layer_input, tuple(part.unsqueeze(0) for part in finals[0])
         return layer_input, tuple(torch.stack(parts) for parts in zip(*finals))
 
     def _weights(self, suffix: str):
-        """``(w_ih, w_hh, b_ih, b_hh)`` of one layer and direction (biases None without bias)."""
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        return tuple(getattr(self, n + suffix) if self.bias or n.startswith("weight") else None
-                     for n in names)
+        """``(w_ih, w_hh, b_ih, b_hh)`` of one layer and direction (biases None without bias). (A
+        parameter is read from ``_parameters``, as ``getattr`` finds it; a weight that is no longer a
+        parameter there, reparametrised or set as a plain tensor, through ``getattr``.)"""
+        return tuple(self._parameter(name) if name else None for name in _weight_names(suffix, self.bias))
+
+    def _parameter(self, name: str) -> Tensor:
+        p = self._parameters.get(name)
+        return p if p is not None else getattr(self, name)
 
 
 class SumOfBiases(torch.autograd.Function):
@@ -211,6 +217,13 @@ def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     if b_ih is None:
         return None
     return SumOfBiases.apply(b_ih, b_hh) if torch.compiler.is_compiling() else b_ih + b_hh
+
+
+def _weight_names(suffix: str, bias: bool) -> tuple:
+    """The names of ``(w_ih, w_hh, b_ih, b_hh)`` for ``suffix`` (``_l0``, ``_l1_reverse``, ...), the
+    biases' "" without bias."""
+    return tuple(name + suffix if bias or name.startswith("weight") else ""
+                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
 
 def _count(n: int) -> str:

@@ -29,8 +29,6 @@ sequence ``b`` then starts from ``h0`` at ``t = lengths[b] - 1``. Every tensor i
 strides (the last dimension contiguous).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -290,14 +288,19 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
     if T == 0 or B == 0:
         return y
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device)
+    resets = resets_operand(resets, x_proj.dtype)
+    made = []  # h0 @ w_hh.T, the tiled kernels' alone: made once, if one runs
+
+    def operands(cfg):  # the tensors fwd_launch passes for cfg (None: those given)
+        if h0 is None or cfg is None or cfg.variant == "resident":
+            return x_proj, h0, None, w_hh, lengths, resets, y
+        if not made:
+            made.append(h0_product(h0, w_hh))
+        return x_proj, h0, made[0], w_hh, lengths, resets, y
+
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
-        h0_proj = functools.cache(lambda: h0_product(h0, w_hh))  # the tiled kernels' alone: made if asked
-
-        def build(cfg):
-            return fwd_launch(x_proj, h0, h0_proj() if cfg.variant != "resident" else None, w_hh, lengths, resets, y,
-                              activation, reverse, cfg)
-
-        run_sequence(build, configs, T, x_proj.device)
+        run_sequence(lambda cfg: fwd_launch(*operands(cfg), activation, reverse, cfg), configs, T, x_proj.device,
+                     key=("elman_fwd", activation, reverse), operands=operands)
     return y
 
 
@@ -341,9 +344,11 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
     if T == 0 or B == 0:
         return d_pre
     configs = (config,) if config else pick_configs(B, H, y.dtype, y.device)
+    resets = resets_operand(resets, y.dtype)
+    tensors = (dy, dh_n, y, w_hh, lengths, resets, d_pre)
     with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
-        run_sequence(lambda cfg: bwd_launch(dy, dh_n, y, w_hh, lengths, resets, d_pre, activation, reverse, cfg),
-                     configs, T, y.device)
+        run_sequence(lambda cfg: bwd_launch(*tensors, activation, reverse, cfg), configs, T, y.device,
+                     key=("elman_bwd", activation, reverse), operands=lambda cfg: tensors)
     return d_pre
 
 

@@ -234,10 +234,11 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     h_state = carried_state(h0, x_proj, B, H)  # (B, H): the kernel writes it
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3, cell="gru",
                                                             variants=GATED_VARIANTS)
+    resets = resets_operand(resets, x_proj.dtype)
     with torch.cuda.device_of(x_proj):
-        h0_proj = h0_product(h0, w_hh)
-        run_sequence(lambda cfg: gru_fwd_launch(x_proj, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gates,
-                                                reverse, cfg), configs, T, x_proj.device)
+        tensors = (x_proj, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
+        run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), configs, T, x_proj.device,
+                     key=("gru_fwd", reverse), operands=lambda cfg: tensors)
     return y, gates
 
 
@@ -274,9 +275,11 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
     d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
     configs = (config,) if config else pick_configs(B, H, y.dtype, y.device, gates=3, cell="gru",
                                                             variants=GATED_VARIANTS)
+    resets = resets_operand(resets, y.dtype)
+    tensors = (dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry)
     with torch.cuda.device_of(y):
-        run_sequence(lambda cfg: gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry,
-                                                reverse, cfg), configs, T, y.device)
+        run_sequence(lambda cfg: gru_bwd_launch(*tensors, reverse, cfg), configs, T, y.device,
+                     key=("gru_bwd", reverse), operands=lambda cfg: tensors)
     return d_x, dh_carry.to(y.dtype)
 
 

@@ -17,6 +17,10 @@ Which configuration runs: ``config.pick_configs`` lists candidates in order of p
 co-residency), so a tiled kernel that spills registers with this machine's compiler is never
 launched, whatever its ptxas version.
 ``scripts/compile_check.py`` walks the same ladder with its own measure, compiling for sm_90 on a CPU.
+
+What a warm call does on the host: the choice is kept per launch (``PLANS``, whatever T), and the
+built launch per signature of its tensors (``KEPT``: shapes, strides, dtypes, alignment); a call whose
+tensors match puts them into the kept arguments and launches, building nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 SHARED_PER_SM, SHARED_PER_PROGRAM, SHARED_RESERVED, SHARED_UNIT = 233472, 232448, 1024, 128
 
 
-def run_sequence(build, configs, T: int, device, phases=({},)) -> None:
+def run_sequence(build, configs, T: int, device, phases=({},), key=None, operands=None) -> None:
     """Run a cell's kernel over all T steps with the first of ``configs`` (in order of preference,
     from ``config.pick_configs``) whose compiled kernel fits the GPU; ``build(config)`` gives its
     ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that all programs must finish
@@ -48,9 +52,14 @@ def run_sequence(build, configs, T: int, device, phases=({},)) -> None:
     stepwise, it is launched once per part, each with its ``phases`` entry added to its constexprs.
 
     The choice (and whether the driver takes the tiled grid cooperatively) is made at a launch's first
-    call and kept (``PLANS``): a warm call builds one launch, binds Triton's arguments once and
-    allocates nothing but what it returns."""
-    plan, (kernel, grid, args, kwargs) = kept_plan(build, configs, device, phases)
+    call and kept (``PLANS``). Given ``key`` (what ``build`` reads besides its tensors: the launcher's
+    name and flags) and ``operands`` (``operands(config)``: the tensors ``build(config)`` passes,
+    None where absent; ``operands(None)``: those the call was given), the built launch is kept too,
+    per signature of those tensors (``Kept``): a warm call puts its tensors into it and launches."""
+    if key is None:
+        plan, (kernel, grid, args, kwargs) = kept_plan(build, configs, device, phases)
+    else:
+        plan, (kernel, grid, args, kwargs) = kept_launch(build, configs, device, phases, key, operands)
     if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
         return
@@ -75,6 +84,14 @@ class Plan:
 
 
 PLANS: dict = {}  # launch key (``launch_key``) -> Plan
+KEPT: dict = {}  # (launcher's key, candidates, device, tensors' signature) -> Kept, the oldest first
+MAX_KEPT = 4096
+
+
+def forget() -> None:
+    """Drop every kept plan and launch (tests start from none)."""
+    PLANS.clear()
+    KEPT.clear()
 
 
 def kept_plan(build, configs, device, phases=({},)):
@@ -88,6 +105,55 @@ def kept_plan(build, configs, device, phases=({},)):
         plan = PLANS[key] = Plan(chosen)
         return plan, launch
     return plan, (first if plan.config == configs[0] else build(plan.config))
+
+
+def kept_launch(build, configs, device, phases, key, operands):
+    """``(plan, launch)`` as ``kept_plan`` gives them, the launch rebound from the one kept for the
+    same launcher, candidates, device and signature of the tensors (a ladder from ``pick_configs``'
+    cache is the same object call after call: its identity stands for it, and the kept launch holds
+    it, so the identity is never another's)."""
+    key = (key, configs if len(configs) == 1 else id(configs), device, signature(operands(None)))
+    kept = KEPT.get(key)
+    if kept is not None:
+        return kept.plan, kept.launch(operands(kept.plan.config), build)
+    plan, launch = kept_plan(build, configs, device, phases)
+    if len(KEPT) >= MAX_KEPT:  # (the oldest goes: many lengths T, or layouts, seen)
+        KEPT.pop(next(iter(KEPT), None), None)
+    KEPT[key] = Kept(plan, configs, launch, operands(plan.config))
+    return plan, launch
+
+
+def signature(tensors) -> tuple:
+    """What a launch reads of its tensors besides their data: shape, strides, dtype, and whether the
+    pointer is 16-byte aligned (Triton compiles aligned pointers apart); None for an absent one."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+
+
+class Kept:
+    """A launch as built at its key's first call, its tensors left out: each tensor argument's place
+    among the call's ``operands``. A warm call with tensors of the same signature puts them in: its
+    integers (shapes, strides, T) and constexprs are the same. (Where two operands were one tensor,
+    or an argument is none of them, each call builds its launch.)"""
+
+    def __init__(self, plan, configs, launch, operands) -> None:
+        self.plan, self.configs = plan, configs
+        self.kernel, self.grid, args, self.kwargs = launch
+        places = {id(t): i for i, t in enumerate(operands) if t is not None}
+        tensors = [(at, a) for at, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        distinct = len(places) == sum(t is not None for t in operands)
+        self.slots = None
+        if distinct and all(id(a) in places for _, a in tensors):
+            self.slots = tuple((at, places[id(a)]) for at, a in tensors)
+            self.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # (no tensor kept alive)
+
+    def launch(self, operands, build):
+        """``(kernel, grid, args, kwargs)`` with this call's ``operands``."""
+        if self.slots is None:
+            return build(self.plan.config)
+        args = self.args.copy()
+        for at, i in self.slots:
+            args[at] = operands[i]
+        return self.kernel, self.grid, args, self.kwargs
 
 
 def launch_key(configs, launch, device) -> tuple:

@@ -335,22 +335,26 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     c_state = carried_state(c0, x_proj, B, H)  # (B, H): the kernel writes it
     configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4, cell="lstm",
                                                             variants=GATED_VARIANTS)
+    resets = resets_operand(resets, x_proj.dtype)
+    m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
     with torch.cuda.device_of(x_proj):
-        h0_proj = h0_product(h0, w_hh)
-        run_sequence(lambda cfg: lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c,
-                                                 gates, reverse, cfg), configs, T, x_proj.device, _phases(w_hr))
+        tensors = (x_proj, h0_product(h0, w_hh), c_state, w_hh, w_hr, lengths, resets, y, c, gates, m)
+        run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m), configs, T, x_proj.device,
+                     _phases(w_hr), key=("lstm_fwd", reverse), operands=lambda cfg: tensors)
     return y, c, gates
 
 
-def lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config):
+def lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config, m=None):
     """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``: operands with a contiguous
     last dimension, ``h0_proj (B, 4H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``c_state (B, H)``
-    the cell state in the accumulator's precision (c0 or zeros)."""
+    the cell state in the accumulator's precision (c0 or zeros), ``m (2, B, H)`` the projection's
+    scratch (made here if not given)."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
     resets = resets_operand(resets, x_proj.dtype)
-    m = c.new_empty(2, B, H) if w_hr is not None else c  # the projection's input, all units
+    if m is None:  # the projection's input, all units (c stands in without a projection: never read)
+        m = c.new_empty(2, B, H) if w_hr is not None else c
     args = (x_proj, h0_proj, c_state, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, m,
             T, B, H, P, x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
@@ -383,10 +387,11 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     dh_buf = dy.new_empty(2, B, P) if w_hr is not None else dy  # dh of all columns (with PROJ)
     configs = (config,) if config else pick_configs(B, H, gates.dtype, gates.device, gates=4, cell="lstm",
                                                             variants=GATED_VARIANTS)
+    resets = resets_operand(resets, gates.dtype)
+    tensors = (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf)
     with torch.cuda.device_of(gates):
-        run_sequence(lambda cfg: lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets,
-                                                 d_gates, dc_carry, dh_buf, reverse, cfg), configs, T,
-                     gates.device, _phases(w_hr))
+        run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), configs, T, gates.device, _phases(w_hr),
+                     key=("lstm_bwd", reverse), operands=lambda cfg: tensors)
     return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)
 
 

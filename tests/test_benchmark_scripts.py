@@ -26,7 +26,7 @@ def test_cpu_table_prints_every_case():
     assert len(rows) == 4, out  # two shapes x fwd, fwd+bwd
 
 
-def test_host_overhead_prints_every_cell_and_mode():
+def test_host_overhead_prints_every_cell():
     out = run("benchmarks/host_overhead.py", "--rounds", "1", "--calls", "2")
     rows = [line for line in out.splitlines() if line.startswith(("| rnn |", "| lstm |", "| gru |"))]
-    assert len(rows) == 6, out
+    assert len(rows) == 3 and all(row.count("|") == 8 for row in rows), out

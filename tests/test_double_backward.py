@@ -203,3 +203,28 @@ def test_gated_gradient_penalty_step_matches_torch(cell, monkeypatch):
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@BOTH
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_forward_mode_under_no_grad(backend, cell):
+    """A call that records no graph skips the autograd Function, but not under forward-mode AD: dual
+    tensors under ``no_grad`` still get their tangents (what ``torch.func.jvp`` gives), or where a cell
+    has no forward-mode rule (LSTM, GRU) the error saying so, never a result without its tangent."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(0)
+    module = fastrnn.CELLS[cell].module(3, 4, dtype=F64)
+    x, dx = torch.randn(5, 2, 3, dtype=F64), torch.randn(5, 2, 3, dtype=F64)
+    with torch.no_grad():
+        y = module(x)[0]
+        assert y.grad_fn is None and not y.requires_grad
+        with forward_ad.dual_level():
+            if cell != "rnn":
+                with pytest.raises(NotImplementedError, match="jvp"):
+                    module(forward_ad.make_dual(x, dx))
+                return
+            tangent = forward_ad.unpack_dual(module(forward_ad.make_dual(x, dx))[0]).tangent
+    want = torch.func.jvp(lambda x: module(x)[0], (x,), (dx,))[1]
+    assert tangent is not None
+    torch.testing.assert_close(tangent, want, rtol=1e-9, atol=1e-9)

@@ -326,3 +326,33 @@ def test_gradcheck_with_batched_gradients(cell, proj_size):
     m = CELLS[cell][1](3, 4, 2, dtype=F64, **kwargs)
     x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: m(x)[0], (x,), check_batched_grad=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("how", ["parametrize", "plain tensor"])
+def test_reparametrised_weights_are_read(backend, cell, how):
+    """A weight that is no longer a parameter of the module (``torch.nn.utils.parametrize``, or set
+    as a plain tensor as old-style weight norm does) is read where ``getattr`` finds it, as torch's
+    module reads it: the same outputs and gradients."""
+    from torch.nn.utils import parametrize
+
+    class Scaled(nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+
+    torch.manual_seed(0)
+    ours = fastrnn.CELLS[cell].module(3, 4, dtype=torch.float64)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    for m in (ours, theirs):
+        if how == "parametrize":
+            parametrize.register_parametrization(m, "weight_hh_l0", Scaled())
+        else:
+            w = m.weight_hh_l0.detach() * 0.5
+            del m.weight_hh_l0
+            m.weight_hh_l0 = w
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    got, want = ours(x)[0], theirs(x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(*(torch.autograd.grad(y.sum(), x)[0] for y in (got, want)), rtol=1e-9, atol=1e-9)

@@ -384,3 +384,76 @@ def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch)
     current[0] = side
     fresh = launch.arrival_counters(4, cuda)
     assert fresh.data_ptr() != a.data_ptr() and not fresh.any() and len(launch.COUNTERS) == 1
+
+
+def _counting_builds(monkeypatch, module, name):
+    """Count the calls of ``module.name`` (a cell's launch builder)."""
+    built, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: built.append(1) or real(*a, **k))
+    return built
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("variant", ["resident", "tiled", "stepwise"])
+def test_warm_call_rebinds_the_kept_launch(monkeypatch, variant):
+    """A warm call with tensors of the same signature builds nothing: it puts its own tensors into the
+    launch kept at the first call, and computes exactly what a first call computes; another length,
+    layout or optional operand is another launch, built once."""
+    import fastrnn.kernels.elman as kernels_elman
+
+    built = _counting_builds(monkeypatch, kernels_elman, "fwd_launch")
+    config = Config(variant, 16, 16, 16)
+    calls = [operands(6, 3, 8, dtype=torch.float64, seed=s) for s in range(3)] + [operands(9, 3, 8, torch.float64, 3)]
+    got = [elman_fwd(x, h0, w, "tanh", False, None, config=config) for x, h0, w, *_ in calls]
+    assert len(built) == 2  # the first call at T=6, and at T=9; the other two T=6 calls rebound it
+    for (x, h0, w, *_), y in zip(calls, got):
+        launch.forget()
+        torch.testing.assert_close(y, elman_fwd(x, h0, w, "tanh", False, None, config=config), rtol=0, atol=0)
+    x, h0, w, lens, *_ = calls[0]
+    resets = torch.rand(3, 6) < 0.3  # (B, T): read through the strides of its transpose
+    for args in ((None, None), (lens, None), (None, resets.t()), (None, resets.t().contiguous())):
+        before = len(built)
+        for _ in range(2):
+            elman_fwd(x, h0 if args[0] is None else None, w, "tanh", False, *args, config=config)
+        assert len(built) == before + 1  # another signature: built once, then rebound
+
+
+def test_kept_launch_holds_no_tensor():
+    """What a kept launch keeps of its first call: no tensor (a model's activations are freed)."""
+    import gc
+    import weakref
+
+    x, h0, w, *_ = operands(6, 3, 8, dtype=torch.float64)
+    y = elman_fwd(x, h0, w)
+    refs = [weakref.ref(t) for t in (x, h0, w, y)]
+    del x, h0, w, y
+    gc.collect()
+    assert launch.KEPT and all(r() is None for r in refs)
+
+
+def test_operands_that_alias_at_the_first_call_are_never_rebound():
+    """Where two operands were one tensor when a launch was first built, its places cannot be told
+    apart: such a launch is built at every call, and a later call with two tensors launches each."""
+    kernel = object()
+    a, b, c = torch.zeros(2), torch.ones(2), torch.full((2,), 2.0)
+
+    def build(cfg):
+        return kernel, (1,), (first, second, 7), {}
+
+    configs = (Config("resident", 16, 16, 16),)
+    first = second = a
+    launch.kept_launch(build, configs, "cpu", ({},), "alias", lambda cfg: (first, second))
+    first, second = b, c
+    _, (_, _, got, _) = launch.kept_launch(build, configs, "cpu", ({},), "alias", lambda cfg: (first, second))
+    assert got[0] is b and got[1] is c and got[2] == 7
+
+
+def test_kept_launches_are_bounded(monkeypatch):
+    """Every new length T is a new kept launch (its integers differ); past MAX_KEPT the oldest goes."""
+    monkeypatch.setattr(launch, "MAX_KEPT", 2)
+    w = torch.randn(8, 8, dtype=torch.float64) * 0.3
+    for T in (3, 4, 5, 3):
+        x = torch.randn(T, 2, 8, dtype=torch.float64)
+        y = elman_fwd(x, None, w)
+        assert len(launch.KEPT) <= 2
+        torch.testing.assert_close(y[-1], torch.tanh(x[-1] + y[-2] @ w.T), rtol=1e-12, atol=1e-12)
