@@ -1,13 +1,16 @@
 """Host time of a warm call on the fused path, with every kernel launch replaced by a no-op (issue
 #24): what Python adds on top of Triton's own launch cost, per layer and direction.
 
-    python benchmarks/host_overhead.py [--rounds 60] [--calls 200]
+    python benchmarks/host_overhead.py [--rounds 60] [--calls 200] [--cuda]
 
 Runs on a CPU: the fused path (``FASTRNN_BACKEND=triton``) takes its GPU route through the launch
 machinery (the configuration chosen once and kept, the launch kept and rebound, ``kernels/launch.py``),
 while the kernels themselves, Triton's argument binding included, are not run. Tiny shapes (B=2,
-T=8, I=H=16), fp32, so the arithmetic around the launch is negligible. Per cell, in interleaved
-rounds (this machine's speed drifts by 2x from minute to minute), the best and the median round:
+T=8, I=H=16), fp32, so the arithmetic around the launch is negligible. With ``--cuda`` (a GPU):
+the same calls on CUDA tensors, every kernel launched (Triton's own launch cost in every figure,
+torch's module running cuDNN), the rounds synchronised: at these shapes the host is the bottleneck,
+so a call's time is its host time. Per cell, in interleaved rounds (this machine's speed drifts by
+2x from minute to minute), the best and the median round:
 
 - the module, one layer and direction, forward under ``no_grad`` and forward recording autograd's
   graph (what a training step's forward pays);
@@ -27,7 +30,9 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors may take the fused path (never run here)
+CUDA = "--cuda" in sys.argv[1:]  # (read before torch and triton are imported: they read the environment)
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors may take the fused path (never run here)
 os.environ["FASTRNN_BACKEND"] = "triton"
 
 import torch  # noqa: E402
@@ -38,6 +43,7 @@ import fastrnn  # noqa: E402
 import fastrnn.kernels.launch as launch  # noqa: E402
 
 B, T, I, H = 2, 8, 16, 16
+DEVICE = "cuda" if CUDA else "cpu"
 
 
 def no_launches() -> None:
@@ -54,8 +60,8 @@ def warm_call(cell: str, provider: str, mode: str, layers: int = 1, bidirectiona
     under no_grad, or "train", recording autograd's graph."""
     torch.manual_seed(0)
     kind = fastrnn.CELLS[cell].module if provider == "fastrnn" else fastrnn.CELLS[cell].torch_module
-    module = kind(I, H, layers, bidirectional=bidirectional)
-    x = torch.randn(T, B, I, requires_grad=mode == "train")
+    module = kind(I, H, layers, bidirectional=bidirectional, device=DEVICE)
+    x = torch.randn(T, B, I, device=DEVICE, requires_grad=mode == "train")
 
     def call():
         with torch.enable_grad() if mode == "train" else torch.no_grad():
@@ -67,7 +73,7 @@ def warm_call(cell: str, provider: str, mode: str, layers: int = 1, bidirectiona
 def op_call(cell: str):
     """The cell's functional op and its forward launcher on a projected input ``(T, B, gates x H)``."""
     gates = fastrnn.CELLS[cell].gates
-    x_proj, w_hh = torch.randn(T, B, gates * H), torch.randn(gates * H, H)
+    x_proj, w_hh = torch.randn(T, B, gates * H, device=DEVICE), torch.randn(gates * H, H, device=DEVICE)
     recurrence = fastrnn.CELLS[cell].recurrence
     launcher = getattr(importlib.import_module(f"fastrnn.kernels.{fastrnn.CELLS[cell].kernels}"),
                        f"{fastrnn.CELLS[cell].kernels}_fwd")
@@ -94,6 +100,8 @@ def best_and_median(calls: dict, rounds: int, n: int) -> dict:
                 start = time.perf_counter()
                 for _ in range(n):
                     calls[name]()
+                if CUDA:
+                    torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - start) / n * 1e6)
     finally:
         gc.enable()
@@ -104,12 +112,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--calls", type=int, default=200, help="calls per round (default 200)")
+    parser.add_argument("--cuda", action="store_true", help="on the GPU, every kernel launched")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    no_launches()
-    print(f"host time of a warm call (B={B} T={T} I=H={H}, fp32), fastrnn's kernels not run, torch's module "
-          f"computing (torch {torch.__version__}, {os.cpu_count()} cores, 1 thread); µs per call, best round "
-          f"(median round) of {args.rounds} interleaved rounds of {args.calls} calls\n")
+    if CUDA and not torch.cuda.is_available():
+        parser.error("--cuda: no GPU here")
+    if CUDA:
+        where = f"on {torch.cuda.get_device_name()}, every kernel launched, torch's module running cuDNN"
+    else:
+        no_launches()
+        where = "fastrnn's kernels not run, torch's module computing on the CPU"
+    print(f"host time of a warm call (B={B} T={T} I=H={H}, fp32), {where} (torch {torch.__version__}, "
+          f"{os.cpu_count()} cores, 1 thread); µs per call, best round (median round) of {args.rounds} "
+          f"interleaved rounds of {args.calls} calls\n")
     print("| cell | module fwd (no_grad) | module fwd (autograd) | each further layer & direction | "
           "functional op | launcher | torch's module fwd (no_grad) |\n|---|---|---|---|---|---|---|")
     for cell in fastrnn.CELLS:

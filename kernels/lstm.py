@@ -389,9 +389,10 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
                                                             variants=GATED_VARIANTS)
     resets = resets_operand(resets, gates.dtype)
     tensors = (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf)
+    operands = tensors if w_hr is not None else tensors[:-1] + (None,)  # (dh_buf is dy without a projection)
     with torch.cuda.device_of(gates):
         run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), configs, T, gates.device, _phases(w_hr),
-                     key=("lstm_bwd", reverse), operands=lambda cfg: tensors)
+                     key=("lstm_bwd", reverse), operands=lambda cfg: operands)
     return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)
 
 

@@ -457,3 +457,25 @@ def test_kept_launches_are_bounded(monkeypatch):
         y = elman_fwd(x, None, w)
         assert len(launch.KEPT) <= 2
         torch.testing.assert_close(y[-1], torch.tanh(x[-1] + y[-2] @ w.T), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_every_launch_of_a_module_is_kept_whole(monkeypatch, cell):
+    """Every launch a module's forward and backward make (with and without h0, packed, with resets,
+    LSTM with and without a projection) is kept with its tensors' places: none is built again at
+    every call because two of its operands were one tensor."""
+    import fastrnn
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
+    torch.manual_seed(0)
+    for extra in ({}, {"proj_size": 3}) if cell == "lstm" else ({},):
+        module = fastrnn.CELLS[cell].module(4, 5, bidirectional=True, **extra)
+        x = torch.randn(6, 3, 4, requires_grad=True)
+        hx = module(x)[1]
+        for inputs in ((x,), (x, hx), (pack_padded_sequence(x, torch.tensor([6, 4, 2])),)):
+            output = module(*inputs)[0]
+            (output.data if hasattr(output, "batch_sizes") else output).sum().backward()
+        module(x, resets=torch.rand(6, 3) < 0.3)[0].sum().backward()
+    assert launch.KEPT and all(kept.slots is not None for kept in launch.KEPT.values())
