@@ -109,10 +109,12 @@ def kept_plan(build, configs, device, phases=({},)):
 
 def kept_launch(build, configs, device, phases, key, operands):
     """``(plan, launch)`` as ``kept_plan`` gives them, the launch rebound from the one kept for the
-    same launcher, candidates, device and signature of the tensors (a ladder from ``pick_configs``'
-    cache is the same object call after call: its identity stands for it, and the kept launch holds
-    it, so the identity is never another's)."""
-    key = (key, configs if len(configs) == 1 else id(configs), device, signature(operands(None)))
+    same launcher, candidates, device, signature of the tensors and precision of fp32 products on a
+    GPU (``config.dtype_flags`` reads it into the constexprs; a ladder from ``pick_configs``' cache is
+    the same object call after call: its identity stands for it, and the kept launch holds it, so
+    the identity is never another's)."""
+    tf32 = device.type == "cuda" and config.fp32_uses_tf32()
+    key = (key, configs if len(configs) == 1 else id(configs), device, tf32, signature(operands(None)))
     kept = KEPT.get(key)
     if kept is not None:
         return kept.plan, kept.launch(operands(kept.plan.config), build)

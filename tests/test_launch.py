@@ -442,9 +442,10 @@ def test_operands_that_alias_at_the_first_call_are_never_rebound():
 
     configs = (Config("resident", 16, 16, 16),)
     first = second = a
-    launch.kept_launch(build, configs, "cpu", ({},), "alias", lambda cfg: (first, second))
+    cpu = torch.device("cpu")
+    launch.kept_launch(build, configs, cpu, ({},), "alias", lambda cfg: (first, second))
     first, second = b, c
-    _, (_, _, got, _) = launch.kept_launch(build, configs, "cpu", ({},), "alias", lambda cfg: (first, second))
+    _, (_, _, got, _) = launch.kept_launch(build, configs, cpu, ({},), "alias", lambda cfg: (first, second))
     assert got[0] is b and got[1] is c and got[2] == 7
 
 
@@ -479,3 +480,27 @@ def test_every_launch_of_a_module_is_kept_whole(monkeypatch, cell):
             (output.data if hasattr(output, "batch_sizes") else output).sum().backward()
         module(x, resets=torch.rand(6, 3) < 0.3)[0].sum().backward()
     assert launch.KEPT and all(kept.slots is not None for kept in launch.KEPT.values())
+
+
+def test_kept_launch_follows_the_fp32_precision_flag(monkeypatch):
+    """The constexprs of an fp32 launch on a GPU follow ``cudnn.rnn.fp32_precision`` as it is at each
+    call (``dtype_flags``): a flag turned between two calls of one signature builds the launch again,
+    even where the ladder is one configuration (forced, or given)."""
+    import fastrnn.kernels.config as kernel_config
+
+    tf32 = [True]
+    monkeypatch.setattr(kernel_config, "fp32_uses_tf32", lambda: tf32[0])
+    monkeypatch.setattr(launch, "fits_gpu", lambda plans, device: True)
+    x, built = torch.zeros(2, 3), []
+
+    def build(cfg):
+        built.append(kernel_config.fp32_uses_tf32())
+        return "kernel", (1,), (x,), {"PRECISION": "tf32" if built[-1] else "tf32x3"}
+
+    configs, cuda = (Config("resident", 16, 16, 16),), torch.device("cuda", 0)
+    launches = []
+    for flag in (True, True, False, False, True):
+        tf32[0] = flag
+        launches.append(launch.kept_launch(build, configs, cuda, ({},), "fp32", lambda cfg: (x,))[1][3])
+    assert [kw["PRECISION"] for kw in launches] == ["tf32", "tf32", "tf32x3", "tf32x3", "tf32"]
+    assert built == [True, False]  # each flag's launch built once
