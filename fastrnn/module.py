@@ -178,8 +178,6 @@ class FusedRNNBase(nn.RNNBase):
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = _dropout(layer_input, self.dropout, packing)
-        if len(finals) == 1:  # (one layer and direction: its final state, a tensor of its own, as is)
-            return layer_input, tuple(part.unsqueeze(0) for part in finals[0])
         return layer_input, tuple(torch.stack(parts) for parts in zip(*finals))
 
     def _weights(self, suffix: str):

@@ -59,7 +59,7 @@ def _precision_readers() -> tuple:
                                                                for n, o in zip(names, owners))
         if same:
             return tuple(functools.partial(getter, *n) for n in names)
-    except RuntimeError:  # a name this torch does not know
+    except Exception:  # (a name this torch does not know, or a getter otherwise unlike the settings)
         pass
     return tuple(functools.partial(getattr, o, "fp32_precision") for o in owners)
 

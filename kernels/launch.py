@@ -120,7 +120,10 @@ def kept_launch(build, configs, device, phases, key, operands):
         return kept.plan, kept.launch(operands(kept.plan.config), build)
     plan, launch = kept_plan(build, configs, device, phases)
     if len(KEPT) >= MAX_KEPT:  # (the oldest goes: many lengths T, or layouts, seen)
-        KEPT.pop(next(iter(KEPT), None), None)
+        try:
+            KEPT.pop(next(iter(KEPT)), None)
+        except (RuntimeError, StopIteration):  # another thread changed it meanwhile
+            pass
     KEPT[key] = Kept(plan, configs, launch, operands(plan.config))
     return plan, launch
 

@@ -382,6 +382,8 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     if T == 0 or B == 0:
         return d_gates, dc_carry.to(gates.dtype)
     dy, dh_n, dc_n = (t.to(gates.dtype).contiguous() for t in (dy, dh_n, dc_n))
+    if dc_n is dh_n:  # (one gradient for both, as autograd hands a sum h_n + c_n's): operands of their own
+        dc_n = dc_n.clone()
     c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()
     c0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (c0, w_hr, lengths))
     dh_buf = dy.new_empty(2, B, P) if w_hr is not None else dy  # dh of all columns (with PROJ)

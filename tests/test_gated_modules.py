@@ -356,3 +356,19 @@ def test_reparametrised_weights_are_read(backend, cell, how):
     got, want = ours(x)[0], theirs(x)[0]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(*(torch.autograd.grad(y.sum(), x)[0] for y in (got, want)), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_final_state_detaches_in_place(backend, cell, layers):
+    """Truncated backpropagation through time detaches the carried state in place (``h.detach_()``),
+    as with torch's module: the final state is a tensor of its own, never a view."""
+    torch.manual_seed(0)
+    module = fastrnn.CELLS[cell].module(3, 4, layers)
+    x = torch.randn(5, 2, 3)
+    state = module(x)[1]
+    for part in state if isinstance(state, tuple) else (state,):
+        assert part._base is None
+        part.detach_()
+        assert not part.requires_grad

@@ -464,22 +464,59 @@ def test_kept_launches_are_bounded(monkeypatch):
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_every_launch_of_a_module_is_kept_whole(monkeypatch, cell):
     """Every launch a module's forward and backward make (with and without h0, packed, with resets,
-    LSTM with and without a projection) is kept with its tensors' places: none is built again at
-    every call because two of its operands were one tensor."""
+    a loss on both final states, LSTM with and without a projection) is kept with its tensors'
+    places, and a second round of the same calls builds nothing: no launch is built again at every
+    call because two of its operands were one tensor."""
     import fastrnn
     from torch.nn.utils.rnn import pack_padded_sequence
 
     monkeypatch.setenv("FASTRNN_BACKEND", "triton")
     torch.manual_seed(0)
-    for extra in ({}, {"proj_size": 3}) if cell == "lstm" else ({},):
-        module = fastrnn.CELLS[cell].module(4, 5, bidirectional=True, **extra)
-        x = torch.randn(6, 3, 4, requires_grad=True)
-        hx = module(x)[1]
-        for inputs in ((x,), (x, hx), (pack_padded_sequence(x, torch.tensor([6, 4, 2])),)):
-            output = module(*inputs)[0]
-            (output.data if hasattr(output, "batch_sizes") else output).sum().backward()
-        module(x, resets=torch.rand(6, 3) < 0.3)[0].sum().backward()
-    assert launch.KEPT and all(kept.slots is not None for kept in launch.KEPT.values())
+    builds = []
+    real = launch.kept_plan
+    monkeypatch.setattr(launch, "kept_plan", lambda *a, **k: builds.append(1) or real(*a, **k))
+    modules = [fastrnn.CELLS[cell].module(4, 5, bidirectional=True, **extra)
+               for extra in (({}, {"proj_size": 3}) if cell == "lstm" else ({},))]
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    resets = torch.rand(6, 3) < 0.3
+
+    def loss(output, state):
+        data = output.data if hasattr(output, "batch_sizes") else output
+        return data.sum() + sum(s.sum() for s in (state if isinstance(state, tuple) else (state,)))
+
+    def calls():
+        for module in modules:
+            hx = module(x)[1]
+            for inputs in ((x,), (x, hx), (pack_padded_sequence(x, torch.tensor([6, 4, 2])),)):
+                loss(*module(*inputs)).backward()
+            loss(*module(x, resets=resets)).backward()
+
+    calls()
+    first = len(builds)
+    calls()
+    assert first and len(builds) == first  # the second round: every launch rebound
+    assert all(kept.slots is not None for kept in launch.KEPT.values())
+
+
+def test_a_ladder_of_several_candidates_is_kept_by_identity(monkeypatch):
+    """On a GPU the ladder from ``pick_configs`` has several candidates: the same (cached) ladder
+    finds its kept launch without building; another ladder object is another launch."""
+    monkeypatch.setattr(launch, "fits_gpu", lambda plans, device: True)
+    x, built = torch.zeros(2, 3), []
+
+    def build(cfg):
+        built.append(cfg)
+        return "kernel", (1,), (x,), {"BLOCK": cfg.block_n}
+
+    ladder = (Config("resident", 16, 16, 16), Config("tiled", 16, 16, 16))
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        launch.kept_launch(build, ladder, cpu, ({},), "ladder", lambda cfg: (x,))
+    assert len(built) == 1
+    launch.kept_launch(build, tuple(ladder), cpu, ({},), "ladder", lambda cfg: (x,))  # (the same object)
+    assert len(built) == 1
+    launch.kept_launch(build, ladder[:1] + ladder[1:], cpu, ({},), "ladder", lambda cfg: (x,))  # another object
+    assert len(built) == 2
 
 
 def test_kept_launch_follows_the_fp32_precision_flag(monkeypatch):
@@ -504,3 +541,18 @@ def test_kept_launch_follows_the_fp32_precision_flag(monkeypatch):
         launches.append(launch.kept_launch(build, configs, cuda, ({},), "fp32", lambda cfg: (x,))[1][3])
     assert [kw["PRECISION"] for kw in launches] == ["tf32", "tf32", "tf32x3", "tf32x3", "tf32"]
     assert built == [True, False]  # each flag's launch built once
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+def test_one_gradient_for_both_lstm_states_keeps_the_launch_whole(monkeypatch):
+    """A loss on ``h_n + c_n`` hands the LSTM backward one gradient tensor for both final states; the
+    launcher gives them operands of their own, so its launch is still kept whole and rebound."""
+    from fastrnn.lstm import lstm_recurrence
+
+    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 2, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    for _ in range(2):
+        y, h_n, c_n = lstm_recurrence(x, None, None, w)
+        (y.sum() + ((h_n + c_n) ** 2).sum()).backward()
+    assert len(launch.KEPT) == 2 and all(kept.slots is not None for kept in launch.KEPT.values())
