@@ -44,7 +44,7 @@ MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 SHARED_PER_SM, SHARED_PER_PROGRAM, SHARED_RESERVED, SHARED_UNIT = 233472, 232448, 1024, 128
 
 
-def run_sequence(build, configs, T: int, device, phases=({},), key=None, operands=None) -> None:
+def run_sequence(build, configs, T: int, device, phases=({},), *, key, operands) -> None:
     """Run a cell's kernel over all T steps with the first of ``configs`` (in order of preference,
     from ``config.pick_configs``) whose compiled kernel fits the GPU; ``build(config)`` gives its
     ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that all programs must finish
@@ -52,14 +52,11 @@ def run_sequence(build, configs, T: int, device, phases=({},), key=None, operand
     stepwise, it is launched once per part, each with its ``phases`` entry added to its constexprs.
 
     The choice (and whether the driver takes the tiled grid cooperatively) is made at a launch's first
-    call and kept (``PLANS``). Given ``key`` (what ``build`` reads besides its tensors: the launcher's
-    name and flags) and ``operands`` (``operands(config)``: the tensors ``build(config)`` passes,
-    None where absent; ``operands(None)``: those the call was given), the built launch is kept too,
-    per signature of those tensors (``Kept``): a warm call puts its tensors into it and launches."""
-    if key is None:
-        plan, (kernel, grid, args, kwargs) = kept_plan(build, configs, device, phases)
-    else:
-        plan, (kernel, grid, args, kwargs) = kept_launch(build, configs, device, phases, key, operands)
+    call and kept (``PLANS``); the built launch is kept too (``kept_launch``), per ``key`` (what
+    ``build`` reads besides its tensors: the launcher's name and flags) and signature of
+    ``operands`` (``operands(config)``: the tensors ``build(config)`` passes, None where absent;
+    ``operands(None)``: those the call was given): a warm call puts its tensors into it and launches."""
+    plan, (kernel, grid, args, kwargs) = kept_launch(build, configs, device, phases, key, operands)
     if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
         return

@@ -283,12 +283,17 @@ def test_compiled_kernel_fits(monkeypatch, compiled, variant, grid, fits):
     assert launch.compiled_fits(compiled, variant, grid, "cuda") is fits
 
 
+def _counting_calls(monkeypatch, module, name: str) -> list:
+    """Count the calls of ``module.name`` (a launch builder, ``choose``, ``kept_plan``): one entry each."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def test_warm_call_keeps_its_plan(monkeypatch):
     """The first call at a shape chooses its configuration (compiling and checking candidates on a
     GPU); later calls, whatever their length, launch the kept plan without choosing again."""
-    chosen = []
-    real = launch.choose
-    monkeypatch.setattr(launch, "choose", lambda *a, **k: chosen.append(1) or real(*a, **k))
+    chosen = _counting_calls(monkeypatch, launch, "choose")
     torch.manual_seed(0)
     w = torch.randn(8, 8, dtype=torch.float64) * 0.3
     for T in (5, 9, 5):
@@ -386,13 +391,6 @@ def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch)
     assert fresh.data_ptr() != a.data_ptr() and not fresh.any() and len(launch.COUNTERS) == 1
 
 
-def _counting_builds(monkeypatch, module, name):
-    """Count the calls of ``module.name`` (a cell's launch builder)."""
-    built, real = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: built.append(1) or real(*a, **k))
-    return built
-
-
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
 @pytest.mark.parametrize("variant", ["resident", "tiled", "stepwise"])
 def test_warm_call_rebinds_the_kept_launch(monkeypatch, variant):
@@ -401,7 +399,7 @@ def test_warm_call_rebinds_the_kept_launch(monkeypatch, variant):
     layout or optional operand is another launch, built once."""
     import fastrnn.kernels.elman as kernels_elman
 
-    built = _counting_builds(monkeypatch, kernels_elman, "fwd_launch")
+    built = _counting_calls(monkeypatch, kernels_elman, "fwd_launch")
     config = Config(variant, 16, 16, 16)
     calls = [operands(6, 3, 8, dtype=torch.float64, seed=s) for s in range(3)] + [operands(9, 3, 8, torch.float64, 3)]
     got = [elman_fwd(x, h0, w, "tanh", False, None, config=config) for x, h0, w, *_ in calls]
@@ -472,9 +470,7 @@ def test_every_launch_of_a_module_is_kept_whole(monkeypatch, cell):
 
     monkeypatch.setenv("FASTRNN_BACKEND", "triton")
     torch.manual_seed(0)
-    builds = []
-    real = launch.kept_plan
-    monkeypatch.setattr(launch, "kept_plan", lambda *a, **k: builds.append(1) or real(*a, **k))
+    builds = _counting_calls(monkeypatch, launch, "kept_plan")
     modules = [fastrnn.CELLS[cell].module(4, 5, bidirectional=True, **extra)
                for extra in (({}, {"proj_size": 3}) if cell == "lstm" else ({},))]
     x = torch.randn(6, 3, 4, requires_grad=True)
