@@ -52,7 +52,9 @@ def torch_module_runs(x: torch.Tensor, resets) -> bool:
             and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether triton imports (asked once: a module's every call asks)."""
     try:
         import triton  # noqa: F401
     except ImportError:

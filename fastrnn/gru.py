@@ -453,7 +453,7 @@ class GRU(FusedRNNBase):
         b = None
         if self.bias:  # b_hr and b_hz fold into the input projection; b_hn is scaled by r
             H = self.hidden_size
-            b = bias_sum(b_ih, torch.cat((b_hh[:2 * H], b_hh.new_zeros(H))))
+            b = bias_sum(b_ih, F.pad(b_hh[:2 * H], (0, H)))  # (b_hr, b_hz, 0)
             b_hn = b_hh[2 * H:]
         x_proj = F.linear(x, w_ih, b)  # (T, B, 3H)
         w_hh, b_hn, h0 = as_dtype(x_proj.dtype, w_hh, b_hn, start[0] if start else None)

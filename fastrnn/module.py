@@ -13,6 +13,8 @@ RNN and GRU, ``(h, c)`` for LSTM; ``_public_state`` turns it into what the torch
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -217,6 +219,7 @@ def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     return SumOfBiases.apply(b_ih, b_hh) if torch.compiler.is_compiling() else b_ih + b_hh
 
 
+@functools.cache  # (a few distinct suffixes; built once, not at every layer of every call)
 def _weight_names(suffix: str, bias: bool) -> tuple:
     """The names of ``(w_ih, w_hh, b_ih, b_hh)`` for ``suffix`` (``_l0``, ``_l1_reverse``, ...), the
     biases' "" without bias."""

@@ -81,16 +81,17 @@ def runs_directly(inputs) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or \
             torch._C._get_tracing_state() or torch._C._autograd._profiler_enabled():
         return False
-    return all(type(a) in _PLAIN and not a.is_meta for a in inputs if isinstance(a, torch.Tensor))
+    for a in inputs:  # (a loop, not all() over a generator: a microsecond less on every call)
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta):
+            return False
+    return True
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-
-def _transforms_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, ...) is running."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return True if active is None else active()
+# Whether a torch.func transform (grad, vmap, jvp, ...) is running; where this torch cannot tell,
+# always (the transformable Function serves every call).
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def vmap_by_loop(fn, info, in_dims, *args):

@@ -103,6 +103,12 @@ def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates
     return candidate_configs(B, H, dtype, device, forced, gates, tf32)
 
 
+def ladder(given, B: int, H: int, like: torch.Tensor, **cell) -> tuple[Config, ...]:
+    """A launcher's candidates: ``(given,)`` where it was given a configuration, else ``pick_configs``
+    for ``like``'s dtype and device (``cell``: its ``gates``, ``cell`` and ``variants``)."""
+    return (given,) if given else pick_configs(B, H, like.dtype, like.device, **cell)
+
+
 def pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1) -> Config:
     """The preferred configuration (the first of ``pick_configs``)."""
     return pick_configs(B, H, dtype, device, gates)[0]

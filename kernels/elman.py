@@ -37,7 +37,7 @@ from ..sequence import acc_dtype
 
 from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
                      state_cut, walk_step, weight_block, weight_chunks)
-from .config import dtype_flags, pick_configs
+from .config import dtype_flags, ladder
 from .launch import h0_product, resets_operand, run_sequence
 
 
@@ -287,7 +287,6 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
     y = x_proj.new_empty(T, B, H)
     if T == 0 or B == 0:
         return y
-    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device)
     resets = resets_operand(resets, x_proj.dtype)
     made = []  # h0 @ w_hh.T, the tiled kernels' alone: made once, if one runs
 
@@ -299,8 +298,9 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
         return x_proj, h0, made[0], w_hh, lengths, resets, y
 
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
-        run_sequence(lambda cfg: fwd_launch(*operands(cfg), activation, reverse, cfg), configs, T, x_proj.device,
-                     key=("elman_fwd", activation, reverse), operands=operands)
+        run_sequence(lambda cfg: fwd_launch(*operands(cfg), activation, reverse, cfg),
+                     lambda: ladder(config, B, H, x_proj), T, x_proj.device,
+                     key=("elman_fwd", activation, reverse, config), operands=operands)
     return y
 
 
@@ -343,12 +343,11 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
     d_pre = y.new_empty(T, B, H)
     if T == 0 or B == 0:
         return d_pre
-    configs = (config,) if config else pick_configs(B, H, y.dtype, y.device)
     resets = resets_operand(resets, y.dtype)
     tensors = (dy, dh_n, y, w_hh, lengths, resets, d_pre)
     with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
-        run_sequence(lambda cfg: bwd_launch(*tensors, activation, reverse, cfg), configs, T, y.device,
-                     key=("elman_bwd", activation, reverse), operands=lambda cfg: tensors)
+        run_sequence(lambda cfg: bwd_launch(*tensors, activation, reverse, cfg), lambda: ladder(config, B, H, y), T,
+                     y.device, key=("elman_bwd", activation, reverse, config), operands=lambda cfg: tensors)
     return d_pre
 
 

@@ -21,9 +21,11 @@ from ..sequence import acc_dtype
 
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
-from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
+from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, store_gate
 from .launch import carried_state, h0_product, resets_operand, run_sequence
+
+CELL = dict(gates=3, cell="gru", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
 
 
 @triton.jit
@@ -232,13 +234,11 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     b_hn, lengths = (t.contiguous() if t is not None else None for t in (b_hn, lengths))
     h_state = carried_state(h0, x_proj, B, H)  # (B, H): the kernel writes it
-    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=3, cell="gru",
-                                                            variants=GATED_VARIANTS)
     resets = resets_operand(resets, x_proj.dtype)
     with torch.cuda.device_of(x_proj):
         tensors = (x_proj, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
-        run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), configs, T, x_proj.device,
-                     key=("gru_fwd", reverse), operands=lambda cfg: tensors)
+        run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, x_proj, **CELL),
+                     T, x_proj.device, key=("gru_fwd", reverse, config), operands=lambda cfg: tensors)
     return y, gates
 
 
@@ -273,13 +273,11 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
     y, gates, w_hh = y.contiguous(), gates.contiguous(), w_hh.contiguous()
     h0, lengths = (t.contiguous() if t is not None else None for t in (h0, lengths))
     d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
-    configs = (config,) if config else pick_configs(B, H, y.dtype, y.device, gates=3, cell="gru",
-                                                            variants=GATED_VARIANTS)
     resets = resets_operand(resets, y.dtype)
     tensors = (dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry)
     with torch.cuda.device_of(y):
-        run_sequence(lambda cfg: gru_bwd_launch(*tensors, reverse, cfg), configs, T, y.device,
-                     key=("gru_bwd", reverse), operands=lambda cfg: tensors)
+        run_sequence(lambda cfg: gru_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, y, **CELL), T,
+                     y.device, key=("gru_bwd", reverse, config), operands=lambda cfg: tensors)
     return d_x, dh_carry.to(y.dtype)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 
 import torch
@@ -44,19 +45,21 @@ MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 SHARED_PER_SM, SHARED_PER_PROGRAM, SHARED_RESERVED, SHARED_UNIT = 233472, 232448, 1024, 128
 
 
-def run_sequence(build, configs, T: int, device, phases=({},), *, key, operands) -> None:
-    """Run a cell's kernel over all T steps with the first of ``configs`` (in order of preference,
-    from ``config.pick_configs``) whose compiled kernel fits the GPU; ``build(config)`` gives its
-    ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that all programs must finish
-    before the next starts (an LSTM's projection) meets at a barrier between them when tiled;
-    stepwise, it is launched once per part, each with its ``phases`` entry added to its constexprs.
+def run_sequence(build, ladder, T: int, device, phases=({},), *, key, operands) -> None:
+    """Run a cell's kernel over all T steps with the first of the configurations ``ladder()`` gives
+    (in order of preference: ``config.pick_configs``) whose compiled kernel fits the GPU;
+    ``build(config)`` gives its ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that
+    all programs must finish before the next starts (an LSTM's projection) meets at a barrier between
+    them when tiled; stepwise, it is launched once per part, each with its ``phases`` entry added to
+    its constexprs.
 
     The choice (and whether the driver takes the tiled grid cooperatively) is made at a launch's first
     call and kept (``PLANS``); the built launch is kept too (``kept_launch``), per ``key`` (what
-    ``build`` reads besides its tensors: the launcher's name and flags) and signature of
-    ``operands`` (``operands(config)``: the tensors ``build(config)`` passes, None where absent;
-    ``operands(None)``: those the call was given): a warm call puts its tensors into it and launches."""
-    plan, (kernel, grid, args, kwargs) = kept_launch(build, configs, device, phases, key, operands)
+    ``build`` and ``ladder`` read besides the tensors: the launcher's name, flags and given
+    configuration) and signature of ``operands`` (``operands(config)``: the tensors ``build(config)``
+    passes, None where absent; ``operands(None)``: those the call was given): a warm call puts its
+    tensors into it and launches, and asks ``ladder`` nothing."""
+    plan, (kernel, grid, args, kwargs) = kept_launch(build, ladder, device, phases, key, operands)
     if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
         return
@@ -81,7 +84,7 @@ class Plan:
 
 
 PLANS: dict = {}  # launch key (``launch_key``) -> Plan
-KEPT: dict = {}  # (launcher's key, candidates, device, tensors' signature) -> Kept, the oldest first
+KEPT: dict = {}  # (launcher's key, device, flags, tensors' signature) -> Kept, the oldest first
 MAX_KEPT = 4096
 
 
@@ -104,31 +107,31 @@ def kept_plan(build, configs, device, phases=({},)):
     return plan, (first if plan.config == configs[0] else build(plan.config))
 
 
-def kept_launch(build, configs, device, phases, key, operands):
-    """``(plan, launch)`` as ``kept_plan`` gives them, the launch rebound from the one kept for the
-    same launcher, candidates, device, signature of the tensors and precision of fp32 products on a
-    GPU (``config.dtype_flags`` reads it into the constexprs; a ladder from ``pick_configs``' cache is
-    the same object call after call: its identity stands for it, and the kept launch holds it, so
-    the identity is never another's)."""
+def kept_launch(build, ladder, device, phases, key, operands):
+    """``(plan, launch)`` as ``kept_plan`` gives them for the candidates ``ladder()``, the launch
+    rebound from the one kept for the same ``key``, device, signature of the tensors, forced variant
+    (``FASTRNN_VARIANT``) and precision of fp32 products on a GPU (``config.dtype_flags`` reads it into
+    the constexprs): everything ``pick_configs`` reads but the shapes and dtypes, which the signature
+    holds, so a kept launch's candidates would be the same; they are asked for at a miss only."""
     tf32 = device.type == "cuda" and config.fp32_uses_tf32()
-    key = (key, configs if len(configs) == 1 else id(configs), device, tf32, signature(operands(None)))
+    key = (key, device, tf32, os.environ.get("FASTRNN_VARIANT", ""), signature(operands(None)))
     kept = KEPT.get(key)
     if kept is not None:
         return kept.plan, kept.launch(operands(kept.plan.config), build)
-    plan, launch = kept_plan(build, configs, device, phases)
+    plan, launch = kept_plan(build, ladder(), device, phases)
     if len(KEPT) >= MAX_KEPT:  # (the oldest goes: many lengths T, or layouts, seen)
         try:
             KEPT.pop(next(iter(KEPT)), None)
         except (RuntimeError, StopIteration):  # another thread changed it meanwhile
             pass
-    KEPT[key] = Kept(plan, configs, launch, operands(plan.config))
+    KEPT[key] = Kept(plan, launch, operands(plan.config))
     return plan, launch
 
 
 def signature(tensors) -> tuple:
     """What a launch reads of its tensors besides their data: shape, strides, dtype, and whether the
     pointer is 16-byte aligned (Triton compiles aligned pointers apart); None for an absent one."""
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
 
 
 class Kept:
@@ -137,9 +140,10 @@ class Kept:
     integers (shapes, strides, T) and constexprs are the same. (Where two operands were one tensor,
     or an argument is none of them, each call builds its launch.)"""
 
-    def __init__(self, plan, configs, launch, operands) -> None:
-        self.plan, self.configs = plan, configs
+    def __init__(self, plan, launch, operands) -> None:
+        self.plan = plan
         self.kernel, self.grid, args, self.kwargs = launch
+        self.rest = None  # the arguments after the tensors, where the tensors come first
         places = {id(t): i for i, t in enumerate(operands) if t is not None}
         tensors = [(at, a) for at, a in enumerate(args) if isinstance(a, torch.Tensor)]
         distinct = len(places) == sum(t is not None for t in operands)
@@ -147,15 +151,26 @@ class Kept:
         if distinct and all(id(a) in places for _, a in tensors):
             self.slots = tuple((at, places[id(a)]) for at, a in tensors)
             self.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # (no tensor kept alive)
+            if tensors and [at for at, _ in self.slots] == list(range(len(tensors))):  # tensors first, as usual
+                self.take, self.rest = _gather([i for _, i in self.slots]), tuple(self.args[len(tensors):])
 
     def launch(self, operands, build):
         """``(kernel, grid, args, kwargs)`` with this call's ``operands``."""
         if self.slots is None:
             return build(self.plan.config)
+        if self.rest is not None:
+            return self.kernel, self.grid, (*self.take(operands), *self.rest), self.kwargs
         args = self.args.copy()
         for at, i in self.slots:
             args[at] = operands[i]
         return self.kernel, self.grid, args, self.kwargs
+
+
+def _gather(indices: list):
+    """``operands -> tuple(operands[i] for i in indices)``, at C speed."""
+    if len(indices) == 1:
+        return lambda operands: (operands[indices[0]],)
+    return operator.itemgetter(*indices)
 
 
 def launch_key(configs, launch, device) -> tuple:

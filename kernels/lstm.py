@@ -25,9 +25,11 @@ from ..sequence import acc_dtype
 
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
-from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, pick_configs
+from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, store_gate
 from .launch import carried_state, h0_product, resets_operand, run_sequence
+
+CELL = dict(gates=4, cell="lstm", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
 
 
 @triton.jit
@@ -333,14 +335,13 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (h0, w_hr, lengths))
     c_state = carried_state(c0, x_proj, B, H)  # (B, H): the kernel writes it
-    configs = (config,) if config else pick_configs(B, H, x_proj.dtype, x_proj.device, gates=4, cell="lstm",
-                                                            variants=GATED_VARIANTS)
     resets = resets_operand(resets, x_proj.dtype)
     m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
     with torch.cuda.device_of(x_proj):
         tensors = (x_proj, h0_product(h0, w_hh), c_state, w_hh, w_hr, lengths, resets, y, c, gates, m)
-        run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m), configs, T, x_proj.device,
-                     _phases(w_hr), key=("lstm_fwd", reverse), operands=lambda cfg: tensors)
+        run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m),
+                     lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr),
+                     key=("lstm_fwd", reverse, config), operands=lambda cfg: tensors)
     return y, c, gates
 
 
@@ -387,14 +388,12 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()
     c0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (c0, w_hr, lengths))
     dh_buf = dy.new_empty(2, B, P) if w_hr is not None else dy  # dh of all columns (with PROJ)
-    configs = (config,) if config else pick_configs(B, H, gates.dtype, gates.device, gates=4, cell="lstm",
-                                                            variants=GATED_VARIANTS)
     resets = resets_operand(resets, gates.dtype)
     tensors = (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf)
     operands = tensors if w_hr is not None else tensors[:-1] + (None,)  # (dh_buf is dy without a projection)
     with torch.cuda.device_of(gates):
-        run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), configs, T, gates.device, _phases(w_hr),
-                     key=("lstm_bwd", reverse), operands=lambda cfg: operands)
+        run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, gates, **CELL),
+                     T, gates.device, _phases(w_hr), key=("lstm_bwd", reverse, config), operands=lambda cfg: operands)
     return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)
 
 

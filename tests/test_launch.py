@@ -346,6 +346,7 @@ def test_warm_call_never_reads_the_device(monkeypatch, cell):
 def test_h0_product_only_for_the_tiled_kernels(monkeypatch):
     """The Elman forward makes ``h0 @ w_hh.T`` (the tiled kernels' first-step operand) once per call
     when the configuration that runs is tiled or stepwise, never when it is resident; all agree."""
+    import fastrnn.kernels.config as kernel_config
     import fastrnn.kernels.elman as kernels_elman
 
     calls = []
@@ -354,7 +355,8 @@ def test_h0_product_only_for_the_tiled_kernels(monkeypatch):
     ys = []
     for variant, made in (("resident", 0), ("tiled", 1), ("stepwise", 1)):  # (interpreted: the first runs)
         ladder = (Config(variant, 16, 16, 16), *(Config(v, 16, 16, 16) for v in ("resident", "tiled") if v != variant))
-        monkeypatch.setattr(kernels_elman, "pick_configs", lambda *args, **kwargs: ladder)
+        monkeypatch.setattr(kernel_config, "pick_configs", lambda *args, **kwargs: ladder)
+        launch.forget()  # (another ladder for the same shape: as on another machine)
         calls.clear()
         ys.append(elman_fwd(x, h0, w))
         assert len(calls) == made, variant
@@ -441,9 +443,9 @@ def test_operands_that_alias_at_the_first_call_are_never_rebound():
     configs = (Config("resident", 16, 16, 16),)
     first = second = a
     cpu = torch.device("cpu")
-    launch.kept_launch(build, configs, cpu, ({},), "alias", lambda cfg: (first, second))
+    launch.kept_launch(build, lambda: configs, cpu, ({},), "alias", lambda cfg: (first, second))
     first, second = b, c
-    _, (_, _, got, _) = launch.kept_launch(build, configs, cpu, ({},), "alias", lambda cfg: (first, second))
+    _, (_, _, got, _) = launch.kept_launch(build, lambda: configs, cpu, ({},), "alias", lambda cfg: (first, second))
     assert got[0] is b and got[1] is c and got[2] == 7
 
 
@@ -494,25 +496,54 @@ def test_every_launch_of_a_module_is_kept_whole(monkeypatch, cell):
     assert all(kept.slots is not None for kept in launch.KEPT.values())
 
 
-def test_a_ladder_of_several_candidates_is_kept_by_identity(monkeypatch):
-    """On a GPU the ladder from ``pick_configs`` has several candidates: the same (cached) ladder
-    finds its kept launch without building; another ladder object is another launch."""
+def test_a_kept_launch_asks_for_no_candidates(monkeypatch):
+    """The candidates (``pick_configs``, several on a GPU) are asked for at a launch's first call only;
+    a warm call finds its kept launch by what they depend on: another forced variant
+    (``FASTRNN_VARIANT``) or another given configuration is another launch."""
     monkeypatch.setattr(launch, "fits_gpu", lambda plans, device: True)
-    x, built = torch.zeros(2, 3), []
+    monkeypatch.delenv("FASTRNN_VARIANT", raising=False)
+    x, built, asked = torch.zeros(2, 3), [], []
 
     def build(cfg):
         built.append(cfg)
         return "kernel", (1,), (x,), {"BLOCK": cfg.block_n}
 
-    ladder = (Config("resident", 16, 16, 16), Config("tiled", 16, 16, 16))
+    def ladder():
+        asked.append(1)
+        return Config("resident", 16, 16, 16), Config("tiled", 16, 16, 16)
+
     cpu = torch.device("cpu")
     for _ in range(3):
         launch.kept_launch(build, ladder, cpu, ({},), "ladder", lambda cfg: (x,))
-    assert len(built) == 1
-    launch.kept_launch(build, tuple(ladder), cpu, ({},), "ladder", lambda cfg: (x,))  # (the same object)
-    assert len(built) == 1
-    launch.kept_launch(build, ladder[:1] + ladder[1:], cpu, ({},), "ladder", lambda cfg: (x,))  # another object
-    assert len(built) == 2
+    assert len(built) == len(asked) == 1
+    monkeypatch.setenv("FASTRNN_VARIANT", "tiled")
+    launch.kept_launch(build, ladder, cpu, ({},), "ladder", lambda cfg: (x,))
+    assert len(built) == len(asked) == 2
+    launch.kept_launch(build, ladder, cpu, ({},), ("ladder", Config("tiled", 8, 8, 8)), lambda cfg: (x,))
+    assert len(built) == len(asked) == 3
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_warm_module_call_asks_for_no_candidates(monkeypatch, cell):
+    """A module's warm forward and backward ask ``pick_configs`` nothing; a forced variant set between
+    calls is followed (the launch built again with it)."""
+    import fastrnn
+    import fastrnn.kernels.config as kernel_config
+
+    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
+    monkeypatch.delenv("FASTRNN_VARIANT", raising=False)
+    picked = _counting_calls(monkeypatch, kernel_config, "pick_configs")
+    module = fastrnn.CELLS[cell].module(4, 8)
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    module(x)[0].sum().backward()
+    first = len(picked)
+    module(x)[0].sum().backward()
+    assert first == 2 and len(picked) == first  # (the forward's and the backward's, once)
+    monkeypatch.setenv("FASTRNN_VARIANT", "stepwise")
+    variants = _counting_calls(monkeypatch, launch, "kept_plan")
+    module(x)[0].sum().backward()
+    assert len(picked) == first + 2 and len(variants) == 2
 
 
 def test_kept_launch_follows_the_fp32_precision_flag(monkeypatch):
@@ -534,7 +565,7 @@ def test_kept_launch_follows_the_fp32_precision_flag(monkeypatch):
     launches = []
     for flag in (True, True, False, False, True):
         tf32[0] = flag
-        launches.append(launch.kept_launch(build, configs, cuda, ({},), "fp32", lambda cfg: (x,))[1][3])
+        launches.append(launch.kept_launch(build, lambda: configs, cuda, ({},), "fp32", lambda cfg: (x,))[1][3])
     assert [kw["PRECISION"] for kw in launches] == ["tf32", "tf32", "tf32x3", "tf32x3", "tf32"]
     assert built == [True, False]  # each flag's launch built once
 
