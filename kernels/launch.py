@@ -83,9 +83,9 @@ class Plan:
         self.config, self.cooperative = config, None
 
 
-PLANS: dict = {}  # launch key (``launch_key``) -> Plan
+PLANS: dict = {}  # launch key (``launch_key``) -> Plan, the oldest first
 KEPT: dict = {}  # (launcher's key, device, flags, tensors' signature) -> Kept, the oldest first
-MAX_KEPT = 4096
+MAX_KEPT = 4096  # entries of each (a server seeing many shapes and lengths: the oldest go)
 
 
 def forget() -> None:
@@ -102,7 +102,7 @@ def kept_plan(build, configs, device, phases=({},)):
     plan = PLANS.get(key)
     if plan is None:
         chosen, launch = choose(build, configs, lambda plans: fits_gpu(plans, device), phases, first)
-        plan = PLANS[key] = Plan(chosen)
+        plan = keep(PLANS, key, Plan(chosen))
         return plan, launch
     return plan, (first if plan.config == configs[0] else build(plan.config))
 
@@ -119,13 +119,19 @@ def kept_launch(build, ladder, device, phases, key, operands):
     if kept is not None:
         return kept.plan, kept.launch(operands(kept.plan.config), build)
     plan, launch = kept_plan(build, ladder(), device, phases)
-    if len(KEPT) >= MAX_KEPT:  # (the oldest goes: many lengths T, or layouts, seen)
+    keep(KEPT, key, Kept(plan, launch, operands(plan.config)))
+    return plan, launch
+
+
+def keep(cache: dict, key, value):
+    """``cache[key] = value``, the oldest entry dropped first where ``cache`` holds MAX_KEPT."""
+    if len(cache) >= MAX_KEPT:
         try:
-            KEPT.pop(next(iter(KEPT)), None)
+            cache.pop(next(iter(cache)), None)
         except (RuntimeError, StopIteration):  # another thread changed it meanwhile
             pass
-    KEPT[key] = Kept(plan, launch, operands(plan.config))
-    return plan, launch
+    cache[key] = value
+    return value
 
 
 def signature(tensors) -> tuple:

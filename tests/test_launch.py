@@ -450,13 +450,14 @@ def test_operands_that_alias_at_the_first_call_are_never_rebound():
 
 
 def test_kept_launches_are_bounded(monkeypatch):
-    """Every new length T is a new kept launch (its integers differ); past MAX_KEPT the oldest goes."""
+    """Every new length T is a new kept launch (its integers differ), every new batch size a new plan;
+    past MAX_KEPT the oldest of each goes, and a launch whose plan went is planned again."""
     monkeypatch.setattr(launch, "MAX_KEPT", 2)
     w = torch.randn(8, 8, dtype=torch.float64) * 0.3
-    for T in (3, 4, 5, 3):
-        x = torch.randn(T, 2, 8, dtype=torch.float64)
+    for T, B in ((3, 2), (4, 3), (5, 4), (3, 2), (6, 3)):
+        x = torch.randn(T, B, 8, dtype=torch.float64)
         y = elman_fwd(x, None, w)
-        assert len(launch.KEPT) <= 2
+        assert len(launch.KEPT) <= 2 and len(launch.PLANS) <= 2
         torch.testing.assert_close(y[-1], torch.tanh(x[-1] + y[-2] @ w.T), rtol=1e-12, atol=1e-12)
 
 
