@@ -112,7 +112,9 @@ def kept_launch(build, ladder, device, phases, key, operands):
     rebound from the one kept for the same ``key``, device, signature of the tensors, forced variant
     (``FASTRNN_VARIANT``) and precision of fp32 products on a GPU (``config.dtype_flags`` reads it into
     the constexprs): everything ``pick_configs`` reads but the shapes and dtypes, which the signature
-    holds, so a kept launch's candidates would be the same; they are asked for at a miss only."""
+    holds, so a kept launch's candidates would be the same; they are asked for at a miss only. (Code
+    that changes the candidates otherwise, patching ``pick_configs`` or its constants, calls
+    ``forget()``.)"""
     tf32 = device.type == "cuda" and config.fp32_uses_tf32()
     key = (key, device, tf32, os.environ.get("FASTRNN_VARIANT", ""), signature(operands(None)))
     kept = KEPT.get(key)

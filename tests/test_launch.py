@@ -453,12 +453,15 @@ def test_kept_launches_are_bounded(monkeypatch):
     """Every new length T is a new kept launch (its integers differ), every new batch size a new plan;
     past MAX_KEPT the oldest of each goes, and a launch whose plan went is planned again."""
     monkeypatch.setattr(launch, "MAX_KEPT", 2)
+    chosen = _counting_calls(monkeypatch, launch, "choose")
     w = torch.randn(8, 8, dtype=torch.float64) * 0.3
-    for T, B in ((3, 2), (4, 3), (5, 4), (3, 2), (6, 3)):
+    for T, B in ((3, 2), (4, 3), (5, 4), (3, 2), (6, 4)):
         x = torch.randn(T, B, 8, dtype=torch.float64)
         y = elman_fwd(x, None, w)
         assert len(launch.KEPT) <= 2 and len(launch.PLANS) <= 2
         torch.testing.assert_close(y[-1], torch.tanh(x[-1] + y[-2] @ w.T), rtol=1e-12, atol=1e-12)
+    # B=2's plan and launch were the oldest when B=4 came: planned again; B=4's plan was still kept
+    assert len(chosen) == 4
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
