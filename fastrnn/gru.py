@@ -13,6 +13,7 @@ Returns every ``h_t`` as ``y (T, B, H)`` and the final state ``h_n (B, H)``. ``r
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -453,9 +454,21 @@ class GRU(FusedRNNBase):
         b = None
         if self.bias:  # b_hr and b_hz fold into the input projection; b_hn is scaled by r
             H = self.hidden_size
-            b = bias_sum(b_ih, F.pad(b_hh[:2 * H], (0, H)))  # (b_hr, b_hz, 0)
+            b = torch.where(_gates_r_and_z(H, b_ih.device), bias_sum(b_ih, b_hh), b_ih)  # (3H,)
             b_hn = b_hh[2 * H:]
         x_proj = F.linear(x, w_ih, b)  # (T, B, 3H)
         w_hh, b_hn, h0 = as_dtype(x_proj.dtype, w_hh, b_hn, start[0] if start else None)
         y, h_n = gru_recurrence(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
         return y, (h_n,)
+
+
+def _gates_r_and_z(H: int, device: torch.device) -> torch.Tensor:
+    """``(3H,)`` bool, True at gates r and z: where a GRU's input projection adds both biases."""
+    if torch.compiler.is_compiling():
+        return torch.arange(3 * H, device=device) < 2 * H
+    return _r_and_z_mask(H, device)
+
+
+@functools.cache  # (one small tensor per hidden size and device, made once: two operations less a call)
+def _r_and_z_mask(H: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(3 * H, device=device) < 2 * H
