@@ -463,12 +463,14 @@ class GRU(FusedRNNBase):
 
 
 def _gates_r_and_z(H: int, device: torch.device) -> torch.Tensor:
-    """``(3H,)`` bool, True at gates r and z: where a GRU's input projection adds both biases."""
-    if torch.compiler.is_compiling():
-        return torch.arange(3 * H, device=device) < 2 * H
-    return _r_and_z_mask(H, device)
+    """``(3H,)`` bool, True at gates r and z: where a GRU's input projection adds both biases. Eager,
+    one tensor per hidden size and device, made once (two operations less a call); compiled, made in
+    the graph."""
+    return _r_and_z(H, device) if torch.compiler.is_compiling() else _r_and_z_kept(H, device)
 
 
-@functools.cache  # (one small tensor per hidden size and device, made once: two operations less a call)
-def _r_and_z_mask(H: int, device: torch.device) -> torch.Tensor:
+def _r_and_z(H: int, device: torch.device) -> torch.Tensor:
     return torch.arange(3 * H, device=device) < 2 * H
+
+
+_r_and_z_kept = functools.cache(_r_and_z)

@@ -143,42 +143,35 @@ def signature(tensors) -> tuple:
 
 
 class Kept:
-    """A launch as built at its key's first call, its tensors left out: each tensor argument's place
-    among the call's ``operands``. A warm call with tensors of the same signature puts them in: its
-    integers (shapes, strides, T) and constexprs are the same. (Where two operands were one tensor,
-    or an argument is none of them, each call builds its launch.)"""
+    """A launch as built at its key's first call, its tensors left out: the place of each tensor
+    argument (they come first, as every launcher passes them) among the call's ``operands``. A warm
+    call with tensors of the same signature puts them in: its integers (shapes, strides, T) and
+    constexprs are the same. (Where two operands were one tensor, an argument is none of them, or a
+    tensor comes after another argument, each call builds its launch.)"""
 
     def __init__(self, plan, launch, operands) -> None:
         self.plan = plan
         self.kernel, self.grid, args, self.kwargs = launch
-        self.rest = None  # the arguments after the tensors, where the tensors come first
         places = {id(t): i for i, t in enumerate(operands) if t is not None}
-        tensors = [(at, a) for at, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        n = sum(isinstance(a, torch.Tensor) for a in args)
         distinct = len(places) == sum(t is not None for t in operands)
-        self.slots = None
-        if distinct and all(id(a) in places for _, a in tensors):
-            self.slots = tuple((at, places[id(a)]) for at, a in tensors)
-            self.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # (no tensor kept alive)
-            if tensors and [at for at, _ in self.slots] == list(range(len(tensors))):  # tensors first, as usual
-                self.take, self.rest = _gather([i for _, i in self.slots]), tuple(self.args[len(tensors):])
+        self.slots = None  # each tensor argument's index among the operands, where rebindable
+        if distinct and all(isinstance(a, torch.Tensor) and id(a) in places for a in args[:n]):
+            self.slots = tuple(places[id(a)] for a in args[:n])
+            self.take, self.rest = _gather(self.slots), tuple(args[n:])  # (no tensor kept alive)
 
     def launch(self, operands, build):
         """``(kernel, grid, args, kwargs)`` with this call's ``operands``."""
         if self.slots is None:
             return build(self.plan.config)
-        if self.rest is not None:
-            return self.kernel, self.grid, (*self.take(operands), *self.rest), self.kwargs
-        args = self.args.copy()
-        for at, i in self.slots:
-            args[at] = operands[i]
-        return self.kernel, self.grid, args, self.kwargs
+        return self.kernel, self.grid, (*self.take(operands), *self.rest), self.kwargs
 
 
-def _gather(indices: list):
+def _gather(indices: tuple):
     """``operands -> tuple(operands[i] for i in indices)``, at C speed."""
     if len(indices) == 1:
         return lambda operands: (operands[indices[0]],)
-    return operator.itemgetter(*indices)
+    return operator.itemgetter(*indices) if indices else (lambda operands: ())
 
 
 def launch_key(configs, launch, device) -> tuple:
