@@ -308,9 +308,9 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
     if x_proj.dim() != 3:
         raise ValueError(f"x_proj must be 3-D (T, B, H), got {x_proj.dim()}-D")
     T, B, H = x_proj.shape
-    if tuple(w_hh.shape) != (H, H):
+    if w_hh.shape != (H, H):
         raise RuntimeError(f"w_hh must be ({H}, {H}), got {tuple(w_hh.shape)}")
-    if h0 is not None and tuple(h0.shape) != (B, H):
+    if h0 is not None and h0.shape != (B, H):
         raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
     check_operands(x_proj, w_hh=w_hh, h0=h0)
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)

@@ -419,11 +419,11 @@ def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Te
     if G % 3 != 0:
         raise ValueError(f"x_proj's last dimension must be 3 * hidden_size (gates r, z, n), got {G}")
     H = G // 3
-    if tuple(w_hh.shape) != (G, H):
+    if w_hh.shape != (G, H):
         raise RuntimeError(f"w_hh must be ({G}, {H}), got {tuple(w_hh.shape)}")
-    if b_hn is not None and tuple(b_hn.shape) != (H,):
+    if b_hn is not None and b_hn.shape != (H,):
         raise RuntimeError(f"b_hn must be ({H},), got {tuple(b_hn.shape)}")
-    if h0 is not None and tuple(h0.shape) != (B, H):
+    if h0 is not None and h0.shape != (B, H):
         raise RuntimeError(f"Expected hidden size ({B}, {H}), got {list(h0.shape)}")
     check_operands(x_proj, w_hh=w_hh, b_hn=b_hn, h0=h0)
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)

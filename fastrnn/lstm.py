@@ -445,11 +445,11 @@ def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Ten
     if w_hr is not None and (w_hr.dim() != 2 or w_hr.shape[1] != H):
         raise RuntimeError(f"w_hr must be (proj_size, {H}), got {tuple(w_hr.shape)}")
     P = w_hr.shape[0] if w_hr is not None else H
-    if tuple(w_hh.shape) != (G, P):
+    if w_hh.shape != (G, P):
         raise RuntimeError(f"w_hh must be ({G}, {P}), got {tuple(w_hh.shape)}")
-    if h0 is not None and tuple(h0.shape) != (B, P):
+    if h0 is not None and h0.shape != (B, P):
         raise RuntimeError(f"Expected hidden[0] size ({B}, {P}), got {list(h0.shape)}")
-    if c0 is not None and tuple(c0.shape) != (B, H):
+    if c0 is not None and c0.shape != (B, H):
         raise RuntimeError(f"Expected hidden[1] size ({B}, {H}), got {list(c0.shape)}")
     check_operands(x_proj, w_hh=w_hh, w_hr=w_hr, h0=h0, c0=c0)
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)

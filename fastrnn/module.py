@@ -186,7 +186,7 @@ class FusedRNNBase(nn.RNNBase):
         """``(w_ih, w_hh, b_ih, b_hh)`` of one layer and direction (biases None without bias). (A
         parameter is read from ``_parameters``, as ``getattr`` finds it; a weight that is no longer a
         parameter there, reparametrised or set as a plain tensor, through ``getattr``.)"""
-        return tuple(self._parameter(name) if name else None for name in _weight_names(suffix, self.bias))
+        return [self._parameter(name) if name else None for name in _weight_names(suffix, self.bias)]
 
     def _parameter(self, name: str) -> Tensor:
         p = self._parameters.get(name)

@@ -70,7 +70,12 @@ def differentiated(inputs) -> bool:
     AD (dual tensors) active."""
     if forward_ad._current_level >= 0:
         return True
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
+    if not torch.is_grad_enabled():
+        return False
+    for a in inputs:  # (a loop, not any() over a generator: see runs_directly)
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 def runs_directly(inputs) -> bool:
@@ -88,6 +93,10 @@ def runs_directly(inputs) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+# Whether autocast is on for any device (one call; where this torch lacks it, CUDA's or the CPU's).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled",
+                        lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
 
 # Whether a torch.func transform (grad, vmap, jvp, ...) is running; where this torch cannot tell,
 # always (the transformable Function serves every call).
@@ -112,7 +121,7 @@ def own_precision(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+        if not _any_autocast():
             return fn(*args, **kwargs)  # (the usual case: no context to enter)
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             return fn(*args, **kwargs)

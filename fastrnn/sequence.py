@@ -18,7 +18,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def as_dtype(dtype: torch.dtype, *tensors):
     """The operands in ``dtype`` (None stays None): a module's weights and state in its input
     projection's dtype, which autocast may have lowered."""
-    return tuple(t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors)
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def edge_step(T: int, last: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
@@ -146,14 +146,15 @@ def _rows_index(x: torch.Tensor, step):
 
 def check_operands(x_proj: torch.Tensor, **operands: torch.Tensor | None) -> None:
     """Each operand given (None skipped) has x_proj's dtype and device."""
+    dtype, device = x_proj.dtype, x_proj.device
     for name, t in operands.items():
         if t is None:
             continue
-        if t.dtype != x_proj.dtype:
-            raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({x_proj.dtype})")
-        if t.device != x_proj.device:
+        if t.dtype != dtype:
+            raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({dtype})")
+        if t.device != device:
             raise RuntimeError(f"Input and {name} tensors are not at the same device, found input "
-                               f"tensor at {x_proj.device} and {name} tensor at {t.device}")
+                               f"tensor at {device} and {name} tensor at {t.device}")
 
 
 def checked_steps(lengths, resets, T: int, B: int, device: torch.device):
@@ -173,7 +174,7 @@ def check_resets(resets, shape: tuple, device: torch.device) -> None:
     if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
         kind = resets.dtype if isinstance(resets, torch.Tensor) else type(resets).__name__
         raise TypeError(f"resets must be a bool tensor, got {kind}")
-    if tuple(resets.shape) != tuple(shape):
+    if resets.shape != tuple(shape):
         raise ValueError(f"resets must have shape {tuple(shape)}, got {tuple(resets.shape)}")
     if resets.device != device:
         raise ValueError(f"resets must be on the input's device ({device}), found {resets.device}")
@@ -188,7 +189,7 @@ def lengths_on_device(lengths, T: int, B: int, device: torch.device) -> torch.Te
         raise RuntimeError(f"lengths must be on the CPU or on the input's device ({device}), "
                            f"found {lengths.device}")
     lengths = torch.as_tensor(lengths, dtype=torch.int64, device=lengths.device if on_device else "cpu")
-    if tuple(lengths.shape) != (B,):
+    if lengths.shape != (B,):
         raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
     if not on_device and B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
         raise ValueError(f"lengths must lie in [1, {T}]")

@@ -283,7 +283,7 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
     T, B, H = x_proj.shape
     check_operands(x_proj, h0, w_hh, lengths, resets)
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
-    h0, lengths = (t.contiguous() if t is not None else None for t in (h0, lengths))
+    h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
     y = x_proj.new_empty(T, B, H)
     if T == 0 or B == 0:
         return y
@@ -376,17 +376,18 @@ def check_operands(x_proj, h0, w_hh, lengths, resets=None) -> None:
     if x_proj.dim() != 3:
         raise ValueError(f"x_proj must be (T, B, H), got shape {tuple(x_proj.shape)}")
     T, B, H = x_proj.shape
-    if tuple(w_hh.shape) != (H, H):
+    if w_hh.shape != (H, H):  # (torch.Size is a tuple: compared as it is, a warm call's every microsecond)
         raise ValueError(f"w_hh must be ({H}, {H}) for x_proj {tuple(x_proj.shape)}, got {tuple(w_hh.shape)}")
-    if h0 is not None and tuple(h0.shape) != (B, H):
+    if h0 is not None and h0.shape != (B, H):
         raise ValueError(f"h0 must be ({B}, {H}), got {tuple(h0.shape)}")
+    dtype, device = x_proj.dtype, x_proj.device
     for name, t in (("w_hh", w_hh), ("h0", h0)):
-        if t is not None and t.dtype != x_proj.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match x_proj dtype {x_proj.dtype}")
-        if t is not None and t.device != x_proj.device:
-            raise ValueError(f"{name} is on {t.device} but x_proj is on {x_proj.device}")
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match x_proj dtype {dtype}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x_proj is on {device}")
     if lengths is not None:
-        if tuple(lengths.shape) != (B,) or lengths.dtype.is_floating_point or lengths.device != x_proj.device:
+        if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.device != device:
             raise ValueError(f"lengths must be an integer ({B},) tensor on {x_proj.device}, got "
                              f"{lengths.dtype} {tuple(lengths.shape)} on {lengths.device}")
     if resets is not None:

@@ -232,7 +232,7 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     if T == 0 or B == 0:
         return y, gates
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
-    b_hn, lengths = (t.contiguous() if t is not None else None for t in (b_hn, lengths))
+    b_hn, lengths = [t if t is None else t.contiguous() for t in (b_hn, lengths)]
     h_state = carried_state(h0, x_proj, B, H)  # (B, H): the kernel writes it
     resets = resets_operand(resets, x_proj.dtype)
     with torch.cuda.device_of(x_proj):
@@ -271,7 +271,7 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
         return d_x, dh_carry.to(y.dtype)
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
     y, gates, w_hh = y.contiguous(), gates.contiguous(), w_hh.contiguous()
-    h0, lengths = (t.contiguous() if t is not None else None for t in (h0, lengths))
+    h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
     d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
     resets = resets_operand(resets, y.dtype)
     tensors = (dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry)

@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from ..backend import environ
 from ..sequence import acc_dtype
 from . import config
 
@@ -116,7 +117,7 @@ def kept_launch(build, ladder, device, phases, key, operands):
     that changes the candidates otherwise, patching ``pick_configs`` or its constants, calls
     ``forget()``.)"""
     tf32 = device.type == "cuda" and config.fp32_uses_tf32()
-    key = (key, device, tf32, os.environ.get("FASTRNN_VARIANT", ""), signature(operands(None)))
+    key = (key, device, tf32, environ("FASTRNN_VARIANT"), signature(operands(None)))
     kept = KEPT.get(key)
     if kept is not None:
         return kept.plan, kept.launch(operands(kept.plan.config), build)

@@ -333,7 +333,7 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     if T == 0 or B == 0:
         return y, c, gates
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
-    h0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (h0, w_hr, lengths))
+    h0, w_hr, lengths = [t if t is None else t.contiguous() for t in (h0, w_hr, lengths)]
     c_state = carried_state(c0, x_proj, B, H)  # (B, H): the kernel writes it
     resets = resets_operand(resets, x_proj.dtype)
     m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
@@ -386,7 +386,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     if dc_n is dh_n:  # (one gradient for both, as autograd hands a sum h_n + c_n's): operands of their own
         dc_n = dc_n.clone()
     c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()
-    c0, w_hr, lengths = (t.contiguous() if t is not None else None for t in (c0, w_hr, lengths))
+    c0, w_hr, lengths = [t if t is None else t.contiguous() for t in (c0, w_hr, lengths)]
     dh_buf = dy.new_empty(2, B, P) if w_hr is not None else dy  # dh of all columns (with PROJ)
     resets = resets_operand(resets, gates.dtype)
     tensors = (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf)
