@@ -24,7 +24,7 @@ from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
 from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after,
-                       cut_steps, edge_step, enters, final_steps, huge_pages, previous_states, shifted,
+                       cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states, shifted,
                        sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +70,8 @@ def gru_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Ten
 
 def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None):
     """The forward launcher's twin: ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n and
-    ``hn = hh_n + b_hn``), both zero past each sequence's end; no autograd graph.
+    ``hn = hh_n + b_hn``), both zero past each sequence's end, and the final state ``(B, H)`` in the
+    accumulator's precision; no autograd graph.
 
     In fp32/fp64 each step writes straight into its slices of the outputs; fp16/bf16 steps run in
     fp32 buffers and are copied out."""
@@ -119,7 +120,7 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, rese
         if valid is not None:
             for out in (ys[t], gates[t]):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
-    return y, gates
+    return y, gates, h.clone()  # (h may be a step of y)
 
 
 def _step_factors(k, y, gates, h0, acc, reverse, lengths, resets, gates_src):
@@ -249,8 +250,9 @@ def gru_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Te
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on
     x_proj's device."""
-    y, gates = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
-    return y, gates, at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
+    y, gates, state = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths,
+                                                                     resets)
+    return y, gates, final_state(state, y, reverse, lengths)
 
 
 gru_fwd_op = torch.library.custom_op("fastrnn::gru_fwd", gru_forward, mutates_args=())

@@ -25,8 +25,8 @@ from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, check_operands, checked_steps,
-                       cut_after, cut_steps, edge_step, enters, final_steps, huge_pages, previous_states, shifted,
-                       sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states,
+                       shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -72,7 +72,8 @@ def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tens
 
 def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None):
     """The forward launcher's twin: ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)`` (i, f, g,
-    o after their nonlinearity), all zero past each sequence's end; no autograd graph.
+    o after their nonlinearity), all zero past each sequence's end, and the final cell state ``(B, H)``
+    in the accumulator's precision; no autograd graph.
 
     In fp32/fp64 each step writes straight into its slices of the outputs (the product into
     ``gates[t]``, whose gates then take their nonlinearity in place), with no temporary per step;
@@ -131,7 +132,7 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
         if valid is not None:
             for out in (ys[t], cs[t], gates[t]):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
-    return y, c, gates
+    return y, c, gates, c_prev.clone()  # (c_prev may be a step of c)
 
 
 def _step_factors(k, gates, c, c0, acc, reverse, lengths, resets):
@@ -251,10 +252,10 @@ def lstm_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``,
     ``c_n (B, H)``; ``lengths`` on x_proj's device."""
-    y, c, gates = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse, lengths,
-                                                                    resets)
-    last = edge_step(y.shape[0], not reverse, lengths, y.device)
-    return y, c, gates, at_step(y, last).clone(), at_step(c, last).clone()
+    y, c, gates, c_state = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse,
+                                                                             lengths, resets)
+    h_n = at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
+    return y, c, gates, h_n, final_state(c_state, c, reverse, lengths)
 
 
 lstm_fwd_op = torch.library.custom_op("fastrnn::lstm_fwd", lstm_forward, mutates_args=())

@@ -39,6 +39,16 @@ def at_step(x: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
     return x[step, torch.arange(x.shape[1], device=x.device)]
 
 
+def final_state(state: torch.Tensor, x: torch.Tensor, reverse: bool, lengths: torch.Tensor | None):
+    """A gated op's final state ``(B, N)`` from the one its loop carried (``state``, in the accumulator's
+    precision, its own tensor): that tensor itself where ``x`` (T, B, N), the steps it was stored into,
+    has its precision; else ``x`` at each sequence's last step, copied (fp16/bf16: exactly as stored,
+    as torch's modules return ``output[-1]``)."""
+    if state.dtype == x.dtype:
+        return state
+    return at_step(x, edge_step(x.shape[0], not reverse, lengths, x.device)).clone()
+
+
 def step_rows(x: torch.Tensor, step: torch.Tensor | int):
     """The index of each sequence's row ``step`` (from ``edge_step``) in ``x (T, B, ...)``."""
     return step if isinstance(step, int) else (step, torch.arange(x.shape[1], device=x.device))

@@ -225,21 +225,23 @@ def gru_bwd_kernel(
 def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, config=None):
     """Launch the GRU forward. ``x_proj (T, B, 3H)``, ``h0 (B, H)`` or None, ``w_hh (3H, H)``,
     ``b_hn (H,)`` or None, ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the device or None.
-    Returns ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end."""
+    Returns ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end, and
+    ``h_state (B, H)``, each sequence's final state as the kernel carried it: in the accumulator's
+    precision (y's own for fp32 and fp64)."""
     T, B, G = x_proj.shape
     H = G // 3
     y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)
+    h_state = carried_state(h0, x_proj, B, H)  # (B, H): the kernel writes it
     if T == 0 or B == 0:
-        return y, gates
+        return y, gates, h_state
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     b_hn, lengths = [t if t is None else t.contiguous() for t in (b_hn, lengths)]
-    h_state = carried_state(h0, x_proj, B, H)  # (B, H): the kernel writes it
     resets = resets_operand(resets, x_proj.dtype)
     with torch.cuda.device_of(x_proj):
         tensors = (x_proj, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
         run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, x_proj, **CELL),
                      T, x_proj.device, key=("gru_fwd", reverse, config), operands=lambda cfg: tensors)
-    return y, gates
+    return y, gates, h_state
 
 
 def gru_fwd_launch(x_proj, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse, config):

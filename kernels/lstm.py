@@ -326,15 +326,16 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     """Launch the LSTM forward. ``x_proj (T, B, 4H)``, ``h0 (B, P)``, ``c0 (B, H)`` or None,
     ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` int64 or
     ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and
-    ``gates (T, B, 4H)``, zero past each sequence's end."""
+    ``gates (T, B, 4H)``, zero past each sequence's end, and ``c_state (B, H)``, each sequence's final
+    cell state as the kernel carried it: in the accumulator's precision (c's own for fp32 and fp64)."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G)
+    c_state = carried_state(c0, x_proj, B, H)  # (B, H): the kernel writes it
     if T == 0 or B == 0:
-        return y, c, gates
+        return y, c, gates, c_state
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, w_hr, lengths = [t if t is None else t.contiguous() for t in (h0, w_hr, lengths)]
-    c_state = carried_state(c0, x_proj, B, H)  # (B, H): the kernel writes it
     resets = resets_operand(resets, x_proj.dtype)
     m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
     with torch.cuda.device_of(x_proj):
@@ -342,7 +343,7 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
         run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m),
                      lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr),
                      key=("lstm_fwd", reverse, config), operands=lambda cfg: tensors)
-    return y, c, gates
+    return y, c, gates, c_state
 
 
 def lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config, m=None):

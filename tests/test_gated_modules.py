@@ -372,3 +372,35 @@ def test_final_state_detaches_in_place(backend, cell, layers):
         assert part._base is None
         part.detach_()
         assert not part.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("steps", ["whole", "lengths", "resets"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_final_state_is_the_last_stored_step(backend, dtype, steps, reverse):
+    """A gated op's final states are its outputs at each sequence's last step, bit for bit, as torch's
+    modules return ``output[-1]``: taken from the state the loop carried where that has the outputs'
+    precision (fp32), from the stored step otherwise (bf16, stored rounded), each a tensor of its own."""
+    from fastrnn.gru import gru_forward
+    from fastrnn.lstm import lstm_forward
+    from fastrnn.sequence import at_step, edge_step
+
+    torch.manual_seed(0)
+    T, B, H = 6, 3, 16
+    lengths = torch.tensor([6, 2, 4]) if steps == "lengths" else None
+    resets = torch.rand(T, B) < 0.3 if steps == "resets" else None
+    last = edge_step(T, not reverse, lengths, "cpu")
+    for G, forward in ((4, lstm_forward), (3, gru_forward)):
+        x, w = torch.randn(T, B, G * H, dtype=dtype), (torch.randn(G * H, H) * 0.3).to(dtype)
+        h0 = torch.randn(B, H, dtype=dtype)
+        if G == 4:
+            y, c, _, h_n, c_n = forward(x, h0, h0.clone(), w, None, reverse, lengths, backend, resets)
+            pairs = ((y, h_n), (c, c_n))
+        else:
+            y, _, h_n = forward(x, h0, w, None, reverse, lengths, backend, resets)
+            pairs = ((y, h_n),)
+        for steps_, final in pairs:
+            assert final.dtype == dtype and final._base is None
+            assert torch.equal(final, at_step(steps_, last))
+            assert final.data_ptr() not in (t.data_ptr() for t in (x, h0, y, steps_))

@@ -196,10 +196,10 @@ def test_gpu_path_stepwise_carries_the_state_in_fp32(cell, one_thread):
     for cfg in (None, Config("stepwise", 16, 16, 16)):
         if cell == "lstm":
             fwd = lstm_fwd(x, h0, h0, w, config=cfg)
-            bwd = lstm_bwd(dy, dh_n, dh_n, *fwd, h0, h0, w, config=cfg)
+            bwd = lstm_bwd(dy, dh_n, dh_n, *fwd[:-1], h0, h0, w, config=cfg)  # (fwd[-1]: c_n)
         else:
             fwd = gru_fwd(x, h0, w, None, config=cfg)
-            bwd = gru_bwd(dy, dh_n, *fwd, h0, w, config=cfg)
+            bwd = gru_bwd(dy, dh_n, *fwd[:-1], h0, w, config=cfg)  # (fwd[-1]: h_n)
         runs.append(fwd + bwd)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
