@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from ..backend import environ
+from ..backend import device_type, environ
 from ..sequence import acc_dtype
 from . import config
 
@@ -116,7 +116,7 @@ def kept_launch(build, ladder, device, phases, key, operands):
     holds, so a kept launch's candidates would be the same; they are asked for at a miss only. (Code
     that changes the candidates otherwise, patching ``pick_configs`` or its constants, calls
     ``forget()``.)"""
-    tf32 = device.type == "cuda" and config.fp32_uses_tf32()
+    tf32 = device_type(device) == "cuda" and config.fp32_uses_tf32()
     key = (key, device, tf32, environ("FASTRNN_VARIANT"), signature(operands(None)))
     kept = KEPT.get(key)
     if kept is not None:
