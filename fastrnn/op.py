@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 from torch.autograd import forward_ad
 
 
@@ -73,7 +74,7 @@ def differentiated(inputs) -> bool:
     if not torch.is_grad_enabled():
         return False
     for a in inputs:  # (a loop, not any() over a generator: see runs_directly)
-        if isinstance(a, torch.Tensor) and a.requires_grad:
+        if isinstance(a, Tensor) and a.requires_grad:
             return True
     return False
 
@@ -87,12 +88,12 @@ def runs_directly(inputs) -> bool:
             torch._C._get_tracing_state() or torch._C._autograd._profiler_enabled():
         return False
     for a in inputs:  # (a loop, not all() over a generator: a microsecond less on every call)
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta):
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
             return False
     return True
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 # Whether autocast is on for any device (one call; where this torch lacks it, CUDA's or the CPU's).
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled",
