@@ -1,7 +1,7 @@
 """Host time of a warm call on the fused path, with every kernel launch replaced by a no-op (issue
 #24): what Python adds on top of Triton's own launch cost, per layer and direction.
 
-    python benchmarks/host_overhead.py [--rounds 60] [--calls 200] [--cuda]
+    python benchmarks/host_overhead.py [--rounds 60] [--calls 200] [--cuda] [--against REV]
 
 Runs on a CPU: the fused path (``FASTRNN_BACKEND=triton``) takes its GPU route through the launch
 machinery (the configuration chosen once and kept, the launch kept and rebound, ``kernels/launch.py``),
@@ -18,17 +18,28 @@ so a call's time is its host time. Per cell, in interleaved rounds (this machine
 - the cell's functional op (``fastrnn.CELLS[cell].recurrence``) on a projected input, ``no_grad``;
 - the forward launcher alone (``fastrnn.kernels.<cell>``): checks, buffers, the kept launch;
 - torch's own module computing the same one-layer call on the CPU, for scale.
+
+``--against REV`` adds the same figures for fastrnn as it was at git revision REV, imported beside
+this one and timed in the same rounds: a change's effect measured without the drift between two
+processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
+import io
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 CUDA = "--cuda" in sys.argv[1:]  # (read before torch and triton are imported: they read the environment)
 if not CUDA:
@@ -40,26 +51,48 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastrnn  # noqa: E402
-import fastrnn.kernels.launch as launch  # noqa: E402
 
 B, T, I, H = 2, 8, 16, 16
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def no_launches() -> None:
-    """Every ``kernel[grid](...)`` does nothing; the launch path takes its GPU route."""
+def no_launches(*packages) -> None:
+    """Every ``kernel[grid](...)`` does nothing; the launch path of each of ``packages`` (fastrnn and
+    a baseline) takes its GPU route."""
     for kind in (JITFunction, InterpretedFunction):  # (the interpreter's stand-in for the JIT)
         kind.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
-    launch.INTERPRETED = False
-    launch.fits_gpu = lambda plans, device: True
-    launch.resident_capacity = lambda *args, **kwargs: float("inf")
+    for package in packages:
+        kept = importlib.import_module(f"{package.__name__}.kernels.launch")
+        kept.INTERPRETED = False
+        kept.fits_gpu = lambda plans, device: True
+        kept.resident_capacity = lambda *args, **kwargs: float("inf")
 
 
-def warm_call(cell: str, provider: str, mode: str, layers: int = 1, bidirectional: bool = False):
+def baseline(rev: str):
+    """fastrnn as it was at git revision ``rev``, imported beside this one as ``fastrnn_baseline``:
+    its ``fastrnn/`` and ``kernels/`` unpacked into a temporary folder (``kernels/`` as the package's
+    ``kernels``, as setuptools maps it), its custom ops renamed into a namespace of their own (torch
+    registers each op name once)."""
+    name, root = "fastrnn_baseline", Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", rev, "fastrnn", "kernels"],
+                             capture_output=True, check=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="fastrnn-baseline-"))
+    atexit.register(shutil.rmtree, folder, True)
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(folder)
+    (folder / "kernels").rename(folder / "fastrnn" / "kernels")
+    (folder / "fastrnn").rename(folder / name)
+    for source in (folder / name).rglob("*.py"):
+        text = source.read_text()
+        source.write_text(text.replace('"fastrnn::', f'"{name}::').replace('f"fastrnn.kernels.', f'f"{name}.kernels.'))
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
+
+
+def warm_call(cell: str, provider: str, mode: str, layers: int = 1, bidirectional: bool = False, package=fastrnn):
     """A forward of a module of ``provider`` ("fastrnn" or "torch") on tiny shapes: ``mode`` "fwd"
-    under no_grad, or "train", recording autograd's graph."""
+    under no_grad, or "train", recording autograd's graph; fastrnn's from ``package``."""
     torch.manual_seed(0)
-    kind = fastrnn.CELLS[cell].module if provider == "fastrnn" else fastrnn.CELLS[cell].torch_module
+    kind = package.CELLS[cell].module if provider == "fastrnn" else fastrnn.CELLS[cell].torch_module
     module = kind(I, H, layers, bidirectional=bidirectional, device=DEVICE)
     x = torch.randn(T, B, I, device=DEVICE, requires_grad=mode == "train")
 
@@ -70,13 +103,12 @@ def warm_call(cell: str, provider: str, mode: str, layers: int = 1, bidirectiona
     return call
 
 
-def op_call(cell: str):
+def op_call(cell: str, package=fastrnn):
     """The cell's functional op and its forward launcher on a projected input ``(T, B, gates x H)``."""
-    gates = fastrnn.CELLS[cell].gates
+    gates, kernels = package.CELLS[cell].gates, package.CELLS[cell].kernels
     x_proj, w_hh = torch.randn(T, B, gates * H, device=DEVICE), torch.randn(gates * H, H, device=DEVICE)
-    recurrence = fastrnn.CELLS[cell].recurrence
-    launcher = getattr(importlib.import_module(f"fastrnn.kernels.{fastrnn.CELLS[cell].kernels}"),
-                       f"{fastrnn.CELLS[cell].kernels}_fwd")
+    recurrence = package.CELLS[cell].recurrence
+    launcher = getattr(importlib.import_module(f"{package.__name__}.kernels.{kernels}"), f"{kernels}_fwd")
     gated = (None,) if cell == "lstm" else ()  # (the LSTM's launcher takes c0 after h0)
 
     def op():
@@ -113,30 +145,46 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--calls", type=int, default=200, help="calls per round (default 200)")
     parser.add_argument("--cuda", action="store_true", help="on the GPU, every kernel launched")
+    parser.add_argument("--against", metavar="REV", help="also fastrnn as at git revision REV, in the same rounds")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if CUDA and not torch.cuda.is_available():
         parser.error("--cuda: no GPU here")
+    versions = {"now": fastrnn, **({args.against: baseline(args.against)} if args.against else {})}
     if CUDA:
         where = f"on {torch.cuda.get_device_name()}, every kernel launched, torch's module running cuDNN"
     else:
-        no_launches()
+        no_launches(*versions.values())
         where = "fastrnn's kernels not run, torch's module computing on the CPU"
     print(f"host time of a warm call (B={B} T={T} I=H={H}, fp32), {where} (torch {torch.__version__}, "
           f"{os.cpu_count()} cores, 1 thread); µs per call, best round (median round) of {args.rounds} "
           f"interleaved rounds of {args.calls} calls\n")
-    print("| cell | module fwd (no_grad) | module fwd (autograd) | each further layer & direction | "
-          "functional op | launcher | torch's module fwd (no_grad) |\n|---|---|---|---|---|---|---|")
+    version = "version | " if args.against else ""
+    print(f"| cell | {version}module fwd (no_grad) | module fwd (autograd) | each further layer & direction | "
+          f"functional op | launcher | torch's module fwd (no_grad) |\n|---|---|---|---|---|---|---|"
+          + ("---|" if args.against else ""))
     for cell in fastrnn.CELLS:
-        op, launcher = op_call(cell)
-        calls = {"fwd": warm_call(cell, "fastrnn", "fwd"), "train": warm_call(cell, "fastrnn", "train"),
-                 "deep": warm_call(cell, "fastrnn", "fwd", layers=2, bidirectional=True), "op": op,
-                 "launcher": launcher, "torch": warm_call(cell, "torch", "fwd")}
+        calls = {("torch", "torch"): warm_call(cell, "torch", "fwd")}
+        for tag, package in versions.items():
+            calls.update({(tag, what): call for what, call in cell_calls(cell, package).items()})
         t = best_and_median(calls, args.rounds, args.calls)
-        t["deep"] = tuple((deep - one) / 3 for deep, one in zip(t["deep"], t["fwd"]))
-        row = " | ".join(f"{t[k][0]:.1f} ({t[k][1]:.1f})" for k in ("fwd", "train", "deep", "op", "launcher", "torch"))
-        print(f"| {cell} | {row} |")
+        for tag in versions:
+            mine = {what: t[(tag, what)] for what in ("fwd", "train", "deep", "op", "launcher")}
+            mine["deep"] = tuple((deep - one) / 3 for deep, one in zip(mine["deep"], mine["fwd"]))
+            mine["torch"] = t[("torch", "torch")]
+            row = " | ".join(f"{mine[k][0]:.1f} ({mine[k][1]:.1f})"
+                             for k in ("fwd", "train", "deep", "op", "launcher", "torch"))
+            print(f"| {cell} | " + (f"{tag} | " if args.against else "") + f"{row} |")
     return 0
+
+
+def cell_calls(cell: str, package) -> dict:
+    """The calls timed for ``cell`` with fastrnn from ``package``, by the table's column."""
+    op, launcher = op_call(cell, package)
+    return {"fwd": warm_call(cell, "fastrnn", "fwd", package=package),
+            "train": warm_call(cell, "fastrnn", "train", package=package),
+            "deep": warm_call(cell, "fastrnn", "fwd", layers=2, bidirectional=True, package=package), "op": op,
+            "launcher": launcher}
 
 
 if __name__ == "__main__":

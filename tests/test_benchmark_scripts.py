@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,13 @@ def test_host_overhead_prints_every_cell():
     out = run("benchmarks/host_overhead.py", "--rounds", "1", "--calls", "2")
     rows = [line for line in out.splitlines() if line.startswith(("| rnn |", "| lstm |", "| gru |"))]
     assert len(rows) == 3 and all(row.count("|") == 8 for row in rows), out
+
+
+def test_host_overhead_against_a_revision():
+    """``--against REV``: the revision's fastrnn imported beside this one, a row for each per cell."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    out = run("benchmarks/host_overhead.py", "--rounds", "1", "--calls", "2", "--against", "HEAD")
+    rows = [line for line in out.splitlines() if line.startswith(("| rnn |", "| lstm |", "| gru |"))]
+    assert len(rows) == 6 and all(row.count("|") == 9 for row in rows), out
+    assert [row.split("|")[2].strip() for row in rows] == ["now", "HEAD"] * 3, out
