@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, with_defaults
+from .op import Differentiable, own_precision, runs_directly, with_defaults
 from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after,
                        cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states, shifted,
                        sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
@@ -120,7 +120,7 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, rese
         if valid is not None:
             for out in (ys[t], gates[t]):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
-    return y, gates, h.clone()  # (h may be a step of y)
+    return y, gates, h.clone() if direct and valid is None else h  # (there h is a step of y, or h0)
 
 
 def _step_factors(k, y, gates, h0, acc, reverse, lengths, resets, gates_src):
@@ -456,7 +456,7 @@ class GRU(FusedRNNBase):
         b = None
         if self.bias:  # b_hr and b_hz fold into the input projection; b_hn is scaled by r
             H = self.hidden_size
-            b = torch.where(_gates_r_and_z(H, b_ih.device), bias_sum(b_ih, b_hh), b_ih)  # (3H,)
+            b = torch.where(_gates_r_and_z(H, b_ih), bias_sum(b_ih, b_hh), b_ih)  # (3H,)
             b_hn = b_hh[2 * H:]
         x_proj = F.linear(x, w_ih, b)  # (T, B, 3H)
         w_hh, b_hn, h0 = as_dtype(x_proj.dtype, w_hh, b_hn, start[0] if start else None)
@@ -464,11 +464,14 @@ class GRU(FusedRNNBase):
         return y, (h_n,)
 
 
-def _gates_r_and_z(H: int, device: torch.device) -> torch.Tensor:
-    """``(3H,)`` bool, True at gates r and z: where a GRU's input projection adds both biases. Eager,
-    one tensor per hidden size and device, made once (two operations less a call); compiled, made in
-    the graph."""
-    return _r_and_z(H, device) if torch.compiler.is_compiling() else _r_and_z_kept(H, device)
+def _gates_r_and_z(H: int, like: torch.Tensor) -> torch.Tensor:
+    """``(3H,)`` bool on ``like``'s device, True at gates r and z: where a GRU's input projection adds
+    both biases. Eager on plain tensors, one tensor per hidden size and device, made once (two
+    operations less a call); compiled, or where a mode or a tensor subclass watches (fake tensors:
+    what they make must not be kept for real calls), made each call."""
+    if torch.compiler.is_compiling() or not runs_directly((like,)):
+        return _r_and_z(H, like.device)
+    return _r_and_z_kept(H, like.device)
 
 
 def _r_and_z(H: int, device: torch.device) -> torch.Tensor:

@@ -132,7 +132,7 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
         if valid is not None:
             for out in (ys[t], cs[t], gates[t]):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
-    return y, c, gates, c_prev.clone()  # (c_prev may be a step of c)
+    return y, c, gates, c_prev.clone() if direct and valid is None else c_prev  # (there a step of c, or c0)
 
 
 def _step_factors(k, gates, c, c0, acc, reverse, lengths, resets):
@@ -254,6 +254,7 @@ def lstm_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[
     ``c_n (B, H)``; ``lengths`` on x_proj's device."""
     y, c, gates, c_state = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse,
                                                                              lengths, resets)
+    # h is not carried apart from y (each step reads it back from there): h_n is y's last step
     h_n = at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
     return y, c, gates, h_n, final_state(c_state, c, reverse, lengths)
 

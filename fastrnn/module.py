@@ -13,14 +13,12 @@ RNN and GRU, ``(h, c)`` for LSTM; ``_public_state`` turns it into what the torch
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .backend import torch_module_runs
+from .backend import memo, torch_module_runs
 from .export import in_onnx_export, onnx_forward
 from .sequence import check_resets
 
@@ -183,7 +181,7 @@ class FusedRNNBase(nn.RNNBase):
         return layer_input, tuple(torch.stack(parts) for parts in zip(*finals))
 
     def _weights(self, suffix: str):
-        """``(w_ih, w_hh, b_ih, b_hh)`` of one layer and direction (biases None without bias). (A
+        """``[w_ih, w_hh, b_ih, b_hh]`` of one layer and direction (biases None without bias). (A
         parameter is read from ``_parameters``, as ``getattr`` finds it; a weight that is no longer a
         parameter there, reparametrised or set as a plain tensor, through ``getattr``.)"""
         return [self._parameter(name) if name else None for name in _weight_names(suffix, self.bias)]
@@ -219,7 +217,7 @@ def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     return SumOfBiases.apply(b_ih, b_hh) if torch.compiler.is_compiling() else b_ih + b_hh
 
 
-@functools.cache  # (a few distinct suffixes; built once, not at every layer of every call)
+@memo  # (a few distinct suffixes; built once, not at every layer of every call)
 def _weight_names(suffix: str, bias: bool) -> tuple:
     """The names of ``(w_ih, w_hh, b_ih, b_hh)`` for ``suffix`` (``_l0``, ``_l1_reverse``, ...), the
     biases' "" without bias."""

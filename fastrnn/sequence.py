@@ -184,7 +184,7 @@ def check_resets(resets, shape: tuple, device: torch.device) -> None:
     if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool:
         kind = resets.dtype if isinstance(resets, torch.Tensor) else type(resets).__name__
         raise TypeError(f"resets must be a bool tensor, got {kind}")
-    if resets.shape != tuple(shape):
+    if resets.shape != shape:
         raise ValueError(f"resets must have shape {tuple(shape)}, got {tuple(resets.shape)}")
     if resets.device != device:
         raise ValueError(f"resets must be on the input's device ({device}), found {resets.device}")

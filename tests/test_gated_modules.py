@@ -404,3 +404,37 @@ def test_final_state_is_the_last_stored_step(backend, dtype, steps, reverse):
             assert final.dtype == dtype and final._base is None
             assert torch.equal(final, at_step(steps_, last))
             assert final.data_ptr() not in (t.data_ptr() for t in (x, h0, y, steps_))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_compile_traces_no_cache_dynamo_warns_about(backend, cell):
+    """What a module's call asks at every call and keeps (device types, weight names, whether triton
+    imports) is kept in plain dicts: Dynamo warns at every ``functools`` cache it traces."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = fastrnn.CELLS[cell].module(4, 6, 2, bidirectional=True)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, fullgraph=True, backend="eager")(torch.randn(5, 2, 4))
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message)[:200] for w in caught]
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_a_call_on_fake_tensors_keeps_nothing_for_real_ones(cell, monkeypatch):
+    """What a module keeps between calls (the GRU's bias mask per hidden size and device) is never made
+    from fake tensors: a real call after a call under FakeTensorMode computes as a first call does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("FASTRNN_BACKEND", "torch")  # (not torch's own module, which keeps nothing)
+    torch.manual_seed(0)
+    with FakeTensorMode():  # a module and input made fake, as torch.export and shape propagation do
+        fastrnn.CELLS[cell].module(4, 6)(torch.randn(5, 3, 4))
+    model, theirs = fastrnn.CELLS[cell].module(4, 6), fastrnn.CELLS[cell].torch_module(4, 6)
+    theirs.load_state_dict(model.state_dict())
+    x = torch.randn(5, 3, 4)
+    y, _ = model(x)
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, theirs(x)[0], rtol=1e-5, atol=1e-6)
