@@ -29,7 +29,7 @@ from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
 from .sequence import (add_at, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps, edge_step,
-                       enters, previous_states, shifted, valid_steps)
+                       enters, last_step, previous_states, shifted, valid_steps)
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -134,8 +134,7 @@ def elman_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.
     """The forward op: -> ``y (T, B, H)``, ``h_n (B, H)``."""
     y = loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths,
                                                             resets)
-    h_n = at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
-    return y, h_n
+    return y, last_step(y, reverse, lengths)
 
 
 elman_fwd_op = torch.library.custom_op("fastrnn::elman_fwd", elman_forward, mutates_args=())

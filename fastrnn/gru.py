@@ -13,14 +13,13 @@ Returns every ``h_t`` as ``y (T, B, H)`` and the final state ``h_n (B, H)``. ``r
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from torch.nn import functional as F
 
-from .backend import get_backend, loop
+from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, runs_directly, with_defaults
 from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after,
@@ -478,4 +477,4 @@ def _r_and_z(H: int, device: torch.device) -> torch.Tensor:
     return torch.arange(3 * H, device=device) < 2 * H
 
 
-_r_and_z_kept = functools.cache(_r_and_z)
+_r_and_z_kept = memo(_r_and_z)

@@ -25,8 +25,9 @@ from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, check_operands, checked_steps,
-                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states,
-                       shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, last_step,
+                       previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
+                       valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -255,8 +256,7 @@ def lstm_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[
     y, c, gates, c_state = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse,
                                                                              lengths, resets)
     # h is not carried apart from y (each step reads it back from there): h_n is y's last step
-    h_n = at_step(y, edge_step(y.shape[0], not reverse, lengths, y.device)).clone()
-    return y, c, gates, h_n, final_state(c_state, c, reverse, lengths)
+    return y, c, gates, last_step(y, reverse, lengths), final_state(c_state, c, reverse, lengths)
 
 
 lstm_fwd_op = torch.library.custom_op("fastrnn::lstm_fwd", lstm_forward, mutates_args=())

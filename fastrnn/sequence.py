@@ -44,8 +44,12 @@ def final_state(state: torch.Tensor, x: torch.Tensor, reverse: bool, lengths: to
     precision, its own tensor): that tensor itself where ``x`` (T, B, N), the steps it was stored into,
     has its precision; else ``x`` at each sequence's last step, copied (fp16/bf16: exactly as stored,
     as torch's modules return ``output[-1]``)."""
-    if state.dtype == x.dtype:
-        return state
+    return state if state.dtype == x.dtype else last_step(x, reverse, lengths)
+
+
+def last_step(x: torch.Tensor, reverse: bool, lengths: torch.Tensor | None) -> torch.Tensor:
+    """``x (T, B, N)`` at the last step each sequence's walk takes, copied: ``(B, N)``, the final state
+    where ``x`` holds every step's."""
     return at_step(x, edge_step(x.shape[0], not reverse, lengths, x.device)).clone()
 
 

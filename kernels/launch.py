@@ -287,7 +287,7 @@ def arrival_counters(n_groups: int, device) -> torch.Tensor:
     overlap). Other streams, CUDA graph capture and torch.compile's graph warm-ups among them (which
     allocate from a graph's private pool), get fresh zeros each launch."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+    if device_type(device) != "cuda" or torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
         return torch.zeros(n_groups, dtype=torch.int32, device=device)
     key = device.index if device.index is not None else torch.cuda.current_device()
     counters = COUNTERS.get(key)
