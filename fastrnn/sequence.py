@@ -50,7 +50,10 @@ def final_state(state: torch.Tensor, x: torch.Tensor, reverse: bool, lengths: to
 def last_step(x: torch.Tensor, reverse: bool, lengths: torch.Tensor | None) -> torch.Tensor:
     """``x (T, B, N)`` at the last step each sequence's walk takes, copied: ``(B, N)``, the final state
     where ``x`` holds every step's."""
-    return at_step(x, edge_step(x.shape[0], not reverse, lengths, x.device)).clone()
+    step = edge_step(x.shape[0], not reverse, lengths, x.device)
+    if isinstance(step, int):
+        return torch.select_copy(x, 0, step)  # (one op: no view made, then cloned)
+    return at_step(x, step)  # (indexing by a tensor copies already)
 
 
 def step_rows(x: torch.Tensor, step: torch.Tensor | int):

@@ -4,8 +4,8 @@ One file per cell, forward and backward together: ``elman.py`` (``elman_fwd`` wr
 state, ``elman_bwd`` the pre-activation gradient), ``lstm.py`` (``lstm_fwd`` / ``lstm_bwd``) and
 ``gru.py`` (``gru_fwd`` / ``gru_bwd``). What the cells share: ``common.py`` (arithmetic, products,
 the walk over time, the grid barrier), ``gates.py`` (a gated cell's per-gate loads, stores and
-weights), ``config.py`` (variants and block sizes) and ``launch.py`` (how a kernel runs over a
-sequence). The ops that pair the launchers live in ``fastrnn.elman``, ``fastrnn.lstm``, ``fastrnn.gru``.
+weights), ``config.py`` (variants and block sizes), ``launch.py`` (how a kernel runs over a
+sequence) and ``operands.py`` (what every launcher checks of its operands). The ops that pair the launchers live in ``fastrnn.elman``, ``fastrnn.lstm``, ``fastrnn.gru``.
 """
 
 import os

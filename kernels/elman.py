@@ -38,7 +38,8 @@ from ..sequence import acc_dtype
 from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
                      state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, ladder
-from .launch import h0_product, resets_operand, run_sequence
+from .launch import h0_product, kept_key, resets_operand, run_sequence
+from .operands import expect_operands, expect_sequence
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -280,8 +281,9 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
     """Launch the forward recurrence. ``x_proj (T, B, H)``, ``h0 (B, H)`` or None, ``w_hh (H, H)``,
     ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the same device or None. Returns
     ``y (T, B, H)`` in x_proj's dtype."""
+    key = kept_key(("elman_fwd", activation, reverse, config), x_proj.device, (x_proj, h0, w_hh, lengths, resets),
+                   lambda: check_fwd(x_proj, h0, w_hh, lengths, resets))  # (checked where not kept yet)
     T, B, H = x_proj.shape
-    check_operands(x_proj, h0, w_hh, lengths, resets)
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
     y = x_proj.new_empty(T, B, H)
@@ -290,8 +292,8 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
     resets = resets_operand(resets, x_proj.dtype)
     made = []  # h0 @ w_hh.T, the tiled kernels' alone: made once, if one runs
 
-    def operands(cfg):  # the tensors fwd_launch passes for cfg (None: those given)
-        if h0 is None or cfg is None or cfg.variant == "resident":
+    def operands(cfg):  # the tensors fwd_launch passes for cfg
+        if h0 is None or cfg.variant == "resident":
             return x_proj, h0, None, w_hh, lengths, resets, y
         if not made:
             made.append(h0_product(h0, w_hh))
@@ -299,8 +301,7 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
 
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
         run_sequence(lambda cfg: fwd_launch(*operands(cfg), activation, reverse, cfg),
-                     lambda: ladder(config, B, H, x_proj), T, x_proj.device,
-                     key=("elman_fwd", activation, reverse, config), operands=operands)
+                     lambda: ladder(config, B, H, x_proj), T, x_proj.device, key=key, operands=operands)
     return y
 
 
@@ -333,10 +334,9 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
               config=None):
     """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)``, ``w_hh (H, H)``,
     ``lengths (B,)`` int64 or ``resets (T, B)`` bool, or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
+    key = kept_key(("elman_bwd", activation, reverse, config), y.device, (dy, dh_n, y, w_hh, lengths, resets),
+                   lambda: check_bwd(dy, dh_n, y, w_hh, lengths, resets))
     T, B, H = y.shape
-    check_operands(y, dh_n, w_hh, lengths, resets)
-    if dy.shape != y.shape:
-        raise ValueError(f"dy must have y's shape {tuple(y.shape)}, got {tuple(dy.shape)}")
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
     y, w_hh = y.contiguous(), w_hh.contiguous()
     lengths = lengths.contiguous() if lengths is not None else None
@@ -347,7 +347,7 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
     tensors = (dy, dh_n, y, w_hh, lengths, resets, d_pre)
     with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
         run_sequence(lambda cfg: bwd_launch(*tensors, activation, reverse, cfg), lambda: ladder(config, B, H, y), T,
-                     y.device, key=("elman_bwd", activation, reverse, config), operands=lambda cfg: tensors)
+                     y.device, key=key, operands=lambda cfg: tensors)
     return d_pre
 
 
@@ -371,31 +371,17 @@ def bwd_launch(dy, dh_n, y, w_hh, lengths, resets, d_pre, activation, reverse, c
     return bwd_tiled_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
-def check_operands(x_proj, h0, w_hh, lengths, resets=None) -> None:
-    """Shapes, dtypes and devices the kernels rely on; a clear error instead of a bad launch."""
-    if x_proj.dim() != 3:
-        raise ValueError(f"x_proj must be (T, B, H), got shape {tuple(x_proj.shape)}")
-    T, B, H = x_proj.shape
-    if w_hh.shape != (H, H):  # (torch.Size is a tuple: compared as it is, a warm call's every microsecond)
-        raise ValueError(f"w_hh must be ({H}, {H}) for x_proj {tuple(x_proj.shape)}, got {tuple(w_hh.shape)}")
-    if h0 is not None and h0.shape != (B, H):
-        raise ValueError(f"h0 must be ({B}, {H}), got {tuple(h0.shape)}")
-    dtype, device = x_proj.dtype, x_proj.device
-    for name, t in (("w_hh", w_hh), ("h0", h0)):
-        if t is not None and t.dtype != dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match x_proj dtype {dtype}")
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x_proj is on {device}")
-    if lengths is not None:
-        if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.device != device:
-            raise ValueError(f"lengths must be an integer ({B},) tensor on {x_proj.device}, got "
-                             f"{lengths.dtype} {tuple(lengths.shape)} on {lengths.device}")
-    if resets is not None:
-        if tuple(resets.shape) != (T, B) or resets.dtype != torch.bool or resets.device != x_proj.device:
-            raise ValueError(f"resets must be a bool ({T}, {B}) tensor on {x_proj.device}, got "
-                             f"{resets.dtype} {tuple(resets.shape)} on {resets.device}")
-        if lengths is not None:
-            raise ValueError("lengths and resets cannot be given together")
+def check_fwd(x_proj, h0, w_hh, lengths, resets) -> None:
+    """What the forward kernels rely on (``operands.expect_operands``)."""
+    T, B, H = expect_sequence("x_proj", x_proj)
+    expect_operands("x_proj", x_proj, lengths, resets, w_hh=(w_hh, (H, H)), h0=(h0, (B, H)))
+
+
+def check_bwd(dy, dh_n, y, w_hh, lengths, resets) -> None:
+    """What the backward kernels rely on (``dy``, ``dh_n`` in any floating dtype: the launcher converts them)."""
+    T, B, H = expect_sequence("y", y)
+    expect_operands("y", y, lengths, resets, converted=("dy", "dh_n"), dy=(dy, (T, B, H)), dh_n=(dh_n, (B, H)),
+                    w_hh=(w_hh, (H, H)))
 
 
 def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None,

@@ -19,8 +19,10 @@ launched, whatever its ptxas version.
 ``scripts/compile_check.py`` walks the same ladder with its own measure, compiling for sm_90 on a CPU.
 
 What a warm call does on the host: the choice is kept per launch (``PLANS``, whatever T), and the
-built launch per signature of its tensors (``KEPT``: shapes, strides, dtypes, alignment); a call whose
-tensors match puts them into the kept arguments and launches, building nothing.
+built launch per signature of the tensors its call was given (``KEPT``: shapes, strides, dtypes,
+devices, alignment; ``kept_key``); a call whose tensors match puts them into the kept arguments and
+launches, building nothing and checking nothing (a launcher checks its operands where their
+signature is not kept yet, so every launch kept has passed them).
 """
 
 from __future__ import annotations
@@ -55,11 +57,9 @@ def run_sequence(build, ladder, T: int, device, phases=({},), *, key, operands) 
     its constexprs.
 
     The choice (and whether the driver takes the tiled grid cooperatively) is made at a launch's first
-    call and kept (``PLANS``); the built launch is kept too (``kept_launch``), per ``key`` (what
-    ``build`` and ``ladder`` read besides the tensors: the launcher's name, flags and given
-    configuration) and signature of ``operands`` (``operands(config)``: the tensors ``build(config)``
-    passes, None where absent; ``operands(None)``: those the call was given): a warm call puts its
-    tensors into it and launches, and asks ``ladder`` nothing."""
+    call and kept (``PLANS``); the built launch is kept too (``kept_launch``), per ``key`` (from
+    ``kept_key``): a warm call puts its tensors (``operands(config)``: those ``build(config)`` passes,
+    None where absent) into it and launches, and asks ``ladder`` nothing."""
     plan, (kernel, grid, args, kwargs) = kept_launch(build, ladder, device, phases, key, operands)
     if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
@@ -108,16 +108,29 @@ def kept_plan(build, configs, device, phases=({},)):
     return plan, (first if plan.config == configs[0] else build(plan.config))
 
 
+def kept_key(name, device, given, check) -> tuple:
+    """The key a launch is kept by: ``name`` (what ``build`` and ``ladder`` read besides the tensors:
+    the launcher's name, flags and given configuration), the device, the forced variant
+    (``FASTRNN_VARIANT``), the precision of fp32 products on a GPU (``config.dtype_flags`` reads it
+    into the constexprs) and the signature of the tensors the call was ``given``: everything
+    ``pick_configs`` and the launch read. (Not of the buffers the launcher makes from them, outputs
+    and scratch: fresh, so aligned, and shaped and typed by the given ones.) At a key not kept (a
+    launch's first call, or one whose operands differ from every kept one's), ``check()`` first: the
+    launcher's checks of its operands, which a kept key has passed (the signature holds each one's
+    shape, dtype and device)."""
+    tf32 = device_type(device) == "cuda" and config.fp32_uses_tf32()
+    key = (name, device, tf32, environ("FASTRNN_VARIANT"), signature(given))
+    if key not in KEPT:
+        check()
+    return key
+
+
 def kept_launch(build, ladder, device, phases, key, operands):
     """``(plan, launch)`` as ``kept_plan`` gives them for the candidates ``ladder()``, the launch
-    rebound from the one kept for the same ``key``, device, signature of the tensors, forced variant
-    (``FASTRNN_VARIANT``) and precision of fp32 products on a GPU (``config.dtype_flags`` reads it into
-    the constexprs): everything ``pick_configs`` reads but the shapes and dtypes, which the signature
-    holds, so a kept launch's candidates would be the same; they are asked for at a miss only. (Code
+    rebound from the one kept for ``key`` (``kept_key``), which holds everything ``pick_configs``
+    reads, so a kept launch's candidates would be the same: they are asked for at a miss only. (Code
     that changes the candidates otherwise, patching ``pick_configs`` or its constants, calls
     ``forget()``.)"""
-    tf32 = device_type(device) == "cuda" and config.fp32_uses_tf32()
-    key = (key, device, tf32, environ("FASTRNN_VARIANT"), signature(operands(None)))
     kept = KEPT.get(key)
     if kept is not None:
         return kept.plan, kept.launch(operands(kept.plan.config), build)
@@ -138,9 +151,11 @@ def keep(cache: dict, key, value):
 
 
 def signature(tensors) -> tuple:
-    """What a launch reads of its tensors besides their data: shape, strides, dtype, and whether the
-    pointer is 16-byte aligned (Triton compiles aligned pointers apart); None for an absent one."""
-    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+    """What a launch reads of its tensors besides their data, and what its checks read: shape,
+    strides, dtype, device, and whether the pointer is 16-byte aligned (Triton compiles aligned
+    pointers apart); None for an absent one."""
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+                  for t in tensors])
 
 
 class Kept:

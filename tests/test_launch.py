@@ -290,6 +290,12 @@ def _counting_calls(monkeypatch, module, name: str) -> list:
     return calls
 
 
+def _kept_launch(build, ladder, device, name, tensors):
+    """``launch.kept_launch`` of a launch whose call was given ``tensors`` (and passes them), checking nothing."""
+    key = launch.kept_key(name, device, tensors, lambda: None)
+    return launch.kept_launch(build, ladder, device, ({},), key, lambda cfg: tensors)
+
+
 def test_warm_call_keeps_its_plan(monkeypatch):
     """The first call at a shape chooses its configuration (compiling and checking candidates on a
     GPU); later calls, whatever their length, launch the kept plan without choosing again."""
@@ -443,9 +449,9 @@ def test_operands_that_alias_at_the_first_call_are_never_rebound():
     configs = (Config("resident", 16, 16, 16),)
     first = second = a
     cpu = torch.device("cpu")
-    launch.kept_launch(build, lambda: configs, cpu, ({},), "alias", lambda cfg: (first, second))
+    _kept_launch(build, lambda: configs, cpu, "alias", (first, second))
     first, second = b, c
-    _, (_, _, got, _) = launch.kept_launch(build, lambda: configs, cpu, ({},), "alias", lambda cfg: (first, second))
+    _, (_, _, got, _) = _kept_launch(build, lambda: configs, cpu, "alias", (first, second))
     assert got[0] is b and got[1] is c and got[2] == 7
 
 
@@ -471,12 +477,23 @@ def test_every_launch_of_a_module_is_kept_whole(monkeypatch, cell):
     a loss on both final states, LSTM with and without a projection) is kept with its tensors'
     places, and a second round of the same calls builds nothing: no launch is built again at every
     call because two of its operands were one tensor."""
+    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
+    builds = _counting_calls(monkeypatch, launch, "kept_plan")
+    calls = _module_calls(cell)
+    calls()
+    first = len(builds)
+    calls()
+    assert first and len(builds) == first  # the second round: every launch rebound
+    assert all(kept.slots is not None for kept in launch.KEPT.values())
+
+
+def _module_calls(cell: str):
+    """A round of a module's forward and backward calls (bidirectional; with and without h0, packed,
+    with resets, a loss on both final states; the LSTM with and without a projection)."""
     import fastrnn
     from torch.nn.utils.rnn import pack_padded_sequence
 
-    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
     torch.manual_seed(0)
-    builds = _counting_calls(monkeypatch, launch, "kept_plan")
     modules = [fastrnn.CELLS[cell].module(4, 5, bidirectional=True, **extra)
                for extra in (({}, {"proj_size": 3}) if cell == "lstm" else ({},))]
     x = torch.randn(6, 3, 4, requires_grad=True)
@@ -493,11 +510,32 @@ def test_every_launch_of_a_module_is_kept_whole(monkeypatch, cell):
                 loss(*module(*inputs)).backward()
             loss(*module(x, resets=resets)).backward()
 
+    return calls
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_a_rebound_launch_is_the_one_its_call_would_build(monkeypatch, cell):
+    """A kept launch is found by the tensors its call was given (``kept_key``) and rebound with the
+    call's tensors, the buffers the launcher made included: at every warm call of a module's forward
+    and backward it equals the launch built afresh for that call (kernel, grid, constexprs, each
+    tensor in its place, every integer)."""
+    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
+    compared, rebind = [], launch.Kept.launch
+
+    def rebound_and_compared(self, operands, build):
+        got, fresh = rebind(self, operands, build), build(self.plan.config)
+        assert got[0] is fresh[0] and got[1] == fresh[1] and got[3] == fresh[3] and len(got[2]) == len(fresh[2])
+        for a, b in zip(got[2], fresh[2]):
+            assert a is b if isinstance(b, torch.Tensor) else (type(a) is type(b) and a == b)
+        compared.append(1)
+        return got
+
+    monkeypatch.setattr(launch.Kept, "launch", rebound_and_compared)
+    calls = _module_calls(cell)
     calls()
-    first = len(builds)
     calls()
-    assert first and len(builds) == first  # the second round: every launch rebound
-    assert all(kept.slots is not None for kept in launch.KEPT.values())
+    assert len(compared) >= len(launch.KEPT)
 
 
 def test_a_kept_launch_asks_for_no_candidates(monkeypatch):
@@ -518,12 +556,12 @@ def test_a_kept_launch_asks_for_no_candidates(monkeypatch):
 
     cpu = torch.device("cpu")
     for _ in range(3):
-        launch.kept_launch(build, ladder, cpu, ({},), "ladder", lambda cfg: (x,))
+        _kept_launch(build, ladder, cpu, "ladder", (x,))
     assert len(built) == len(asked) == 1
     monkeypatch.setenv("FASTRNN_VARIANT", "tiled")
-    launch.kept_launch(build, ladder, cpu, ({},), "ladder", lambda cfg: (x,))
+    _kept_launch(build, ladder, cpu, "ladder", (x,))
     assert len(built) == len(asked) == 2
-    launch.kept_launch(build, ladder, cpu, ({},), ("ladder", Config("tiled", 8, 8, 8)), lambda cfg: (x,))
+    _kept_launch(build, ladder, cpu, ("ladder", Config("tiled", 8, 8, 8)), (x,))
     assert len(built) == len(asked) == 3
 
 
@@ -569,7 +607,7 @@ def test_kept_launch_follows_the_fp32_precision_flag(monkeypatch):
     launches = []
     for flag in (True, True, False, False, True):
         tf32[0] = flag
-        launches.append(launch.kept_launch(build, lambda: configs, cuda, ({},), "fp32", lambda cfg: (x,))[1][3])
+        launches.append(_kept_launch(build, lambda: configs, cuda, "fp32", (x,))[1][3])
     assert [kw["PRECISION"] for kw in launches] == ["tf32", "tf32", "tf32x3", "tf32x3", "tf32"]
     assert built == [True, False]  # each flag's launch built once
 
@@ -587,3 +625,94 @@ def test_one_gradient_for_both_lstm_states_keeps_the_launch_whole(monkeypatch):
         y, h_n, c_n = lstm_recurrence(x, None, None, w)
         (y.sum() + ((h_n + c_n) ** 2).sum()).backward()
     assert len(launch.KEPT) == 2 and all(kept.slots is not None for kept in launch.KEPT.values())
+
+
+def _launcher_calls(T=4, B=2, H=8, P=4):
+    """Each launcher of ``fastrnn.kernels`` and operands it takes, by keyword (the LSTM's with a
+    projection to P)."""
+    import fastrnn.kernels as kernels
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    return {
+        "elman_fwd": (kernels.elman_fwd, dict(x_proj=r(T, B, H), h0=r(B, H), w_hh=r(H, H))),
+        "elman_bwd": (kernels.elman_bwd, dict(dy=r(T, B, H), dh_n=r(B, H), y=r(T, B, H), w_hh=r(H, H))),
+        "gru_fwd": (kernels.gru_fwd, dict(x_proj=r(T, B, 3 * H), h0=r(B, H), w_hh=r(3 * H, H), b_hn=r(H))),
+        "gru_bwd": (kernels.gru_bwd, dict(dy=r(T, B, H), dh_n=r(B, H), y=r(T, B, H), gates=r(T, B, 4 * H),
+                                          h0=r(B, H), w_hh=r(3 * H, H))),
+        "lstm_fwd": (kernels.lstm_fwd, dict(x_proj=r(T, B, 4 * H), h0=r(B, P), c0=r(B, H), w_hh=r(4 * H, P),
+                                            w_hr=r(P, H))),
+        "lstm_bwd": (kernels.lstm_bwd, dict(dy=r(T, B, P), dh_n=r(B, P), dc_n=r(B, H), y=r(T, B, P), c=r(T, B, H),
+                                            gates=r(T, B, 4 * H), h0=r(B, P), c0=r(B, H), w_hh=r(4 * H, P),
+                                            w_hr=r(P, H))),
+    }
+
+
+def _bad_operands(operands: dict, unread=()) -> list:
+    """``(name, bad operands, error)`` for each way the operands can be wrong, one operand at a time
+    (none of those ``unread``, which the launcher takes but does not read)."""
+    first = next(iter(operands))  # (x_proj, dy, or the backward's y/gates: all (T, B, ...))
+    w, (T, B) = operands["w_hh"], operands[first].shape[:2]
+    cases = [("w_hh", dict(w_hh=w[:, :-1]), ValueError), ("w_hh", dict(w_hh=w.double()), TypeError),
+             ("w_hh", dict(w_hh=torch.empty_like(w, device="meta")), ValueError),
+             ("lengths", dict(lengths=torch.full((B,), float(T))), ValueError),
+             ("resets", dict(resets=torch.zeros(T + 1, B, dtype=torch.bool)), ValueError),
+             ("resets", dict(resets=torch.zeros(T, B, dtype=torch.bool), lengths=torch.full((B,), T)), ValueError)]
+    return cases + [(name, {name: t[..., :-1]}, ValueError) for name, t in operands.items()
+                    if t.dim() == 3 and name not in unread]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("name", ["elman_fwd", "elman_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
+def test_launchers_refuse_bad_operands(name):
+    """Every launcher of ``fastrnn.kernels`` refuses an operand of the wrong shape, dtype or device,
+    bad lengths or resets, with an error naming it (a kernel would read garbage or out of bounds),
+    also right after a warm call that kept the launch of the good ones; operands the launcher converts
+    (a backward's gradients) may come in another floating dtype."""
+    launcher, operands = _launcher_calls()[name]
+    good = launcher(**operands)
+    for operand, bad, error in _bad_operands(operands, unread=("y", "h0") if name == "lstm_bwd" else ()):
+        launcher(**operands)  # (kept: the bad call below differs from it in one operand)
+        with pytest.raises(error, match=operand):
+            launcher(**{**operands, **bad})
+    if name.endswith("bwd"):
+        converted = launcher(**{**operands, "dy": operands["dy"].double()})
+        torch.testing.assert_close(converted, good, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("name", ["elman_fwd", "elman_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
+def test_launchers_check_only_where_the_launch_is_not_kept(monkeypatch, name):
+    """A launcher checks its operands where their signature is not kept yet: a warm call with the
+    same shapes, dtypes and devices checks nothing; another length is checked once."""
+    import importlib
+
+    module = importlib.import_module(f"fastrnn.kernels.{name.split('_')[0]}")
+    check = f"check_{name.split('_')[1]}"
+    checks = _counting_calls(monkeypatch, module, check)
+    launcher, operands = _launcher_calls()[name]
+    for _ in range(3):
+        launcher(**operands)
+    assert len(checks) == 1
+    for _ in range(2):
+        launcher(**_launcher_calls(T=6)[name][1])
+    assert len(checks) == 2
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("name", ["elman_fwd", "elman_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
+def test_a_launch_is_kept_by_the_tensors_its_call_was_given(monkeypatch, name):
+    """The key of a kept launch holds the signature of the tensors the call was given, not of the
+    buffers the launcher makes (outputs, scratch, carried state: those follow from the given ones)."""
+    signed, real = [], launch.signature
+    monkeypatch.setattr(launch, "signature", lambda tensors: signed.append(tensors) or real(tensors))
+    launcher, operands = _launcher_calls()[name]
+    outputs = launcher(**operands)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    assert len(signed) == 1
+    pointers = {t.data_ptr() for t in signed[0] if t is not None}
+    assert {t.data_ptr() for t in operands.values() if t.data_ptr() in pointers}  # (contiguous: themselves)
+    assert not pointers & {t.data_ptr() for t in outputs}
