@@ -5,7 +5,8 @@ state, ``elman_bwd`` the pre-activation gradient), ``lstm.py`` (``lstm_fwd`` / `
 ``gru.py`` (``gru_fwd`` / ``gru_bwd``). What the cells share: ``common.py`` (arithmetic, products,
 the walk over time, the grid barrier), ``gates.py`` (a gated cell's per-gate loads, stores and
 weights), ``config.py`` (variants and block sizes), ``launch.py`` (how a kernel runs over a
-sequence) and ``operands.py`` (what every launcher checks of its operands). The ops that pair the launchers live in ``fastrnn.elman``, ``fastrnn.lstm``, ``fastrnn.gru``.
+sequence) and ``operands.py`` (what every launcher checks of its operands). The ops that pair the
+launchers live in ``fastrnn.elman``, ``fastrnn.lstm``, ``fastrnn.gru``.
 """
 
 import os

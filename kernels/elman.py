@@ -279,10 +279,10 @@ def bwd_tiled_kernel(
 def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False, lengths=None, resets=None,
               config=None):
     """Launch the forward recurrence. ``x_proj (T, B, H)``, ``h0 (B, H)`` or None, ``w_hh (H, H)``,
-    ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the same device or None. Returns
+    ``lengths (B,)`` integer or ``resets (T, B)`` bool on the same device or None. Returns
     ``y (T, B, H)`` in x_proj's dtype."""
     key = kept_key(("elman_fwd", activation, reverse, config), x_proj.device, (x_proj, h0, w_hh, lengths, resets),
-                   lambda: check_fwd(x_proj, h0, w_hh, lengths, resets))  # (checked where not kept yet)
+                   lambda: check_fwd(x_proj, h0, w_hh, lengths, resets, activation))  # (checked where not kept yet)
     T, B, H = x_proj.shape
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
@@ -333,9 +333,9 @@ def fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, activation, revers
 def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False, lengths=None, resets=None,
               config=None):
     """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)``, ``w_hh (H, H)``,
-    ``lengths (B,)`` int64 or ``resets (T, B)`` bool, or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
+    ``lengths (B,)`` integer or ``resets (T, B)`` bool, or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
     key = kept_key(("elman_bwd", activation, reverse, config), y.device, (dy, dh_n, y, w_hh, lengths, resets),
-                   lambda: check_bwd(dy, dh_n, y, w_hh, lengths, resets))
+                   lambda: check_bwd(dy, dh_n, y, w_hh, lengths, resets, activation))
     T, B, H = y.shape
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
     y, w_hh = y.contiguous(), w_hh.contiguous()
@@ -371,17 +371,25 @@ def bwd_launch(dy, dh_n, y, w_hh, lengths, resets, d_pre, activation, reverse, c
     return bwd_tiled_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
-def check_fwd(x_proj, h0, w_hh, lengths, resets) -> None:
+def check_fwd(x_proj, h0, w_hh, lengths, resets, activation) -> None:
     """What the forward kernels rely on (``operands.expect_operands``)."""
-    T, B, H = expect_sequence("x_proj", x_proj)
+    check_activation(activation)
+    _, B, H = expect_sequence("x_proj", x_proj)
     expect_operands("x_proj", x_proj, lengths, resets, w_hh=(w_hh, (H, H)), h0=(h0, (B, H)))
 
 
-def check_bwd(dy, dh_n, y, w_hh, lengths, resets) -> None:
-    """What the backward kernels rely on (``dy``, ``dh_n`` in any floating dtype: the launcher converts them)."""
+def check_bwd(dy, dh_n, y, w_hh, lengths, resets, activation) -> None:
+    """What the backward kernels rely on (``dy``, ``dh_n`` in any float dtype: the launcher converts them)."""
+    check_activation(activation)
     T, B, H = expect_sequence("y", y)
     expect_operands("y", y, lengths, resets, converted=("dy", "dh_n"), dy=(dy, (T, B, H)), dh_n=(dh_n, (B, H)),
                     w_hh=(w_hh, (H, H)))
+
+
+def check_activation(activation: str) -> None:
+    """The kernels' two activations (any other would run as relu)."""
+    if activation not in ("tanh", "relu"):
+        raise ValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
 
 
 def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None,

@@ -225,7 +225,7 @@ def gru_bwd_kernel(
 
 def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, config=None):
     """Launch the GRU forward. ``x_proj (T, B, 3H)``, ``h0 (B, H)`` or None, ``w_hh (3H, H)``,
-    ``b_hn (H,)`` or None, ``lengths (B,)`` int64 or ``resets (T, B)`` bool on the device or None.
+    ``b_hn (H,)`` or None, ``lengths (B,)`` integer or ``resets (T, B)`` bool on the device or None.
     Returns ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end, and
     ``h_state (B, H)``, each sequence's final state as the kernel carried it: in the accumulator's
     precision (y's own for fp32 and fp64)."""
@@ -290,12 +290,12 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
 
 def check_fwd(x_proj, h0, w_hh, b_hn, lengths, resets) -> None:
     """What the forward kernel relies on (``operands.expect_operands``)."""
-    T, B, H = expect_sequence("x_proj", x_proj, gates=3)
+    _, B, H = expect_sequence("x_proj", x_proj, gates=3)
     expect_operands("x_proj", x_proj, lengths, resets, w_hh=(w_hh, (3 * H, H)), h0=(h0, (B, H)), b_hn=(b_hn, (H,)))
 
 
 def check_bwd(dy, dh_n, y, gates, h0, w_hh, lengths, resets) -> None:
-    """What the backward kernel relies on (``dy``, ``dh_n`` in any floating dtype: the launcher converts them)."""
+    """What the backward kernel relies on (``dy``, ``dh_n`` in any float dtype: the launcher converts them)."""
     T, B, H = expect_sequence("y", y)
     expect_operands("y", y, lengths, resets, converted=("dy", "dh_n"), dy=(dy, (T, B, H)), dh_n=(dh_n, (B, H)),
                     gates=(gates, (T, B, 4 * H)), h0=(h0, (B, H)), w_hh=(w_hh, (3 * H, H)))

@@ -108,18 +108,23 @@ def kept_plan(build, configs, device, phases=({},)):
     return plan, (first if plan.config == configs[0] else build(plan.config))
 
 
-def kept_key(name, device, given, check) -> tuple:
-    """The key a launch is kept by: ``name`` (what ``build`` and ``ladder`` read besides the tensors:
-    the launcher's name, flags and given configuration), the device, the forced variant
+def kept_key(launcher, device, given, check) -> tuple:
+    """The key a launch is kept by: ``launcher`` (what ``build`` and ``ladder`` read besides the
+    tensors: the launcher's name, flags and given configuration), the device, the forced variant
     (``FASTRNN_VARIANT``), the precision of fp32 products on a GPU (``config.dtype_flags`` reads it
     into the constexprs) and the signature of the tensors the call was ``given``: everything
     ``pick_configs`` and the launch read. (Not of the buffers the launcher makes from them, outputs
     and scratch: fresh, so aligned, and shaped and typed by the given ones.) At a key not kept (a
     launch's first call, or one whose operands differ from every kept one's), ``check()`` first: the
     launcher's checks of its operands, which a kept key has passed (the signature holds each one's
-    shape, dtype and device)."""
+    shape, dtype and device). Where an operand has no signature (not a tensor, or one without data),
+    ``check()`` names it if it can."""
     tf32 = device_type(device) == "cuda" and config.fp32_uses_tf32()
-    key = (name, device, tf32, environ("FASTRNN_VARIANT"), signature(given))
+    try:
+        key = (launcher, device, tf32, environ("FASTRNN_VARIANT"), signature(given))
+    except (AttributeError, RuntimeError):
+        check()
+        raise
     if key not in KEPT:
         check()
     return key

@@ -28,7 +28,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, store_gate
 from .launch import carried_state, h0_product, kept_key, resets_operand, run_sequence
-from .operands import expect_operands, expect_sequence
+from .operands import expect_operands, expect_sequence, expect_tensors
 
 CELL = dict(gates=4, cell="lstm", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
 
@@ -325,7 +325,7 @@ def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, cut_prev, b_dm
 
 def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None, config=None):
     """Launch the LSTM forward. ``x_proj (T, B, 4H)``, ``h0 (B, P)``, ``c0 (B, H)`` or None,
-    ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` int64 or
+    ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` integer or
     ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and
     ``gates (T, B, 4H)``, zero past each sequence's end, and ``c_state (B, H)``, each sequence's final
     cell state as the kernel carried it: in the accumulator's precision (c's own for fp32 and fp64)."""
@@ -379,7 +379,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     """Launch the LSTM backward. Returns ``d_gates (T, B, 4H)`` (zero past each sequence's end) and
     ``dc0 (B, H)`` (zeros without c0). ``y`` and ``h0`` are not read (the autograd formula's products
     use them)."""
-    key = kept_key(("lstm_bwd", reverse, config), gates.device,
+    key = kept_key(("lstm_bwd", reverse, config, dh_n is dc_n), gates.device,  # (aliased: dc_n is cloned)
                    (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets),
                    lambda: check_bwd(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets))
     T, B, G = gates.shape
@@ -406,14 +406,14 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
 
 def check_fwd(x_proj, h0, c0, w_hh, w_hr, lengths, resets) -> None:
     """What the forward kernel relies on (``operands.expect_operands``)."""
-    T, B, H = expect_sequence("x_proj", x_proj, gates=4)
+    _, B, H = expect_sequence("x_proj", x_proj, gates=4)
     P = _projected_size(w_hr, H)
     expect_operands("x_proj", x_proj, lengths, resets, w_hh=(w_hh, (4 * H, P)), w_hr=(w_hr, (P, H)),
                     h0=(h0, (B, P)), c0=(c0, (B, H)))
 
 
 def check_bwd(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets) -> None:
-    """What the backward kernel relies on (``dy``, ``dh_n``, ``dc_n`` in any floating dtype: the
+    """What the backward kernel relies on (``dy``, ``dh_n``, ``dc_n`` in any float dtype: the
     launcher converts them)."""
     T, B, H = expect_sequence("gates", gates, gates=4)
     P = _projected_size(w_hr, H)
@@ -426,6 +426,7 @@ def _projected_size(w_hr, H: int) -> int:
     """P, the size of h: ``w_hr (P, H)``'s rows, or H without a projection."""
     if w_hr is None:
         return H
+    expect_tensors(w_hr=w_hr)
     if w_hr.dim() != 2:
         raise ValueError(f"w_hr must be (P, {H}), got shape {tuple(w_hr.shape)}")
     return w_hr.shape[0]

@@ -627,9 +627,18 @@ def test_one_gradient_for_both_lstm_states_keeps_the_launch_whole(monkeypatch):
     assert len(launch.KEPT) == 2 and all(kept.slots is not None for kept in launch.KEPT.values())
 
 
+LAUNCHERS = ["elman_fwd", "elman_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"]
+
+# Per launcher: the operand the others are measured against, those it converts itself (any float
+# dtype), and those it takes but does not read.
+ROLES = {"elman_fwd": ("x_proj", (), ()), "elman_bwd": ("y", ("dy", "dh_n"), ()),
+         "gru_fwd": ("x_proj", (), ()), "gru_bwd": ("y", ("dy", "dh_n"), ()),
+         "lstm_fwd": ("x_proj", (), ()), "lstm_bwd": ("gates", ("dy", "dh_n", "dc_n"), ("y", "h0"))}
+
+
 def _launcher_calls(T=4, B=2, H=8, P=4):
-    """Each launcher of ``fastrnn.kernels`` and operands it takes, by keyword (the LSTM's with a
-    projection to P)."""
+    """Each launcher of ``fastrnn.kernels`` and operands it takes, by keyword in its order (the LSTM's
+    with a projection to P)."""
     import fastrnn.kernels as kernels
 
     g = torch.Generator().manual_seed(0)
@@ -651,40 +660,51 @@ def _launcher_calls(T=4, B=2, H=8, P=4):
     }
 
 
-def _bad_operands(operands: dict, unread=()) -> list:
-    """``(name, bad operands, error)`` for each way the operands can be wrong, one operand at a time
-    (none of those ``unread``, which the launcher takes but does not read)."""
-    first = next(iter(operands))  # (x_proj, dy, or the backward's y/gates: all (T, B, ...))
-    w, (T, B) = operands["w_hh"], operands[first].shape[:2]
-    cases = [("w_hh", dict(w_hh=w[:, :-1]), ValueError), ("w_hh", dict(w_hh=w.double()), TypeError),
-             ("w_hh", dict(w_hh=torch.empty_like(w, device="meta")), ValueError),
-             ("lengths", dict(lengths=torch.full((B,), float(T))), ValueError),
+def _bad_operands(name: str, operands: dict) -> list:
+    """``(operand named in the error, bad operands, error)`` for each way one operand can be wrong:
+    every operand the launcher reads of another shape, on another device, in another dtype (where
+    it does not convert it), not a tensor; bad lengths and resets."""
+    first, converted, unread = ROLES[name]
+    T, B = operands[first].shape[:2]
+    cases = [("lengths", dict(lengths=torch.full((B,), float(T))), ValueError),
+             ("lengths", dict(lengths=[T] * B), TypeError),
              ("resets", dict(resets=torch.zeros(T + 1, B, dtype=torch.bool)), ValueError),
              ("resets", dict(resets=torch.zeros(T, B, dtype=torch.bool), lengths=torch.full((B,), T)), ValueError)]
-    return cases + [(name, {name: t[..., :-1]}, ValueError) for name, t in operands.items()
-                    if t.dim() == 3 and name not in unread]
+    for operand, t in operands.items():
+        if operand in unread:
+            continue
+        cases += [(operand, {operand: t[..., :-1]}, ValueError),
+                  (operand, {operand: torch.empty_like(t, device="meta")}, ValueError)]
+        if operand != first:  # (the one whose device the launcher reads first: a tensor)
+            cases.append((operand, {operand: t.tolist()}, TypeError))
+        if operand not in converted and operand != first:
+            cases.append((operand, {operand: t.double()}, TypeError))
+    return cases
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
-@pytest.mark.parametrize("name", ["elman_fwd", "elman_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
+@pytest.mark.parametrize("name", LAUNCHERS)
 def test_launchers_refuse_bad_operands(name):
-    """Every launcher of ``fastrnn.kernels`` refuses an operand of the wrong shape, dtype or device,
-    bad lengths or resets, with an error naming it (a kernel would read garbage or out of bounds),
-    also right after a warm call that kept the launch of the good ones; operands the launcher converts
-    (a backward's gradients) may come in another floating dtype."""
+    """Every launcher of ``fastrnn.kernels`` refuses an operand of the wrong shape, dtype, device or
+    type, bad lengths or resets, with an error naming it (a kernel would read garbage or out of
+    bounds), also right after a warm call that kept the launch of the good ones; operands the
+    launcher converts (a backward's gradients) may come in another float dtype."""
     launcher, operands = _launcher_calls()[name]
     good = launcher(**operands)
-    for operand, bad, error in _bad_operands(operands, unread=("y", "h0") if name == "lstm_bwd" else ()):
+    for operand, bad, error in _bad_operands(name, operands):
         launcher(**operands)  # (kept: the bad call below differs from it in one operand)
         with pytest.raises(error, match=operand):
             launcher(**{**operands, **bad})
-    if name.endswith("bwd"):
-        converted = launcher(**{**operands, "dy": operands["dy"].double()})
+    for operand in ROLES[name][1]:
+        converted = launcher(**{**operands, operand: operands[operand].double()})
         torch.testing.assert_close(converted, good, rtol=1e-6, atol=1e-6)
+    if name.startswith("elman"):
+        with pytest.raises(ValueError, match="activation"):
+            launcher(**operands, activation="sigmoid")
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
-@pytest.mark.parametrize("name", ["elman_fwd", "elman_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
+@pytest.mark.parametrize("name", LAUNCHERS)
 def test_launchers_check_only_where_the_launch_is_not_kept(monkeypatch, name):
     """A launcher checks its operands where their signature is not kept yet: a warm call with the
     same shapes, dtypes and devices checks nothing; another length is checked once."""
@@ -703,16 +723,49 @@ def test_launchers_check_only_where_the_launch_is_not_kept(monkeypatch, name):
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
-@pytest.mark.parametrize("name", ["elman_fwd", "elman_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
+@pytest.mark.parametrize("name", LAUNCHERS)
 def test_a_launch_is_kept_by_the_tensors_its_call_was_given(monkeypatch, name):
-    """The key of a kept launch holds the signature of the tensors the call was given, not of the
-    buffers the launcher makes (outputs, scratch, carried state: those follow from the given ones)."""
+    """The key of a kept launch holds the signature of every tensor the call was given that the
+    launcher reads, in order, and none of the buffers it makes (outputs, scratch, carried state:
+    those follow from the given ones)."""
     signed, real = [], launch.signature
     monkeypatch.setattr(launch, "signature", lambda tensors: signed.append(tensors) or real(tensors))
     launcher, operands = _launcher_calls()[name]
     outputs = launcher(**operands)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     assert len(signed) == 1
-    pointers = {t.data_ptr() for t in signed[0] if t is not None}
-    assert {t.data_ptr() for t in operands.values() if t.data_ptr() in pointers}  # (contiguous: themselves)
-    assert not pointers & {t.data_ptr() for t in outputs}
+    given = [t for t in signed[0] if t is not None]  # (lengths and resets: None here)
+    assert [t.data_ptr() for t in given] == [t.data_ptr() for k, t in operands.items() if k not in ROLES[name][2]]
+    assert not {t.data_ptr() for t in given} & {t.data_ptr() for t in outputs}
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_an_optional_operand_left_out_or_given_is_another_launch(name):
+    """A call that leaves out an optional operand (h0, c0, b_hn, w_hr, lengths, resets) which the
+    kept launch had, or gives one it did not have, computes what a first call computes."""
+    launcher, operands = _launcher_calls(P=8)[name]  # (P = H: the LSTM without w_hr too)
+    T, B = operands[ROLES[name][0]].shape[:2]
+    steps = {"lengths": torch.tensor([T, 2]), "resets": torch.tensor([[False, True]] * T)}
+    optional = [k for k in ("h0", "c0", "b_hn", "w_hr") if k in operands and k not in ROLES[name][2]]
+    for operand in optional + list(steps):
+        given = {**operands, operand: operands.get(operand, steps.get(operand))}
+        without = {**operands, operand: None}
+        for first, then in ((given, without), (without, given)):
+            launch.forget()
+            launcher(**first)
+            warm = launcher(**then)
+            launch.forget()
+            torch.testing.assert_close(warm, launcher(**then), rtol=0, atol=0)
+
+
+def test_a_misaligned_operand_is_another_launch():
+    """Triton compiles 16-byte aligned pointers apart: an operand 4 bytes past a boundary, of the
+    same shape and strides as a kept one's, is another kept launch, computing the same."""
+    x, h0, w, *_ = operands(6, 3, 8)
+    y = elman_fwd(x, h0, w)
+    kept = len(launch.KEPT)
+    shifted = torch.empty(x.numel() + 1)[1:].view(6, 3, 8).copy_(x)  # (4 bytes into its storage)
+    assert shifted.data_ptr() % 16 != 0 and shifted.stride() == x.stride()
+    torch.testing.assert_close(elman_fwd(shifted, h0, w), y, rtol=0, atol=0)
+    assert len(launch.KEPT) == kept + 1
