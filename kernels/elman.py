@@ -38,7 +38,7 @@ from ..sequence import acc_dtype
 from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
                      state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, ladder
-from .launch import h0_product, kept_key, resets_operand, run_sequence
+from .launch import h0_product, find_kept, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence
 
 
@@ -281,7 +281,7 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
     """Launch the forward recurrence. ``x_proj (T, B, H)``, ``h0 (B, H)`` or None, ``w_hh (H, H)``,
     ``lengths (B,)`` integer or ``resets (T, B)`` bool on the same device or None. Returns
     ``y (T, B, H)`` in x_proj's dtype."""
-    key = kept_key(("elman_fwd", activation, reverse, config), x_proj.device, (x_proj, h0, w_hh, lengths, resets),
+    found = find_kept(("elman_fwd", activation, reverse, config), x_proj.device, (x_proj, h0, w_hh, lengths, resets),
                    lambda: check_fwd(x_proj, h0, w_hh, lengths, resets, activation))  # (checked where not kept yet)
     T, B, H = x_proj.shape
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
@@ -301,7 +301,7 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
 
     with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
         run_sequence(lambda cfg: fwd_launch(*operands(cfg), activation, reverse, cfg),
-                     lambda: ladder(config, B, H, x_proj), T, x_proj.device, key=key, operands=operands)
+                     lambda: ladder(config, B, H, x_proj), T, x_proj.device, found=found, operands=operands)
     return y
 
 
@@ -334,7 +334,7 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
               config=None):
     """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)``, ``w_hh (H, H)``,
     ``lengths (B,)`` integer or ``resets (T, B)`` bool, or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
-    key = kept_key(("elman_bwd", activation, reverse, config), y.device, (dy, dh_n, y, w_hh, lengths, resets),
+    found = find_kept(("elman_bwd", activation, reverse, config), y.device, (dy, dh_n, y, w_hh, lengths, resets),
                    lambda: check_bwd(dy, dh_n, y, w_hh, lengths, resets, activation))
     T, B, H = y.shape
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
@@ -347,7 +347,7 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
     tensors = (dy, dh_n, y, w_hh, lengths, resets, d_pre)
     with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
         run_sequence(lambda cfg: bwd_launch(*tensors, activation, reverse, cfg), lambda: ladder(config, B, H, y), T,
-                     y.device, key=key, operands=lambda cfg: tensors)
+                     y.device, found=found, operands=lambda cfg: tensors)
     return d_pre
 
 

@@ -23,7 +23,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, store_gate
-from .launch import carried_state, h0_product, kept_key, resets_operand, run_sequence
+from .launch import carried_state, h0_product, find_kept, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence
 
 CELL = dict(gates=3, cell="gru", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
@@ -229,7 +229,7 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     Returns ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end, and
     ``h_state (B, H)``, each sequence's final state as the kernel carried it: in the accumulator's
     precision (y's own for fp32 and fp64)."""
-    key = kept_key(("gru_fwd", reverse, config), x_proj.device, (x_proj, h0, w_hh, b_hn, lengths, resets),
+    found = find_kept(("gru_fwd", reverse, config), x_proj.device, (x_proj, h0, w_hh, b_hn, lengths, resets),
                    lambda: check_fwd(x_proj, h0, w_hh, b_hn, lengths, resets))  # (checked where not kept yet)
     T, B, G = x_proj.shape
     H = G // 3
@@ -243,7 +243,7 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     with torch.cuda.device_of(x_proj):
         tensors = (x_proj, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
         run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, x_proj, **CELL),
-                     T, x_proj.device, key=key, operands=lambda cfg: tensors)
+                     T, x_proj.device, found=found, operands=lambda cfg: tensors)
     return y, gates, h_state
 
 
@@ -268,7 +268,7 @@ def gru_fwd_launch(x_proj, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gat
 def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=None, config=None):
     """Launch the GRU backward. Returns ``d_x (T, B, 3H)`` (zero past each sequence's end) and
     ``dh0_local (B, H)``, the gradient of h0 through z (the caller adds its path through w_hh)."""
-    key = kept_key(("gru_bwd", reverse, config), y.device, (dy, dh_n, y, gates, h0, w_hh, lengths, resets),
+    found = find_kept(("gru_bwd", reverse, config), y.device, (dy, dh_n, y, gates, h0, w_hh, lengths, resets),
                    lambda: check_bwd(dy, dh_n, y, gates, h0, w_hh, lengths, resets))
     T, B, H = y.shape
     d_x = y.new_empty(T, B, 3 * H)
@@ -284,7 +284,7 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
     tensors = (dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry)
     with torch.cuda.device_of(y):
         run_sequence(lambda cfg: gru_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, y, **CELL), T,
-                     y.device, key=key, operands=lambda cfg: tensors)
+                     y.device, found=found, operands=lambda cfg: tensors)
     return d_x, dh_carry.to(y.dtype)
 
 

@@ -20,7 +20,7 @@ launched, whatever its ptxas version.
 
 What a warm call does on the host: the choice is kept per launch (``PLANS``, whatever T), and the
 built launch per signature of the tensors its call was given (``KEPT``: shapes, strides, dtypes,
-devices, alignment; ``kept_key``); a call whose tensors match puts them into the kept arguments and
+devices, alignment; ``find_kept``); a call whose tensors match puts them into the kept arguments and
 launches, building nothing and checking nothing (a launcher checks its operands where their
 signature is not kept yet, so every launch kept has passed them).
 """
@@ -48,7 +48,7 @@ MAX_WARPS_PER_SM, MAX_PROGRAMS_PER_SM = 64, 32
 SHARED_PER_SM, SHARED_PER_PROGRAM, SHARED_RESERVED, SHARED_UNIT = 233472, 232448, 1024, 128
 
 
-def run_sequence(build, ladder, T: int, device, phases=({},), *, key, operands) -> None:
+def run_sequence(build, ladder, T: int, device, phases=({},), *, found, operands) -> None:
     """Run a cell's kernel over all T steps with the first of the configurations ``ladder()`` gives
     (in order of preference: ``config.pick_configs``) whose compiled kernel fits the GPU;
     ``build(config)`` gives its ``(kernel, grid, args, kwargs)``. A kernel whose step has parts that
@@ -57,10 +57,11 @@ def run_sequence(build, ladder, T: int, device, phases=({},), *, key, operands) 
     its constexprs.
 
     The choice (and whether the driver takes the tiled grid cooperatively) is made at a launch's first
-    call and kept (``PLANS``); the built launch is kept too (``kept_launch``), per ``key`` (from
-    ``kept_key``): a warm call puts its tensors (``operands(config)``: those ``build(config)`` passes,
-    None where absent) into it and launches, and asks ``ladder`` nothing."""
-    plan, (kernel, grid, args, kwargs) = kept_launch(build, ladder, device, phases, key, operands)
+    call and kept (``PLANS``); the built launch is kept too (``kept_launch``), per key (``found``: the
+    key and its kept launch, or None, from ``find_kept``): a warm call puts its tensors
+    (``operands(config)``: those ``build(config)`` passes, None where absent) into it and launches,
+    and asks ``ladder`` nothing."""
+    plan, (kernel, grid, args, kwargs) = kept_launch(build, ladder, device, phases, found, operands)
     if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
         return
@@ -108,35 +109,36 @@ def kept_plan(build, configs, device, phases=({},)):
     return plan, (first if plan.config == configs[0] else build(plan.config))
 
 
-def kept_key(launcher, device, given, check) -> tuple:
-    """The key a launch is kept by: ``launcher`` (what ``build`` and ``ladder`` read besides the
-    tensors: the launcher's name, flags and given configuration), the device, the forced variant
-    (``FASTRNN_VARIANT``), the precision of fp32 products on a GPU (``config.dtype_flags`` reads it
-    into the constexprs) and the signature of the tensors the call was ``given``: everything
-    ``pick_configs`` and the launch read. (Not of the buffers the launcher makes from them, outputs
-    and scratch: fresh, so aligned, and shaped and typed by the given ones.) At a key not kept (a
-    launch's first call, or one whose operands differ from every kept one's), ``check()`` first: the
-    launcher's checks of its operands, which a kept key has passed (the signature holds each one's
-    shape, dtype and device). Where an operand has no signature (not a tensor, or one without data),
-    ``check()`` names it if it can."""
+def find_kept(launcher, device, given, check) -> tuple:
+    """``(key, the launch kept for it or None)``, looked up once per call. The key: ``launcher`` (what
+    ``build`` and ``ladder`` read besides the tensors: the launcher's name, flags and given
+    configuration), the device, the forced variant (``FASTRNN_VARIANT``), the precision of fp32
+    products on a GPU (``config.dtype_flags`` reads it into the constexprs) and the signature of the
+    tensors the call was ``given``: everything ``pick_configs`` and the launch read. (Not of the
+    buffers the launcher makes from them, outputs and scratch: fresh, so aligned, and shaped and
+    typed by the given ones.) At a key not kept (a launch's first call, or one whose operands differ
+    from every kept one's), ``check()`` first: the launcher's checks of its operands, which a kept
+    key has passed (the signature holds each one's shape, dtype and device). Where an operand has no
+    signature (not a tensor, or one without data), ``check()`` names it if it can."""
     tf32 = device_type(device) == "cuda" and config.fp32_uses_tf32()
     try:
         key = (launcher, device, tf32, environ("FASTRNN_VARIANT"), signature(given))
     except (AttributeError, RuntimeError):
         check()
         raise
-    if key not in KEPT:
-        check()
-    return key
-
-
-def kept_launch(build, ladder, device, phases, key, operands):
-    """``(plan, launch)`` as ``kept_plan`` gives them for the candidates ``ladder()``, the launch
-    rebound from the one kept for ``key`` (``kept_key``), which holds everything ``pick_configs``
-    reads, so a kept launch's candidates would be the same: they are asked for at a miss only. (Code
-    that changes the candidates otherwise, patching ``pick_configs`` or its constants, calls
-    ``forget()``.)"""
     kept = KEPT.get(key)
+    if kept is None:
+        check()
+    return key, kept
+
+
+def kept_launch(build, ladder, device, phases, found, operands):
+    """``(plan, launch)`` as ``kept_plan`` gives them for the candidates ``ladder()``, the launch
+    rebound from the one kept for the key (``found``: the key and that launch, or None, as
+    ``find_kept`` looked them up), which holds everything ``pick_configs`` reads, so a kept launch's
+    candidates would be the same: they are asked for at a miss only. (Code that changes the
+    candidates otherwise, patching ``pick_configs`` or its constants, calls ``forget()``.)"""
+    key, kept = found
     if kept is not None:
         return kept.plan, kept.launch(operands(kept.plan.config), build)
     plan, launch = kept_plan(build, ladder(), device, phases)

@@ -27,7 +27,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, store_gate
-from .launch import carried_state, h0_product, kept_key, resets_operand, run_sequence
+from .launch import carried_state, h0_product, find_kept, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence, expect_tensors
 
 CELL = dict(gates=4, cell="lstm", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
@@ -329,7 +329,7 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and
     ``gates (T, B, 4H)``, zero past each sequence's end, and ``c_state (B, H)``, each sequence's final
     cell state as the kernel carried it: in the accumulator's precision (c's own for fp32 and fp64)."""
-    key = kept_key(("lstm_fwd", reverse, config), x_proj.device, (x_proj, h0, c0, w_hh, w_hr, lengths, resets),
+    found = find_kept(("lstm_fwd", reverse, config), x_proj.device, (x_proj, h0, c0, w_hh, w_hr, lengths, resets),
                    lambda: check_fwd(x_proj, h0, c0, w_hh, w_hr, lengths, resets))  # (checked where not kept yet)
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
@@ -344,7 +344,7 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     with torch.cuda.device_of(x_proj):
         tensors = (x_proj, h0_product(h0, w_hh), c_state, w_hh, w_hr, lengths, resets, y, c, gates, m)
         run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m),
-                     lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr), key=key,
+                     lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr), found=found,
                      operands=lambda cfg: tensors)
     return y, c, gates, c_state
 
@@ -379,7 +379,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     """Launch the LSTM backward. Returns ``d_gates (T, B, 4H)`` (zero past each sequence's end) and
     ``dc0 (B, H)`` (zeros without c0). ``y`` and ``h0`` are not read (the autograd formula's products
     use them)."""
-    key = kept_key(("lstm_bwd", reverse, config, dh_n is dc_n), gates.device,  # (aliased: dc_n is cloned)
+    found = find_kept(("lstm_bwd", reverse, config, dh_n is dc_n), gates.device,  # (aliased: dc_n is cloned)
                    (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets),
                    lambda: check_bwd(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets))
     T, B, G = gates.shape
@@ -400,7 +400,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     operands = tensors if w_hr is not None else tensors[:-1] + (None,)  # (dh_buf is dy without a projection)
     with torch.cuda.device_of(gates):
         run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, gates, **CELL),
-                     T, gates.device, _phases(w_hr), key=key, operands=lambda cfg: operands)
+                     T, gates.device, _phases(w_hr), found=found, operands=lambda cfg: operands)
     return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)
 
 

@@ -1,7 +1,7 @@
 """What every launcher checks of the tensors it is given: the shapes, dtypes and devices its kernels
 rely on. A kernel reads each tensor through the shape, strides and dtype its launch was built for,
 so a wrong one would read garbage or out of bounds: a clear error instead. Each cell's launchers call
-``expect_operands`` where a launch's key is not kept yet (``launch.kept_key``): a warm call, whose
+``expect_operands`` where a launch's key is not kept yet (``launch.find_kept``): a warm call, whose
 operands have the signature of ones that passed, checks nothing.
 """
 

@@ -292,8 +292,8 @@ def _counting_calls(monkeypatch, module, name: str) -> list:
 
 def _kept_launch(build, ladder, device, name, tensors):
     """``launch.kept_launch`` of a launch whose call was given ``tensors`` (and passes them), checking nothing."""
-    key = launch.kept_key(name, device, tensors, lambda: None)
-    return launch.kept_launch(build, ladder, device, ({},), key, lambda cfg: tensors)
+    found = launch.find_kept(name, device, tensors, lambda: None)
+    return launch.kept_launch(build, ladder, device, ({},), found, lambda cfg: tensors)
 
 
 def test_warm_call_keeps_its_plan(monkeypatch):
@@ -516,7 +516,7 @@ def _module_calls(cell: str):
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_a_rebound_launch_is_the_one_its_call_would_build(monkeypatch, cell):
-    """A kept launch is found by the tensors its call was given (``kept_key``) and rebound with the
+    """A kept launch is found by the tensors its call was given (``find_kept``) and rebound with the
     call's tensors, the buffers the launcher made included: at every warm call of a module's forward
     and backward it equals the launch built afresh for that call (kernel, grid, constexprs, each
     tensor in its place, every integer)."""
