@@ -84,8 +84,7 @@ def runs_directly(inputs) -> bool:
     nothing that watches the dispatcher (fake or meta tensors, tensor subclasses, dispatch or
     function modes such as torch.export's tracing or FlopCounterMode, the TorchScript tracer, the
     profiler, whose trace then names the op), which must see the custom op."""
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or \
-            torch._C._get_tracing_state() or torch._C._autograd._profiler_enabled():
+    if _dispatch_modes() or _function_modes() or _tracing() or _profiling():
         return False
     for a in inputs:  # (a loop, not all() over a generator: a microsecond less on every call)
         if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta):
@@ -94,6 +93,8 @@ def runs_directly(inputs) -> bool:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_dispatch_modes, _function_modes = torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled
+_tracing, _profiling = torch._C._get_tracing_state, torch._C._autograd._profiler_enabled
 
 # Whether autocast is on for any device (one call; where this torch lacks it, CUDA's or the CPU's).
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled",

@@ -38,7 +38,7 @@ from ..sequence import acc_dtype
 from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
                      state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, ladder
-from .launch import h0_product, find_kept, resets_operand, run_sequence
+from .launch import h0_product, find_kept, on_device, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence
 
 
@@ -299,7 +299,7 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
             made.append(h0_product(h0, w_hh))
         return x_proj, h0, made[0], w_hh, lengths, resets, y
 
-    with torch.cuda.device_of(x_proj):  # launch on the tensors' GPU, not the current one
+    with on_device(x_proj):  # launch on the tensors' GPU, not the current one
         run_sequence(lambda cfg: fwd_launch(*operands(cfg), activation, reverse, cfg),
                      lambda: ladder(config, B, H, x_proj), T, x_proj.device, found=found, operands=operands)
     return y
@@ -345,7 +345,7 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
         return d_pre
     resets = resets_operand(resets, y.dtype)
     tensors = (dy, dh_n, y, w_hh, lengths, resets, d_pre)
-    with torch.cuda.device_of(y):  # launch on the tensors' GPU, not the current one
+    with on_device(y):  # launch on the tensors' GPU, not the current one
         run_sequence(lambda cfg: bwd_launch(*tensors, activation, reverse, cfg), lambda: ladder(config, B, H, y), T,
                      y.device, found=found, operands=lambda cfg: tensors)
     return d_pre

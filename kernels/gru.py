@@ -23,7 +23,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, store_gate
-from .launch import carried_state, h0_product, find_kept, resets_operand, run_sequence
+from .launch import carried_state, h0_product, find_kept, on_device, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence
 
 CELL = dict(gates=3, cell="gru", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
@@ -240,7 +240,7 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     b_hn, lengths = [t if t is None else t.contiguous() for t in (b_hn, lengths)]
     resets = resets_operand(resets, x_proj.dtype)
-    with torch.cuda.device_of(x_proj):
+    with on_device(x_proj):
         tensors = (x_proj, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
         run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, x_proj, **CELL),
                      T, x_proj.device, found=found, operands=lambda cfg: tensors)
@@ -282,7 +282,7 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
     d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
     resets = resets_operand(resets, y.dtype)
     tensors = (dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry)
-    with torch.cuda.device_of(y):
+    with on_device(y):
         run_sequence(lambda cfg: gru_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, y, **CELL), T,
                      y.device, found=found, operands=lambda cfg: tensors)
     return d_x, dh_carry.to(y.dtype)

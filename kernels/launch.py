@@ -27,6 +27,7 @@ signature is not kept yet, so every launch kept has passed them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -309,13 +310,40 @@ def arrival_counters(n_groups: int, device) -> torch.Tensor:
     overlap). Other streams, CUDA graph capture and torch.compile's graph warm-ups among them (which
     allocate from a graph's private pool), get fresh zeros each launch."""
     device = torch.device(device)
-    if device_type(device) != "cuda" or torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+    if device_type(device) != "cuda":
         return torch.zeros(n_groups, dtype=torch.int32, device=device)
     key = device.index if device.index is not None else torch.cuda.current_device()
+    if not on_default_stream(key):
+        return torch.zeros(n_groups, dtype=torch.int32, device=device)
     counters = COUNTERS.get(key)
     if counters is None or counters.numel() < n_groups:
         counters = COUNTERS[key] = torch.zeros(max(n_groups, 64), dtype=torch.int32, device=device)
     return counters[:n_groups]
+
+
+def on_default_stream(index: int) -> bool:
+    """Whether GPU ``index``'s current stream is its default stream: the streams' ``(id, device,
+    type)`` compared, as ``torch.cuda.Stream`` compares them, without making two Stream objects in
+    Python at every launch (where this torch lacks the getters, through those objects)."""
+    current, default = _STREAM_GETTERS
+    if current is None or default is None:
+        return torch.cuda.current_stream(index) == torch.cuda.default_stream(index)
+    return current(index) == default(index)
+
+
+_STREAM_GETTERS = (getattr(torch._C, "_cuda_getCurrentStream", None), getattr(torch._C, "_cuda_getDefaultStream", None))
+
+
+def on_device(t: torch.Tensor):
+    """The context a kernel launches in: on ``t``'s GPU (``torch.cuda.device_of``: a kernel launches on
+    the current GPU, which must be the tensors'); none where that GPU is the current one already, or
+    ``t`` is not on a GPU (entering and leaving ``device_of`` runs some 20 lines of torch's Python)."""
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return _NO_CONTEXT
+    return torch.cuda.device_of(t)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def tiled_arguments(args, kwargs, sync, step_begin: int, n_steps: int, cooperative: bool):

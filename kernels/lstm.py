@@ -27,7 +27,7 @@ from .common import (carried_product, grid_barrier, previous_step_masks, sequenc
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, store_gate
-from .launch import carried_state, h0_product, find_kept, resets_operand, run_sequence
+from .launch import carried_state, h0_product, find_kept, on_device, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence, expect_tensors
 
 CELL = dict(gates=4, cell="lstm", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
@@ -341,7 +341,7 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     h0, w_hr, lengths = [t if t is None else t.contiguous() for t in (h0, w_hr, lengths)]
     resets = resets_operand(resets, x_proj.dtype)
     m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
-    with torch.cuda.device_of(x_proj):
+    with on_device(x_proj):
         tensors = (x_proj, h0_product(h0, w_hh), c_state, w_hh, w_hr, lengths, resets, y, c, gates, m)
         run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m),
                      lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr), found=found,
@@ -398,7 +398,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     resets = resets_operand(resets, gates.dtype)
     tensors = (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf)
     operands = tensors if w_hr is not None else tensors[:-1] + (None,)  # (dh_buf is dy without a projection)
-    with torch.cuda.device_of(gates):
+    with on_device(gates):
         run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, gates, **CELL),
                      T, gates.device, _phases(w_hr), found=found, operands=lambda cfg: operands)
     return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)

@@ -379,14 +379,21 @@ def test_launch_key_leaves_out_the_length_and_the_data():
     assert key != launch.launch_key(configs, ("k", (1, 1), (x, None, 5, 4, 8, 24, 8), {"A": 1}), "cpu")
 
 
-def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch):
+@pytest.mark.parametrize("streams", ["torch._C's getters", "torch.cuda's Stream objects"])
+def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch, streams):
     """One counter buffer per device, reused launch after launch on its default stream; fresh zeros on
     any other stream (graph capture, torch.compile's graph warm-ups). Run here on the CPU with a
-    stand-in for torch.cuda's streams."""
-    default, side = object(), object()
+    stand-in for torch.cuda's streams: the getters torch._C has on a CUDA build (their ``(id, device,
+    type)``), or where those are missing, the Stream objects of torch.cuda."""
+    default, side = (0, 0, 1), (3, 0, 1)
     current = [default]
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: default)
+    if streams == "torch._C's getters":
+        monkeypatch.setattr(launch, "_STREAM_GETTERS", (lambda index: current[0], lambda index: default))
+        monkeypatch.setattr(torch.cuda, "current_stream", None)  # (not asked)
+    else:
+        monkeypatch.setattr(launch, "_STREAM_GETTERS", (None, None))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+        monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: default)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     real_zeros = torch.zeros
     monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
@@ -397,6 +404,28 @@ def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch)
     current[0] = side
     fresh = launch.arrival_counters(4, cuda)
     assert fresh.data_ptr() != a.data_ptr() and not fresh.any() and len(launch.COUNTERS) == 1
+
+
+def test_a_launch_enters_its_tensors_gpu_only_where_that_is_not_the_current_one(monkeypatch):
+    """A kernel launches on the current GPU: a launcher enters its tensors' GPU (``device_of``) where
+    another one is current, and nothing where theirs is current or they are not on a GPU. Run here on
+    the CPU with a stand-in for a GPU tensor."""
+    class OnGPU:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    entered = launch.on_device(OnGPU(0))
+    assert isinstance(entered, torch.cuda.device_of) and entered.idx == 0
+    assert not isinstance(launch.on_device(OnGPU(1)), torch.cuda.device)
+    assert not isinstance(launch.on_device(torch.zeros(1)), torch.cuda.device)
+    with launch.on_device(torch.zeros(1)), launch.on_device(torch.zeros(1)):  # (one context serves every call)
+        pass
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
