@@ -25,20 +25,21 @@ def environ(name: str, default: str = "") -> str:
     """``os.environ.get(name, default)``, read at every call (users and tests change it between
     calls), without the KeyError that ``os.environ`` raises and catches inside for every unset name
     (0.9 µs against 0.2, and every op call reads ``FASTRNN_BACKEND`` and ``FASTRNN_VARIANT``, unset
-    in most programs), and with each name encoded once (``_ENCODED``: the same bytes at every call).
-    Where ``os.environ`` is not CPython's mapping over encoded names, its ``get``."""
+    in most programs) and without encoding the name again: the names fastrnn reads are encoded once,
+    at import (``_ENCODED``). Another name, or an ``os.environ`` that is not CPython's mapping over
+    encoded names: its ``get``."""
     env = os.environ
     try:
         value = env._data.get(_ENCODED[name])
-    except KeyError:  # a name's first read
-        _ENCODED[name] = env.encodekey(name)
-        return environ(name, default)
-    except AttributeError:
+    except (KeyError, AttributeError):
         return env.get(name, default)
     return default if value is None else env.decodevalue(value)
 
 
-_ENCODED: dict = {}  # name -> os.environ.encodekey(name)
+# The names read at every call, each as os.environ keys it (a dict filled at import: one that grew
+# under torch.compile would make Dynamo guard on it and compile again)
+_ENCODED = {name: os.environ.encodekey(name) for name in ("FASTRNN_BACKEND", "FASTRNN_VARIANT", "TRITON_INTERPRET")
+            if hasattr(os.environ, "encodekey")}
 
 
 def memo(fn):

@@ -337,7 +337,10 @@ _STREAM_GETTERS = (getattr(torch._C, "_cuda_getCurrentStream", None), getattr(to
 def on_device(t: torch.Tensor):
     """The context a kernel launches in: on ``t``'s GPU (``torch.cuda.device_of``: a kernel launches on
     the current GPU, which must be the tensors'); none where that GPU is the current one already, or
-    ``t`` is not on a GPU (entering and leaving ``device_of`` runs some 20 lines of torch's Python)."""
+    ``t`` is not on a GPU (entering and leaving ``device_of`` runs some 20 lines of torch's Python).
+    Called after the launcher has made a tensor on that GPU: torch's CUDA 12 builds may report a GPU
+    as current before its context is (``torch.cuda.set_device`` of an unused GPU), and making a
+    tensor there switches the context too, as entering ``device_of`` would have."""
     if not t.is_cuda or t.get_device() == torch.cuda.current_device():
         return _NO_CONTEXT
     return torch.cuda.device_of(t)

@@ -386,14 +386,18 @@ def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch,
     stand-in for torch.cuda's streams: the getters torch._C has on a CUDA build (their ``(id, device,
     type)``), or where those are missing, the Stream objects of torch.cuda."""
     default, side = (0, 0, 1), (3, 0, 1)
-    current = [default]
+    current, asked = [default], []
+
+    def ask(stream):  # each call a tuple of its own, as torch's getters give them
+        return lambda index: asked.append(index) or tuple(list(stream()))
+
     if streams == "torch._C's getters":
-        monkeypatch.setattr(launch, "_STREAM_GETTERS", (lambda index: current[0], lambda index: default))
+        monkeypatch.setattr(launch, "_STREAM_GETTERS", (ask(lambda: current[0]), ask(lambda: default)))
         monkeypatch.setattr(torch.cuda, "current_stream", None)  # (not asked)
     else:
         monkeypatch.setattr(launch, "_STREAM_GETTERS", (None, None))
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-        monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: default)
+        monkeypatch.setattr(torch.cuda, "current_stream", ask(lambda: current[0]))
+        monkeypatch.setattr(torch.cuda, "default_stream", ask(lambda: default))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     real_zeros = torch.zeros
     monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: real_zeros(*a, **k))
@@ -404,6 +408,7 @@ def test_arrival_counters_are_kept_per_device_on_its_default_stream(monkeypatch,
     current[0] = side
     fresh = launch.arrival_counters(4, cuda)
     assert fresh.data_ptr() != a.data_ptr() and not fresh.any() and len(launch.COUNTERS) == 1
+    assert asked == [0] * 6  # each stream asked of the device's index
 
 
 def test_a_launch_enters_its_tensors_gpu_only_where_that_is_not_the_current_one(monkeypatch):
@@ -419,11 +424,12 @@ def test_a_launch_enters_its_tensors_gpu_only_where_that_is_not_the_current_one(
         def get_device(self):
             return self.index
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    entered = launch.on_device(OnGPU(0))
-    assert isinstance(entered, torch.cuda.device_of) and entered.idx == 0
-    assert not isinstance(launch.on_device(OnGPU(1)), torch.cuda.device)
-    assert not isinstance(launch.on_device(torch.zeros(1)), torch.cuda.device)
+    for current, other in ((1, 0), (0, 1)):
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        entered = launch.on_device(OnGPU(other))
+        assert isinstance(entered, torch.cuda.device_of) and entered.idx == other
+        assert launch.on_device(OnGPU(current)) is launch._NO_CONTEXT
+    assert launch.on_device(torch.zeros(1)) is launch._NO_CONTEXT
     with launch.on_device(torch.zeros(1)), launch.on_device(torch.zeros(1)):  # (one context serves every call)
         pass
 

@@ -303,6 +303,25 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
         RNN(2, 3)(torch.randn(3, 1, 2))
 
 
+@pytest.mark.parametrize("name", ["FASTRNN_BACKEND", "FASTRNN_VARIANT", "TRITON_INTERPRET", "FASTRNN_NOT_READ"])
+def test_the_environment_is_read_as_os_environ_gives_it(monkeypatch, name):
+    """``backend.environ`` (the names fastrnn reads at every call encoded once, any other through
+    ``os.environ.get``) reads what ``os.environ.get`` does, set, empty or unset, changed between calls;
+    also where ``os.environ`` is not CPython's mapping."""
+    import os
+
+    from fastrnn.backend import environ
+
+    for value in ("triton", "", "Torch ", None):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert environ(name, "default") == os.environ.get(name, "default")
+    monkeypatch.setattr(os, "environ", {name: "stepwise"})
+    assert environ(name) == "stepwise" and environ("FASTRNN_UNSET", "x") == "x"
+
+
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
     from fastrnn.backend import get_backend
 
