@@ -282,7 +282,7 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
     ``lengths (B,)`` integer or ``resets (T, B)`` bool on the same device or None. Returns
     ``y (T, B, H)`` in x_proj's dtype."""
     found = find_kept(("elman_fwd", activation, reverse, config), x_proj.device, (x_proj, h0, w_hh, lengths, resets),
-                   lambda: check_fwd(x_proj, h0, w_hh, lengths, resets, activation))  # (checked where not kept yet)
+                   lambda *given: check_fwd(*given, activation))  # (checked where not kept yet)
     T, B, H = x_proj.shape
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
@@ -335,7 +335,7 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
     """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)``, ``w_hh (H, H)``,
     ``lengths (B,)`` integer or ``resets (T, B)`` bool, or None. Returns ``d_pre (T, B, H)`` in y's dtype."""
     found = find_kept(("elman_bwd", activation, reverse, config), y.device, (dy, dh_n, y, w_hh, lengths, resets),
-                   lambda: check_bwd(dy, dh_n, y, w_hh, lengths, resets, activation))
+                   lambda *given: check_bwd(*given, activation))
     T, B, H = y.shape
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
     y, w_hh = y.contiguous(), w_hh.contiguous()

@@ -230,7 +230,7 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     ``h_state (B, H)``, each sequence's final state as the kernel carried it: in the accumulator's
     precision (y's own for fp32 and fp64)."""
     found = find_kept(("gru_fwd", reverse, config), x_proj.device, (x_proj, h0, w_hh, b_hn, lengths, resets),
-                   lambda: check_fwd(x_proj, h0, w_hh, b_hn, lengths, resets))  # (checked where not kept yet)
+                   check_fwd)  # (checked where not kept yet)
     T, B, G = x_proj.shape
     H = G // 3
     y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)
@@ -269,7 +269,7 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
     """Launch the GRU backward. Returns ``d_x (T, B, 3H)`` (zero past each sequence's end) and
     ``dh0_local (B, H)``, the gradient of h0 through z (the caller adds its path through w_hh)."""
     found = find_kept(("gru_bwd", reverse, config), y.device, (dy, dh_n, y, gates, h0, w_hh, lengths, resets),
-                   lambda: check_bwd(dy, dh_n, y, gates, h0, w_hh, lengths, resets))
+                   check_bwd)
     T, B, H = y.shape
     d_x = y.new_empty(T, B, 3 * H)
     acc = acc_dtype(y.dtype)

@@ -118,18 +118,18 @@ def find_kept(launcher, device, given, check) -> tuple:
     tensors the call was ``given``: everything ``pick_configs`` and the launch read. (Not of the
     buffers the launcher makes from them, outputs and scratch: fresh, so aligned, and shaped and
     typed by the given ones.) At a key not kept (a launch's first call, or one whose operands differ
-    from every kept one's), ``check()`` first: the launcher's checks of its operands, which a kept
-    key has passed (the signature holds each one's shape, dtype and device). Where an operand has no
-    signature (not a tensor, or one without data), ``check()`` names it if it can."""
+    from every kept one's), ``check(*given)`` first: the launcher's checks of its operands, which a
+    kept key has passed (the signature holds each one's shape, dtype and device). Where an operand has
+    no signature (not a tensor, or one without data), ``check(*given)`` names it if it can."""
     tf32 = device_type(device) == "cuda" and config.fp32_uses_tf32()
     try:
         key = (launcher, device, tf32, environ("FASTRNN_VARIANT"), signature(given))
     except (AttributeError, RuntimeError):
-        check()
+        check(*given)
         raise
     kept = KEPT.get(key)
     if kept is None:
-        check()
+        check(*given)
     return key, kept
 
 

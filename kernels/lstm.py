@@ -330,7 +330,7 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     ``gates (T, B, 4H)``, zero past each sequence's end, and ``c_state (B, H)``, each sequence's final
     cell state as the kernel carried it: in the accumulator's precision (c's own for fp32 and fp64)."""
     found = find_kept(("lstm_fwd", reverse, config), x_proj.device, (x_proj, h0, c0, w_hh, w_hr, lengths, resets),
-                   lambda: check_fwd(x_proj, h0, c0, w_hh, w_hr, lengths, resets))  # (checked where not kept yet)
+                   check_fwd)  # (checked where not kept yet)
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G)
@@ -380,8 +380,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     ``dc0 (B, H)`` (zeros without c0). ``y`` and ``h0`` are not read (the autograd formula's products
     use them)."""
     found = find_kept(("lstm_bwd", reverse, config, dh_n is dc_n), gates.device,  # (aliased: dc_n is cloned)
-                   (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets),
-                   lambda: check_bwd(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets))
+                   (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets), check_bwd)
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
     d_gates = gates.new_empty(T, B, G)

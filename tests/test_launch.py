@@ -292,7 +292,7 @@ def _counting_calls(monkeypatch, module, name: str) -> list:
 
 def _kept_launch(build, ladder, device, name, tensors):
     """``launch.kept_launch`` of a launch whose call was given ``tensors`` (and passes them), checking nothing."""
-    found = launch.find_kept(name, device, tensors, lambda: None)
+    found = launch.find_kept(name, device, tensors, lambda *given: None)
     return launch.kept_launch(build, ladder, device, ({},), found, lambda cfg: tensors)
 
 
