@@ -29,3 +29,19 @@ def gate_weights(w_hh_ptr, gate, k0, o_n, H, K, stride_w, SPLIT_K: tl.constexpr,
     """Rows ``k0 ...`` of ``w_hh.T`` (K of them) for the units ``o_n`` of one gate, from
     ``w_hh (G x H, K)``: (SPLIT_K, CHUNK, BLOCK_N)."""
     return weight_chunks(w_hh_ptr + as_int64(H) * gate * stride_w, k0, o_n, 1, stride_w, K, H, SPLIT_K, CHUNK)
+
+
+@triton.jit
+def start_state(state_ptr, first_ptr, o_b, o_n, stride_sb, stride_fb, m_bn, step_begin, HAS_FIRST: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):
+    """What a launch carries from its start, rows ``o_b`` and units ``o_n`` of a (B, H) state (or
+    carried gradient): (BLOCK_B, BLOCK_N) in ACC_DTYPE. The walk's first launch (``step_begin`` 0)
+    starts from ``first`` (h0, c0) where HAS_FIRST, else from zeros; a later one (stepwise) from what
+    the launch before stored at ``state``. (So no torch launch fills ``state`` before the kernel.)"""
+    later = tl.zeros_like(o_b[:, None]) + step_begin > 0  # (BLOCK_B, 1): a tensor, so masks stay tensors of bool
+    b_state = tl.load(state_ptr + o_b[:, None] * stride_sb + o_n[None, :], mask=m_bn & later, other=0.0)
+    b_state = b_state.to(ACC_DTYPE)
+    if HAS_FIRST:
+        b_first = tl.load(first_ptr + o_b[:, None] * stride_fb + o_n[None, :], mask=m_bn & ~later, other=0.0)
+        b_state = tl.where(later, b_state, b_first.to(ACC_DTYPE))
+    return b_state

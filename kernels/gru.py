@@ -22,7 +22,7 @@ from ..sequence import acc_dtype
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
-from .gates import gate_weights, load_gate, store_gate
+from .gates import gate_weights, load_gate, start_state, store_gate
 from .launch import carried_state, h0_product, find_kept, on_device, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence
 
@@ -55,7 +55,8 @@ def _gate_products(hh_r, hh_z, hh_n, src_ptr, m_rows, o_b, o_n, B, H, stride_b, 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
 def gru_fwd_kernel(
     x_proj_ptr,  # (T, B, 3H) input projection plus b_ih and b_hr, b_hz
-    h_state_ptr,  # (B, H) in/out, ACC_DTYPE: the state between launches, h0 (or zeros) at first
+    h_state_ptr,  # (B, H) out, ACC_DTYPE: the state after a launch, read by the next (stepwise)
+    h0_ptr,  # (B, H) the first state (unused unless HAS_H0: zeros)
     h0_proj_ptr,  # (B, 3H) h0 @ w_hh.T in the accumulator's precision (unused unless HAS_H0)
     w_hh_ptr,  # (3H, H)
     b_hn_ptr,  # (H,) (unused unless HAS_B_HN)
@@ -64,7 +65,7 @@ def gru_fwd_kernel(
     y_ptr,  # (T, B, H) out: every h_t; also where h_{t-1} is read back from
     gates_ptr,  # (T, B, 4H) out: r, z, n, hn
     T, B, H,
-    stride_xt, stride_xb, stride_h0b,  # x_proj, h0_proj
+    stride_xt, stride_xb, stride_h0b, stride_hpb,  # x_proj, h0, h0_proj
     stride_yt, stride_yb, stride_sb,  # y, h_state
     stride_gt, stride_gb,  # gates
     stride_w, stride_rt, stride_rb,
@@ -94,8 +95,7 @@ def gru_fwd_kernel(
     # this program's units of h_{t-1} stay in registers, in ACC_DTYPE also between the launches of
     # the stepwise variant (h_state); past a sequence's end the state is carried unchanged, so h0 is
     # still there at a reverse walk's first step
-    p_state = h_state_ptr + o_b[:, None] * stride_sb + o_n[None, :]
-    b_h = tl.load(p_state, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    b_h = start_state(h_state_ptr, h0_ptr, o_b, o_n, stride_sb, stride_h0b, m_bn, step_begin, HAS_H0, ACC_DTYPE)
     p_bn = o_b[:, None] * stride_yb + o_n[None, :]  # this program's units in a step of y
 
     for s in range(step_begin, step_begin + n_steps):
@@ -108,9 +108,9 @@ def gru_fwd_kernel(
         hh_n = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE) + b_hn_bias
         if HAS_H0:  # at a sequence's first step h_{t-1} is h0, whose product the caller made once
             m_h0 = m_bn & m_first
-            hh_r += load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
-            hh_z += load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
-            hh_n += load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_h0b, m_h0, ACC_DTYPE)
+            hh_r += load_gate(h0_proj_ptr, 0, o_b, o_n, H, stride_hpb, m_h0, ACC_DTYPE)
+            hh_z += load_gate(h0_proj_ptr, 1, o_b, o_n, H, stride_hpb, m_h0, ACC_DTYPE)
+            hh_n += load_gate(h0_proj_ptr, 2, o_b, o_n, H, stride_hpb, m_h0, ACC_DTYPE)
         hh_r, hh_z, hh_n = _gate_products(hh_r, hh_z, hh_n, y_ptr + t_prev * stride_yt, m_prev, o_b, o_n,
                                           B, H, stride_yb, w_hh_ptr, stride_w, b_wr, b_wz, b_wn, PRECISION,
                                           BLOCK_K, SPLIT_K, W_RESIDENT)
@@ -130,7 +130,7 @@ def gru_fwd_kernel(
         store_gate(p_g, 3, tl.where(valid, hh_n, 0.0), o_b, o_n, H, stride_gb, m_bn)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
-    tl.store(p_state, b_h, mask=m_bn)
+    tl.store(h_state_ptr + o_b[:, None] * stride_sb + o_n[None, :], b_h, mask=m_bn)
 
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
@@ -145,7 +145,7 @@ def gru_bwd_kernel(
     resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     d_x_ptr,  # (T, B, 3H) out: dr, dz, dn (the gradient of x_proj)
     d_hh_ptr,  # (2, B, 3H) scratch: dr, dz, dn * r of the last two steps, read back by all programs
-    dh_carry_ptr,  # (B, H) in/out, ACC_DTYPE: dh * z carried to the step before (zero at the start)
+    dh_carry_ptr,  # (B, H) out, ACC_DTYPE: dh * z carried to the step before (from zero; read by the next launch)
     T, B, H,
     stride_dyt, stride_dyb, stride_hnb,  # dy, dh_n
     stride_yt, stride_yb, stride_h0b,  # y, h0
@@ -174,8 +174,8 @@ def gru_bwd_kernel(
         t_last = b_len - 1
     p_y = o_b[:, None] * stride_yb + o_n[None, :]  # this program's units in a step of y
     b_dh_n = tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_n[None, :], mask=m_bn, other=0.0).to(ACC_DTYPE)
-    p_dc = dh_carry_ptr + o_b[:, None] * stride_dcb + o_n[None, :]
-    b_dh_carry = tl.load(p_dc, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    b_dh_carry = start_state(dh_carry_ptr, dh_carry_ptr, o_b, o_n, stride_dcb, stride_dcb, m_bn, step_begin, False,
+                             ACC_DTYPE)  # zero at the walk's start
     if W_RESIDENT:  # w_hh[:, o_n], all 3H rows, loaded once
         b_w_all = weight_chunks(w_hh_ptr, 0, o_n, stride_w, 1, 3 * H, H, SPLIT_K, BLOCK_K // SPLIT_K)
     else:
@@ -220,7 +220,8 @@ def gru_bwd_kernel(
         b_dh_carry = tl.where(cut_prev, 0.0, tl.where(valid, b_dh * z, b_dh_carry))
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
-    tl.store(p_dc, b_dh_carry.to(dh_carry_ptr.dtype.element_ty), mask=m_bn)
+    tl.store(dh_carry_ptr + o_b[:, None] * stride_dcb + o_n[None, :], b_dh_carry.to(dh_carry_ptr.dtype.element_ty),
+             mask=m_bn)
 
 
 def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, config=None):
@@ -234,30 +235,32 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     T, B, G = x_proj.shape
     H = G // 3
     y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)
-    h_state = carried_state(h0, x_proj, B, H)  # (B, H): the kernel writes it
+    h_state = carried_state(h0, x_proj, B, H, runs=T > 0 and B > 0)  # (B, H): the kernel writes it
     if T == 0 or B == 0:
         return y, gates, h_state
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
-    b_hn, lengths = [t if t is None else t.contiguous() for t in (b_hn, lengths)]
+    h0, b_hn, lengths = [t if t is None else t.contiguous() for t in (h0, b_hn, lengths)]
     resets = resets_operand(resets, x_proj.dtype)
     with on_device(x_proj):
-        tensors = (x_proj, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
+        tensors = (x_proj, h0, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
         run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, x_proj, **CELL),
                      T, x_proj.device, found=found, operands=lambda cfg: tensors)
     return y, gates, h_state
 
 
-def gru_fwd_launch(x_proj, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse, config):
+def gru_fwd_launch(x_proj, h0, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the GRU forward for ``config``: operands with a contiguous
-    last dimension, ``h0_proj (B, 3H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``h_state (B, H)`` the
-    state in the accumulator's precision (h0 or zeros)."""
+    last dimension, ``h0 (B, H)`` and ``h0_proj (B, 3H)`` ``h0 @ w_hh.T`` (``h0_product``) or both None,
+    ``h_state (B, H)`` the final state in the accumulator's precision (written; ``carried_state``)."""
     T, B, G = x_proj.shape
     H = G // 3
-    has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
+    has_h0 = h0_proj is not None
+    h0, h0_proj = (h0, h0_proj) if has_h0 else (h_state, x_proj)  # (read if has_h0)
     resets = resets_operand(resets, x_proj.dtype)
-    args = (x_proj, h_state, h0_proj, w_hh, b_hn if b_hn is not None else y,
+    args = (x_proj, h_state, h0, h0_proj, w_hh, b_hn if b_hn is not None else y,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, gates, T, B, H,
-            x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1), h_state.stride(0),
+            x_proj.stride(0), x_proj.stride(1), h0.stride(0), h0_proj.stride(0), y.stride(0), y.stride(1),
+            h_state.stride(0),
             gates.stride(0), gates.stride(1), w_hh.stride(0), *(resets.stride() if resets is not None else (0, 0)))
     kwargs = dict(REVERSE=reverse, HAS_H0=has_h0, HAS_B_HN=b_hn is not None,
                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, **gated_tile_kwargs(config, H, H),
@@ -272,8 +275,7 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
                    check_bwd)
     T, B, H = y.shape
     d_x = y.new_empty(T, B, 3 * H)
-    acc = acc_dtype(y.dtype)
-    dh_carry = y.new_zeros(B, H, dtype=acc)  # dh * z, carried in the accumulator's precision
+    dh_carry = carried_state(None, y, B, H, runs=T > 0 and B > 0)  # dh * z, from zero; dh0's local part at the end
     if T == 0 or B == 0:
         return d_x, dh_carry.to(y.dtype)
     dy, dh_n = dy.to(y.dtype).contiguous(), dh_n.to(y.dtype).contiguous()
@@ -303,8 +305,8 @@ def check_bwd(dy, dh_n, y, gates, h0, w_hh, lengths, resets) -> None:
 
 def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_carry, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the GRU backward for ``config``: operands with a contiguous
-    last dimension, ``d_hh (2, B, 3H)`` scratch, ``dh_carry (B, H)`` zeros in the accumulator's
-    precision."""
+    last dimension, ``d_hh (2, B, 3H)`` scratch, ``dh_carry (B, H)`` in the accumulator's precision
+    (written)."""
     T, B, H = y.shape
     resets = resets_operand(resets, y.dtype)
     args = (dy, dh_n, y, gates, h0 if h0 is not None else y, w_hh, lengths if lengths is not None else y,
@@ -332,8 +334,7 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     cuts = empty(T, B, dt=torch.bool) if resets else None
     w_hh, gates = empty(3 * H, H), empty(T, B, 4 * H)
     if direction == "fwd":
-        return gru_fwd_launch(empty(T, B, 3 * H), empty(B, 3 * H, dt=acc) if h0 else None, empty(B, H, dt=acc), w_hh,
-                              empty(H),
-                              lens, cuts, empty(T, B, H), gates, reverse, config)
+        return gru_fwd_launch(empty(T, B, 3 * H), empty(B, H) if h0 else None, empty(B, 3 * H, dt=acc) if h0 else None,
+                              empty(B, H, dt=acc), w_hh, empty(H), lens, cuts, empty(T, B, H), gates, reverse, config)
     return gru_bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), gates, empty(B, H) if h0 else None, w_hh,
                           lens, cuts, empty(T, B, 3 * H), empty(2, B, 3 * H), empty(B, H, dt=acc), reverse, config)

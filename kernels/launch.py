@@ -291,10 +291,15 @@ def h0_product(h0: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor | No
     return (h0.to(acc) @ w_hh.to(acc).T).contiguous()
 
 
-def carried_state(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: int) -> torch.Tensor:
-    """The state a gated kernel carries and writes, ``(B, N)`` in the accumulator's precision: a
-    contiguous buffer of its own holding ``initial`` (h0 or c0, whatever its layout), or zeros."""
+def carried_state(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: int, runs: bool) -> torch.Tensor:
+    """The state a gated kernel carries and writes, ``(B, N)`` in the accumulator's precision. Where
+    the kernel ``runs``, a buffer left as allocated: its first launch starts from ``initial`` (or zeros)
+    itself, so no torch launch fills it; a later launch (stepwise) from what the one before wrote.
+    Where it does not run (no step or no row), the final state is ``initial`` (whatever its layout),
+    copied, or zeros."""
     acc = acc_dtype(like.dtype)
+    if runs:
+        return like.new_empty(B, N, dtype=acc)
     if initial is None:
         return like.new_zeros(B, N, dtype=acc)
     return torch.empty_like(initial, dtype=acc, memory_format=torch.contiguous_format).copy_(initial)

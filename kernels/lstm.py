@@ -26,7 +26,7 @@ from ..sequence import acc_dtype
 from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
-from .gates import gate_weights, load_gate, store_gate
+from .gates import gate_weights, load_gate, start_state, store_gate
 from .launch import carried_state, h0_product, find_kept, on_device, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence, expect_tensors
 
@@ -103,7 +103,8 @@ def _project(m_ptr, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_mb, stride_hr, AC
 def lstm_fwd_kernel(
     x_proj_ptr,  # (T, B, 4H) input projection plus both biases
     h0_proj_ptr,  # (B, 4H) h0 @ w_hh.T in the accumulator's precision (unused unless HAS_H0)
-    c_state_ptr,  # (B, H) in/out, ACC_DTYPE: the cell state between launches, c0 (or zeros) at first
+    c0_ptr,  # (B, H) the first cell state (unused unless HAS_C0: zeros)
+    c_state_ptr,  # (B, H) out, ACC_DTYPE: the cell state after a launch, read by the next (stepwise)
     w_hh_ptr,  # (4H, P)
     w_hr_ptr,  # (P, H) the projection (unused unless PROJ)
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
@@ -115,12 +116,13 @@ def lstm_fwd_kernel(
     T, B, H, P,  # P: the width of h, proj_size or H
     stride_xt, stride_xb, stride_h0b,  # x_proj, h0_proj
     stride_yt, stride_yb,  # y
-    stride_ct, stride_cb, stride_sb,  # c, c_state
+    stride_ct, stride_cb, stride_c0b, stride_sb,  # c, c0, c_state
     stride_gt, stride_gb,  # gates
     stride_mt, stride_mb,  # m
     stride_w, stride_hr, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= P: this program's rows of w_hh stay on chip all along
@@ -147,8 +149,7 @@ def lstm_fwd_kernel(
     # the cell state of this program's units stays in registers, in ACC_DTYPE also between the
     # launches of the stepwise variant (c_state); past a sequence's end it is carried unchanged, so
     # c0 is still there at a reverse walk's first step
-    p_state = c_state_ptr + o_b[:, None] * stride_sb + o_n[None, :]
-    b_c = tl.load(p_state, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    b_c = start_state(c_state_ptr, c0_ptr, o_b, o_n, stride_sb, stride_c0b, m_bn, step_begin, HAS_C0, ACC_DTYPE)
 
     for s in range(step_begin, step_begin + n_steps):
         t, t_prev, m_prev, m_first = walk_step(s, T, b_len, REVERSE)
@@ -186,7 +187,7 @@ def lstm_fwd_kernel(
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
     if PHASE != 2:
-        tl.store(p_state, b_c, mask=m_bn)
+        tl.store(c_state_ptr + o_b[:, None] * stride_sb + o_n[None, :], b_c, mask=m_bn)
 
 
 @triton.jit
@@ -218,7 +219,7 @@ def lstm_bwd_kernel(
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     d_gates_ptr,  # (T, B, 4H) out: gradient of the pre-activations; d_gates[t_next] is read back
-    dc_carry_ptr,  # (B, H) in/out: dc * f carried to the step before (zero at the start; dc0 at the end)
+    dc_carry_ptr,  # (B, H) out: dc * f carried to the step before (from zero; read by the next launch; dc0 at the end)
     dh_buf_ptr,  # (2, B, P) scratch: dh of the last two steps, all columns (unused unless PROJ)
     T, B, H, P,
     stride_dyt, stride_dyb, stride_hnb,  # dy, dh_n
@@ -249,8 +250,8 @@ def lstm_bwd_kernel(
     else:
         t_last = b_len - 1
     b_dc_n = tl.load(dc_n_ptr + o_b[:, None] * stride_cnb + o_n[None, :], mask=m_bn, other=0.0).to(ACC_DTYPE)
-    p_dc = dc_carry_ptr + o_b[:, None] * stride_dcb + o_n[None, :]
-    b_dc_carry = tl.load(p_dc, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    b_dc_carry = start_state(dc_carry_ptr, dc_carry_ptr, o_b, o_n, stride_dcb, stride_dcb, m_bn, step_begin, False,
+                             ACC_DTYPE)  # zero at the walk's start
     if W_RESIDENT and not PROJ:  # w_hh[:, o_n], all 4H rows, loaded once
         b_w_all = weight_chunks(w_hh_ptr, 0, o_n, stride_w, 1, 4 * H, H, SPLIT_K, BLOCK_K // SPLIT_K)
     else:
@@ -292,7 +293,8 @@ def lstm_bwd_kernel(
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
     if PHASE != 1:
-        tl.store(p_dc, b_dc_carry.to(dc_carry_ptr.dtype.element_ty), mask=m_bn)
+        tl.store(dc_carry_ptr + o_b[:, None] * stride_dcb + o_n[None, :], b_dc_carry.to(dc_carry_ptr.dtype.element_ty),
+                 mask=m_bn)
 
 
 @triton.jit
@@ -334,40 +336,42 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G)
-    c_state = carried_state(c0, x_proj, B, H)  # (B, H): the kernel writes it
+    c_state = carried_state(c0, x_proj, B, H, runs=T > 0 and B > 0)  # (B, H): the kernel writes it
     if T == 0 or B == 0:
         return y, c, gates, c_state
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
-    h0, w_hr, lengths = [t if t is None else t.contiguous() for t in (h0, w_hr, lengths)]
+    h0, c0, w_hr, lengths = [t if t is None else t.contiguous() for t in (h0, c0, w_hr, lengths)]
     resets = resets_operand(resets, x_proj.dtype)
     m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
     with on_device(x_proj):
-        tensors = (x_proj, h0_product(h0, w_hh), c_state, w_hh, w_hr, lengths, resets, y, c, gates, m)
+        tensors = (x_proj, h0_product(h0, w_hh), c0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, m)
         run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m),
                      lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr), found=found,
                      operands=lambda cfg: tensors)
     return y, c, gates, c_state
 
 
-def lstm_fwd_launch(x_proj, h0_proj, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config, m=None):
+def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config,
+                    m=None):
     """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``: operands with a contiguous
-    last dimension, ``h0_proj (B, 4H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``c_state (B, H)``
-    the cell state in the accumulator's precision (c0 or zeros), ``m (2, B, H)`` the projection's
-    scratch (made here if not given)."""
+    last dimension, ``h0_proj (B, 4H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``c0 (B, H)`` or None,
+    ``c_state (B, H)`` the final cell state in the accumulator's precision (written; ``carried_state``),
+    ``m (2, B, H)`` the projection's scratch (made here if not given)."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
     resets = resets_operand(resets, x_proj.dtype)
     if m is None:  # the projection's input, all units (c stands in without a projection: never read)
         m = c.new_empty(2, B, H) if w_hr is not None else c
-    args = (x_proj, h0_proj, c_state, w_hh, w_hr if w_hr is not None else w_hh,
+    args = (x_proj, h0_proj, c0 if c0 is not None else c_state, c_state, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, m,
             T, B, H, P, x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
-            c.stride(0), c.stride(1), c_state.stride(0), gates.stride(0), gates.stride(1), m.stride(0), m.stride(1),
+            c.stride(0), c.stride(1), c0.stride(0) if c0 is not None else 0, c_state.stride(0), gates.stride(0),
+            gates.stride(1), m.stride(0), m.stride(1),
             w_hh.stride(0), w_hr.stride(0) if w_hr is not None else 0,
             *(resets.stride() if resets is not None else (0, 0)))
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
-    kwargs = dict(REVERSE=reverse, HAS_H0=has_h0, HAS_LENGTHS=lengths is not None,
+    kwargs = dict(REVERSE=reverse, HAS_H0=has_h0, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
                   HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, P, P), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
@@ -384,8 +388,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
     d_gates = gates.new_empty(T, B, G)
-    acc = acc_dtype(gates.dtype)
-    dc_carry = gates.new_zeros(B, H, dtype=acc)  # dc * f, carried in the accumulator's precision
+    dc_carry = carried_state(None, gates, B, H, runs=T > 0 and B > 0)  # dc * f, from zero; dc0 at the end
     if T == 0 or B == 0:
         return d_gates, dc_carry.to(gates.dtype)
     dy, dh_n, dc_n = (t.to(gates.dtype).contiguous() for t in (dy, dh_n, dc_n))
@@ -434,7 +437,7 @@ def _projected_size(w_hr, H: int) -> int:
 def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf,
                     reverse, config):
     """``(kernel, grid, args, kwargs)`` of the LSTM backward for ``config``: operands with a contiguous
-    last dimension, ``dc_carry (B, H)`` zeros in the accumulator's precision, ``dh_buf (2, B, P)``
+    last dimension, ``dc_carry (B, H)`` in the accumulator's precision (written), ``dh_buf (2, B, P)``
     scratch (with a projection)."""
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
@@ -483,8 +486,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     cuts = empty(T, B, dt=torch.bool) if resets else None
     w_hh, w_hr, gates = empty(4 * H, P), (empty(P, H) if P != H else None), empty(T, B, 4 * H)
     if direction == "fwd":
-        return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, 4 * H, dt=acc) if h0 else None, empty(B, H, dt=acc),
-                               w_hh, w_hr,
+        return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, 4 * H, dt=acc) if h0 else None,
+                               empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
                                lens, cuts, empty(T, B, P), empty(T, B, H), gates, reverse, config)
     return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates,
                            empty(B, H) if h0 else None, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),

@@ -121,7 +121,7 @@ SAMPLED = {
     "test_lstm.py::test_every_flag": 8,
     "test_lstm.py::test_gradcheck_float64": 4,
     "test_gru.py::test_op_matches_reference": 9,
-    "test_gru.py::test_every_flag": 6,
+    "test_gru.py::test_every_flag": 5,
     "test_gru.py::test_gradcheck_float64": 2,
     "test_launch.py::test_tiled_with_many_programs_per_group": 8,
     "test_launch.py::test_gated_cells_with_many_programs_per_group": 5,

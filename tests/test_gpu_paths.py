@@ -114,7 +114,8 @@ def _run_gated(cell, direction, T, B, H, w, cfg):
     if cell == "lstm":
         c = torch.empty(T, B, H, dtype=torch.bfloat16)
         if direction == "fwd":
-            build = kernels.lstm_fwd_launch(x, h0_product(h0, w), state, w, None, None, None, y, c, gates, False, cfg)
+            build = kernels.lstm_fwd_launch(x, h0_product(h0, w), rand(B, H), state, w, None, None, None, y, c, gates,
+                                            False, cfg)
             outputs = (y, c, gates)
         else:
             d_gates = torch.empty(T, B, 4 * H, dtype=torch.bfloat16)
@@ -122,7 +123,7 @@ def _run_gated(cell, direction, T, B, H, w, cfg):
                                             h0, w, None, None, None, d_gates, state, y, False, cfg)
             outputs = (d_gates, state)
     elif direction == "fwd":
-        build = kernels.gru_fwd_launch(x, h0_product(h0, w), state, w, rand(H), None, None, y, gates, False, cfg)
+        build = kernels.gru_fwd_launch(x, h0, h0_product(h0, w), state, w, rand(H), None, None, y, gates, False, cfg)
         outputs = (y, gates)
     else:
         d_x, d_hh = torch.empty(T, B, 3 * H, dtype=torch.bfloat16), torch.empty(2, B, 3 * H, dtype=torch.bfloat16)

@@ -20,6 +20,8 @@ from .conftest import DEVICE, TOL, assert_matches_reference, forward_backward, r
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["torch", "triton"]
+PATHS = [("torch", None), ("triton", None), ("triton", "stepwise")]  # (backend, forced variant)
+PATH_IDS = ["torch", "triton", "triton-stepwise"]
 BOUND = {**TOL, torch.float64: 1e-9}
 SHAPES = [(1, 1, 1), (2, 3, 16), (63, 17, 130), (63, 3, 100), (2, 17, 1), (1, 3, 130), (63, 1, 16),
           (17, 5, 33)]
@@ -78,9 +80,13 @@ def test_op_matches_reference(backend, T, B, H, dtype, reverse, lengths, poison_
     check_against_reference(T, B, H, dtype, reverse, lengths, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,variant", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("reverse,lengths,h0,b_hn", FLAGS, ids=FLAG_IDS)
-def test_every_flag(backend, reverse, lengths, h0, b_hn, poison_all):
+def test_every_flag(backend, variant, reverse, lengths, h0, b_hn, poison_all, monkeypatch):
+    """Every flag on every path: the kernels as they run by default (one launch) and stepwise, where
+    each launch carries on from the state the one before stored (the first from h0 or zeros)."""
+    if variant:
+        monkeypatch.setenv("FASTRNN_VARIANT", variant)
     check_against_reference(9, 6, 11, torch.float64, reverse, lengths, h0, b_hn, seed=1, backend=backend)
 
 

@@ -20,6 +20,8 @@ from .conftest import DEVICE, TOL, assert_matches_reference, forward_backward, r
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["torch", "triton"]
+PATHS = [("torch", None), ("triton", None), ("triton", "stepwise")]  # (backend, forced variant)
+PATH_IDS = ["torch", "triton", "triton-stepwise"]
 BOUND = {**TOL, torch.float64: 1e-9}
 # (T, B, H, P): P is proj_size, 0 for none
 SHAPES = [(1, 1, 1, 0), (2, 3, 16, 7), (63, 17, 130, 0), (63, 3, 100, 99), (2, 17, 1, 0),
@@ -82,10 +84,14 @@ def test_op_matches_reference(backend, T, B, H, P, dtype, reverse, lengths, pois
     check_against_reference(T, B, H, P, dtype, reverse, lengths, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,variant", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("P", [0, 5])
 @pytest.mark.parametrize("reverse,lengths,h0,c0", FLAGS, ids=FLAG_IDS)
-def test_every_flag(backend, P, reverse, lengths, h0, c0, poison_all):
+def test_every_flag(backend, variant, P, reverse, lengths, h0, c0, poison_all, monkeypatch):
+    """Every flag on every path: the kernels as they run by default (one launch) and stepwise, where
+    each launch carries on from the state the one before stored (the first from c0 or zeros)."""
+    if variant:
+        monkeypatch.setenv("FASTRNN_VARIANT", variant)
     check_against_reference(9, 6, 11, P, torch.float64, reverse, lengths, h0, c0, seed=1, backend=backend)
 
 
