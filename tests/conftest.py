@@ -118,7 +118,7 @@ SAMPLED = {
     "test_elman.py::test_every_kernel_variant": 6,
     "test_elman.py::test_torch_twins_match_reference": 6,
     "test_lstm.py::test_op_matches_reference": 9,
-    "test_lstm.py::test_every_flag": 8,
+    "test_lstm.py::test_every_flag": 7,
     "test_lstm.py::test_gradcheck_float64": 4,
     "test_gru.py::test_op_matches_reference": 9,
     "test_gru.py::test_every_flag": 5,
