@@ -25,7 +25,7 @@ from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, check_operands, checked_steps,
-                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, last_step,
+                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
                        valid_steps)
 
@@ -73,8 +73,8 @@ def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tens
 
 def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None):
     """The forward launcher's twin: ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)`` (i, f, g,
-    o after their nonlinearity), all zero past each sequence's end, and the final cell state ``(B, H)``
-    in the accumulator's precision; no autograd graph.
+    o after their nonlinearity), all zero past each sequence's end, the final h ``(B, P)`` in y's dtype
+    and the final cell state ``(B, H)`` in the accumulator's precision; no autograd graph.
 
     In fp32/fp64 each step writes straight into its slices of the outputs (the product into
     ``gates[t]``, whose gates then take their nonlinearity in place), with no temporary per step;
@@ -133,7 +133,9 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
         if valid is not None:
             for out in (ys[t], cs[t], gates[t]):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
-    return y, c, gates, c_prev.clone() if direct and valid is None else c_prev  # (there a step of c, or c0)
+    # the final states: where they are steps of y and c (or h0, c0), copies
+    h_n = h.clone() if direct and valid is None else h.to(x_proj.dtype)
+    return y, c, gates, h_n, c_prev.clone() if direct and valid is None else c_prev
 
 
 def _step_factors(k, gates, c, c0, acc, reverse, lengths, resets):
@@ -253,10 +255,9 @@ def lstm_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``,
     ``c_n (B, H)``; ``lengths`` on x_proj's device."""
-    y, c, gates, c_state = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr, reverse,
-                                                                             lengths, resets)
-    # h is not carried apart from y (each step reads it back from there): h_n is y's last step
-    return y, c, gates, last_step(y, reverse, lengths), final_state(c_state, c, reverse, lengths)
+    y, c, gates, h_n, c_state = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr,
+                                                                                  reverse, lengths, resets)
+    return y, c, gates, h_n, final_state(c_state, c, reverse, lengths)
 
 
 lstm_fwd_op = torch.library.custom_op("fastrnn::lstm_fwd", lstm_forward, mutates_args=())

@@ -171,10 +171,25 @@ def previous_step_masks(t_prev, b_len):
 
 
 @triton.jit
+def is_last_step(t, b_len, REVERSE: tl.constexpr):
+    """(BLOCK_B, 1): ``t`` is the step each sequence's walk takes last, after which its final state
+    ``h_n`` is read: t = 0 walking in reverse, else its last step (``b_len`` from ``sequence_lengths``;
+    step 0 for a length of 0, which a GPU's unchecked lengths may hold: every row's h_n is written)."""
+    if REVERSE:
+        t_last = tl.zeros_like(b_len)
+    else:
+        t_last = tl.maximum(b_len - 1, 0)
+    return t == t_last
+
+
+@triton.jit
 def sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-    """(BLOCK_B, 1) int64: the length of each sequence of the block; T for all without lengths."""
+    """(BLOCK_B, 1) int64: the length of each sequence of the block; T for all without lengths. Lengths
+    are clamped into [0, T]: on a GPU they are taken unchecked (no host sync), and a length past T
+    would have a walk read steps outside y."""
     if HAS_LENGTHS:
         n = tl.load(lengths_ptr + o_b[:, None], mask=o_b[:, None] < B, other=0)
+        n = tl.minimum(tl.maximum(n, 0), T)
     else:
         n = tl.zeros([BLOCK_B, 1], dtype=tl.int64) + T
     return n

@@ -305,6 +305,17 @@ def carried_state(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: i
     return torch.empty_like(initial, dtype=acc, memory_format=torch.contiguous_format).copy_(initial)
 
 
+def final_output(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: int, runs: bool) -> torch.Tensor:
+    """A final state the kernel stores at each sequence's last step, ``(B, N)`` in ``like``'s dtype (as
+    the steps of the output it is one of): a buffer left as allocated where the kernel ``runs``; else
+    (no step or no row) ``initial`` copied, or zeros."""
+    if runs:
+        return like.new_empty(B, N)
+    if initial is None:
+        return like.new_zeros(B, N)
+    return torch.empty_like(initial, dtype=like.dtype, memory_format=torch.contiguous_format).copy_(initial)
+
+
 COUNTERS: dict = {}  # device index -> int32 arrival counters of its default stream, reused launch after launch
 
 

@@ -12,6 +12,8 @@ barrier (``SYNC``; else one launch per step). With ``BLOCK_N >= H`` one program 
 ``w_hh``: the ``resident`` variant of the small sizes. The launch, barrier and configuration are
 those of every cell (``launch.py``, ``common.py``, ``config.py``).
 
+Besides every step, the forward writes the final states the op returns: ``h_n``, each sequence's h
+at its last step (so no torch launch copies it out of ``y``), and the cell state it carried.
 Saved for the backward: ``y``, ``c`` and the gates after their nonlinearities. The backward writes
 the pre-activation gradient ``d_gates (T, B, 4H)`` (= dx_proj) and ``dc0``; ``dw_hh``, ``dh0`` are
 one product each over all steps, done by the caller (``fastrnn/lstm.py``).
@@ -23,11 +25,12 @@ import triton.language as tl
 
 from ..sequence import acc_dtype
 
-from .common import (carried_product, grid_barrier, previous_step_masks, sequence_lengths, sigmoid,
+from .common import (carried_product, grid_barrier, is_last_step, previous_step_masks, sequence_lengths, sigmoid,
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, start_state, store_gate
-from .launch import carried_state, h0_product, find_kept, on_device, resets_operand, run_sequence
+from .launch import (carried_state, final_output, find_kept, h0_product, on_device, resets_operand,
+                     run_sequence)
 from .operands import expect_operands, expect_sequence, expect_tensors
 
 CELL = dict(gates=4, cell="lstm", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
@@ -99,6 +102,16 @@ def _project(m_ptr, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_mb, stride_hr, AC
     return tl.where(valid, acc, 0.0)
 
 
+@triton.jit
+def _store_h(y_ptr, h_n_ptr, b_h, m_last, o_b, o_x, B, N, stride_yb, stride_hnb):
+    """h_t (BLOCK_B, BLOCK_X), columns ``o_x`` of N, into its step of y, and into h_n where ``m_last``:
+    at each sequence's last step."""
+    m_bx = (o_b[:, None] < B) & (o_x[None, :] < N)
+    tl.store(y_ptr + o_b[:, None] * stride_yb + o_x[None, :], b_h.to(y_ptr.dtype.element_ty), mask=m_bx)
+    tl.store(h_n_ptr + o_b[:, None] * stride_hnb + o_x[None, :], b_h.to(h_n_ptr.dtype.element_ty),
+             mask=m_bx & m_last)
+
+
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
 def lstm_fwd_kernel(
     x_proj_ptr,  # (T, B, 4H) input projection plus both biases
@@ -112,10 +125,11 @@ def lstm_fwd_kernel(
     y_ptr,  # (T, B, P) out: every h_t; also where h_{t-1} is read back from
     c_ptr,  # (T, B, H) out: every c_t
     gates_ptr,  # (T, B, 4H) out: i, f, g, o after their nonlinearities
+    h_n_ptr,  # (B, P) out: h at each sequence's last step
     m_ptr,  # (2, B, H) scratch: o tanh(c) of the last two steps, all units (unused unless PROJ)
     T, B, H, P,  # P: the width of h, proj_size or H
     stride_xt, stride_xb, stride_h0b,  # x_proj, h0_proj
-    stride_yt, stride_yb,  # y
+    stride_yt, stride_yb, stride_hnb,  # y, h_n
     stride_ct, stride_cb, stride_c0b, stride_sb,  # c, c0, c_state
     stride_gt, stride_gb,  # gates
     stride_mt, stride_mb,  # m
@@ -156,10 +170,11 @@ def lstm_fwd_kernel(
         cut = state_cut(resets_ptr, t, t_prev, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
         m_prev, m_first = m_prev & ~cut, m_first & ~cut  # a new sequence starts from zero
         valid = t < b_len  # (BLOCK_B, 1): zero past each sequence's end, the state carried along
+        m_last = is_last_step(t, b_len, REVERSE)  # (BLOCK_B, 1): h_t is h_n
         if PHASE != 2:
             b_c = tl.where(cut, 0.0, b_c)
-            z_i, z_f, z_g, z_o = _input_gates(x_proj_ptr + t * stride_xt, h0_proj_ptr, o_b, o_n, H, stride_xb, stride_h0b,
-                                              m_bn, m_first, HAS_H0, ACC_DTYPE)
+            z_i, z_f, z_g, z_o = _input_gates(x_proj_ptr + t * stride_xt, h0_proj_ptr, o_b, o_n, H, stride_xb,
+                                              stride_h0b, m_bn, m_first, HAS_H0, ACC_DTYPE)
             z_i, z_f, z_g, z_o = _gate_products(z_i, z_f, z_g, z_o, y_ptr + t_prev * stride_yt, m_prev, o_b,
                                                 o_n, B, H, P, stride_yb, w_hh_ptr, stride_w, b_wi, b_wf,
                                                 b_wg, b_wo, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
@@ -173,8 +188,7 @@ def lstm_fwd_kernel(
             if PROJ:
                 tl.store(m_ptr + (t % 2) * stride_mt + p_m, b_m.to(m_ptr.dtype.element_ty), mask=m_bn)
             else:
-                tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_n[None, :],
-                         b_m.to(y_ptr.dtype.element_ty), mask=m_bn)
+                _store_h(y_ptr + t * stride_yt, h_n_ptr, b_m, m_last, o_b, o_n, B, H, stride_yb, stride_hnb)
         if PROJ:
             if PHASE == 0:  # every program's m_t is written before any program projects it
                 grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
@@ -182,8 +196,7 @@ def lstm_fwd_kernel(
                 o_p = (pid_n * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
                 b_h = _project(m_ptr + (t % 2) * stride_mt, w_hr_ptr, o_b, o_p, valid, B, H, P, stride_mb, stride_hr,
                                ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_P, BLOCK_KP)
-                tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_p[None, :],
-                         b_h.to(y_ptr.dtype.element_ty), mask=(o_b[:, None] < B) & (o_p[None, :] < P))
+                _store_h(y_ptr + t * stride_yt, h_n_ptr, b_h, m_last, o_b, o_p, B, P, stride_yb, stride_hnb)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
     if PHASE != 2:
@@ -245,10 +258,6 @@ def lstm_bwd_kernel(
     o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
-    if REVERSE:
-        t_last = tl.zeros([BLOCK_B, 1], dtype=tl.int64)  # h_n, c_n are the states after t = 0
-    else:
-        t_last = b_len - 1
     b_dc_n = tl.load(dc_n_ptr + o_b[:, None] * stride_cnb + o_n[None, :], mask=m_bn, other=0.0).to(ACC_DTYPE)
     b_dc_carry = start_state(dc_carry_ptr, dc_carry_ptr, o_b, o_n, stride_dcb, stride_dcb, m_bn, step_begin, False,
                              ACC_DTYPE)  # zero at the walk's start
@@ -264,7 +273,7 @@ def lstm_bwd_kernel(
         # no gradient crosses a cut: from t_next into h_t and c_t, or from t into the step before
         m_next = m_next & ~state_cut(resets_ptr, t, t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
         cut_prev = state_cut(resets_ptr, t, 2 * t - t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
-        m_last = t == t_last
+        m_last = is_last_step(t, b_len, REVERSE)  # h_n, c_n are the states after step t
         p_dnext = d_gates_ptr + t_next * stride_dgt
         if PROJ:
             if PHASE != 2:  # dh of this program's columns of h, for all programs to read
@@ -329,33 +338,36 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     """Launch the LSTM forward. ``x_proj (T, B, 4H)``, ``h0 (B, P)``, ``c0 (B, H)`` or None,
     ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` integer or
     ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and
-    ``gates (T, B, 4H)``, zero past each sequence's end, and ``c_state (B, H)``, each sequence's final
-    cell state as the kernel carried it: in the accumulator's precision (c's own for fp32 and fp64)."""
+    ``gates (T, B, 4H)``, zero past each sequence's end, ``h_n (B, P)``, each sequence's final h (as y
+    holds it at its last step), and ``c_state (B, H)``, each sequence's final cell state as the kernel
+    carried it: in the accumulator's precision (c's own for fp32 and fp64)."""
     found = find_kept(("lstm_fwd", reverse, config), x_proj.device, (x_proj, h0, c0, w_hh, w_hr, lengths, resets),
                    check_fwd)  # (checked where not kept yet)
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G)
-    c_state = carried_state(c0, x_proj, B, H, runs=T > 0 and B > 0)  # (B, H): the kernel writes it
-    if T == 0 or B == 0:
-        return y, c, gates, c_state
+    runs = T > 0 and B > 0
+    h_n, c_state = final_output(h0, x_proj, B, P, runs), carried_state(c0, x_proj, B, H, runs)  # (kernel-written)
+    if not runs:
+        return y, c, gates, h_n, c_state
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, c0, w_hr, lengths = [t if t is None else t.contiguous() for t in (h0, c0, w_hr, lengths)]
     resets = resets_operand(resets, x_proj.dtype)
     m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
     with on_device(x_proj):
-        tensors = (x_proj, h0_product(h0, w_hh), c0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, m)
+        tensors = (x_proj, h0_product(h0, w_hh), c0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, h_n, m)
         run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m),
                      lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr), found=found,
                      operands=lambda cfg: tensors)
-    return y, c, gates, c_state
+    return y, c, gates, h_n, c_state
 
 
-def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, reverse, config,
+def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, h_n, reverse, config,
                     m=None):
     """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``: operands with a contiguous
     last dimension, ``h0_proj (B, 4H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``c0 (B, H)`` or None,
     ``c_state (B, H)`` the final cell state in the accumulator's precision (written; ``carried_state``),
+    ``h_n (B, P)`` the final h (written at each sequence's last step),
     ``m (2, B, H)`` the projection's scratch (made here if not given)."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
@@ -364,8 +376,9 @@ def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y
     if m is None:  # the projection's input, all units (c stands in without a projection: never read)
         m = c.new_empty(2, B, H) if w_hr is not None else c
     args = (x_proj, h0_proj, c0 if c0 is not None else c_state, c_state, w_hh, w_hr if w_hr is not None else w_hh,
-            lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, m,
-            T, B, H, P, x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
+            lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, h_n,
+            m, T, B, H, P, x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
+            h_n.stride(0),
             c.stride(0), c.stride(1), c0.stride(0) if c0 is not None else 0, c_state.stride(0), gates.stride(0),
             gates.stride(1), m.stride(0), m.stride(1),
             w_hh.stride(0), w_hr.stride(0) if w_hr is not None else 0,
@@ -488,7 +501,7 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     if direction == "fwd":
         return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, 4 * H, dt=acc) if h0 else None,
                                empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
-                               lens, cuts, empty(T, B, P), empty(T, B, H), gates, reverse, config)
+                               lens, cuts, empty(T, B, P), empty(T, B, H), gates, empty(B, P), reverse, config)
     return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates,
                            empty(B, H) if h0 else None, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),
                            empty(B, H, dt=acc), empty(2, B, P), reverse, config)

@@ -112,11 +112,11 @@ def _run_gated(cell, direction, T, B, H, w, cfg):
     state = rand(B, H, dtype=torch.float32)
     y, gates = torch.empty(T, B, H, dtype=torch.bfloat16), torch.empty(T, B, 4 * H, dtype=torch.bfloat16)
     if cell == "lstm":
-        c = torch.empty(T, B, H, dtype=torch.bfloat16)
+        c, h_n = torch.empty(T, B, H, dtype=torch.bfloat16), torch.empty(B, H, dtype=torch.bfloat16)
         if direction == "fwd":
             build = kernels.lstm_fwd_launch(x, h0_product(h0, w), rand(B, H), state, w, None, None, None, y, c, gates,
-                                            False, cfg)
-            outputs = (y, c, gates)
+                                            h_n, False, cfg)
+            outputs = (y, c, gates, h_n)
         else:
             d_gates = torch.empty(T, B, 4 * H, dtype=torch.bfloat16)
             build = kernels.lstm_bwd_launch(rand(T, B, H), rand(B, H), rand(B, H), rand(T, B, H), rand(T, B, 4 * H),
@@ -197,7 +197,7 @@ def test_gpu_path_stepwise_carries_the_state_in_fp32(cell, one_thread):
     for cfg in (None, Config("stepwise", 16, 16, 16)):
         if cell == "lstm":
             fwd = lstm_fwd(x, h0, h0, w, config=cfg)
-            bwd = lstm_bwd(dy, dh_n, dh_n, *fwd[:-1], h0, h0, w, config=cfg)  # (fwd[-1]: c_n)
+            bwd = lstm_bwd(dy, dh_n, dh_n, *fwd[:3], h0, h0, w, config=cfg)  # (fwd[3:]: h_n, c_n)
         else:
             fwd = gru_fwd(x, h0, w, None, config=cfg)
             bwd = gru_bwd(dy, dh_n, *fwd[:-1], h0, w, config=cfg)  # (fwd[-1]: h_n)

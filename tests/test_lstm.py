@@ -213,6 +213,27 @@ def test_public_function_reads_host_lengths_and_empty_inputs():
     assert y.shape == (5, 0, 4) and h_n.shape == (0, 4) and c_n.shape == (0, 4)
 
 
+def test_launcher_final_states_without_steps_and_past_unchecked_lengths(poison_all):
+    """The forward launcher's ``h_n`` and final cell state: a walk with no step returns h0 and c0
+    copied (zeros where absent); lengths outside [1, T] (a GPU's are not checked) are clamped into
+    [0, T], so no access leaves the buffers (the interpreter checks every one) and each row's h_n is
+    written: y at the step its walk takes last (step 0 for a length of 0, where y is zero)."""
+    from fastrnn.kernels import lstm_fwd
+    inputs, _ = make_inputs(4, 3, 16, 0, seed=5)
+    x_proj, h0, c0, w_hh, _ = (t.float().to(DEVICE) if t is not None else None for t in inputs)
+    _, _, _, h_n, c_state = lstm_fwd(x_proj[:0], h0, c0, w_hh)
+    assert torch.equal(h_n, h0) and torch.equal(c_state, c0) and h_n.data_ptr() != h0.data_ptr()
+    _, _, _, h_n, c_state = lstm_fwd(x_proj[:0], None, None, w_hh)
+    assert (h_n == 0).all() and (c_state == 0).all()
+    lens = torch.tensor([0, 6, 2], device=DEVICE)
+    for reverse in (False, True):
+        y, c, _, h_n, c_state = lstm_fwd(x_proj, h0, c0, w_hh, None, reverse, lens)
+        assert torch.equal(y, lstm_fwd(x_proj, h0, c0, w_hh, None, reverse, lens.clamp(0, 4))[0])
+        last = torch.zeros(3, dtype=torch.int64) if reverse else torch.tensor([0, 3, 1])
+        assert torch.equal(h_n, y[last.to(DEVICE), torch.arange(3, device=DEVICE)])
+        assert (y[:, 0] == 0).all() and torch.equal(c_state[0], c0[0])  # a length of 0: no step
+
+
 def valid_arguments():
     """Arguments lstm_recurrence takes: H = 4, no projection."""
     return dict(x_proj=torch.randn(3, 2, 16), h0=None, c0=None, w_hh=torch.randn(16, 4), w_hr=None,

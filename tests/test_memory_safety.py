@@ -102,10 +102,10 @@ def test_lstm_kernels_with_size_one_dimensions_of_any_stride(shape, config, proj
         fused = lstm_fwd(*args, reverse, lens, config=config)
         want = lstm_fwd_torch(o["x"], o["h0"], o["c0"], o["w_hh"], o["w_hr"], reverse, o["lengths"])
         _assert_same(fused, want)
-        y, c, gates = (odd_strides(t) for t in fused[:-1])  # (fused[-1]: c_n)
+        y, c, gates = (odd_strides(t) for t in fused[:3])  # (fused[3:]: h_n, c_n)
         grads = lstm_bwd(*(odd_strides(o[k]) for k in ("dy", "dh_n", "dc_n")), y, c, gates, args[1], args[2],
                          args[3], args[4], reverse, lens, config=config)
-        _assert_same(grads, lstm_bwd_torch(o["dy"], o["dh_n"], o["dc_n"], *want[:-1], o["h0"], o["c0"], o["w_hh"],
+        _assert_same(grads, lstm_bwd_torch(o["dy"], o["dh_n"], o["dc_n"], *want[:3], o["h0"], o["c0"], o["w_hh"],
                                            o["w_hr"], reverse, o["lengths"]))
 
 
@@ -158,3 +158,31 @@ def test_initial_states_of_any_layout(cell, monkeypatch):
         y, state = module(x, hx)
         results[backend] = [y, *(state if cell == "lstm" else (state,))]
     _assert_same(results["triton"], results["torch"])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "stepwise"])
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_lengths_outside_the_sequence_stay_inside_the_buffers(cell, config, one_thread):
+    """Lengths a GPU takes unchecked (no host sync) that lie outside [1, T], here 0 and T + 2: every
+    launcher, forward and backward, walks as if they were clamped into [0, T] and reads and writes
+    nothing outside its buffers."""
+    T, B, H = 3, 3, 5
+    G = {"elman": 1, "lstm": 4, "gru": 3}[cell]
+    o = _operands(T, B, H, G, H)
+    bad, clamped = torch.tensor([0, T + 2, 2]), torch.tensor([0, T, 2])
+    for reverse in (False, True):
+        got, want = (_launch_both_ways(cell, o, reverse, lens, config) for lens in (bad, clamped))
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _launch_both_ways(cell, o, reverse, lens, config):
+    """The cell's forward launcher's outputs, then its backward's."""
+    if cell == "elman":
+        y = elman_fwd(o["x"], o["h0"], o["w_hh"], "tanh", reverse, lens, config=config)
+        return y, elman_bwd(o["dy"], o["dh_n"], y, o["w_hh"], "tanh", reverse, lens, config=config)
+    if cell == "lstm":
+        fwd = lstm_fwd(o["x"], o["h0"], o["c0"], o["w_hh"], None, reverse, lens, config=config)
+        return (*fwd, *lstm_bwd(o["dy"], o["dh_n"], o["dc_n"], *fwd[:3], o["h0"], o["c0"], o["w_hh"], None, reverse,
+                                lens, config=config))
+    fwd = gru_fwd(o["x"], o["h0"], o["w_hh"], o["b_hn"], reverse, lens, config=config)
+    return (*fwd, *gru_bwd(o["dy"], o["dh_n"], *fwd[:2], o["h0"], o["w_hh"], reverse, lens, config=config))
