@@ -29,7 +29,7 @@ from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
 from .sequence import (add_at, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps, edge_step,
-                       enters, last_step, previous_states, shifted, valid_steps)
+                       enters, previous_states, shifted, valid_steps)
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -71,7 +71,7 @@ def recurrence_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: to
 
 
 def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=None, resets=None):
-    """The forward launcher's twin in PyTorch: ``y (T, B, H)``, no autograd graph."""
+    """The forward launcher's twin in PyTorch: ``y (T, B, H)`` and ``h_n (B, H)``, no autograd graph."""
     T, B, H = x_proj.shape
     act_ = torch.Tensor.tanh_ if activation == "tanh" else torch.Tensor.relu_
     y = x_proj.contiguous().clone()  # y[t] starts as x_proj[t] and becomes h_t in place
@@ -87,7 +87,7 @@ def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=
         else:
             h = torch.where(valid[t], h_new, h)
             h_new.masked_fill_(~valid[t], 0.0)  # zero past each sequence's end
-    return y
+    return y, h if valid is not None and T > 0 else h.clone()  # (else a step of y, or h0)
 
 
 def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None, resets=None):
@@ -132,9 +132,8 @@ def elman_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.
                   reverse: bool, lengths: Optional[torch.Tensor], backend: str,
                   resets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, H)``, ``h_n (B, H)``."""
-    y = loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths,
-                                                            resets)
-    return y, last_step(y, reverse, lengths)
+    return loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths,
+                                                               resets)
 
 
 elman_fwd_op = torch.library.custom_op("fastrnn::elman_fwd", elman_forward, mutates_args=())

@@ -2,7 +2,8 @@
 
 Forward: ``h_t = act(x_proj[t] + h_{t-1} @ w_hh.T)`` for every step. ``x_proj (T, B, H)`` already
 holds ``x_t @ w_ih.T + b_ih + b_hh`` (one cuBLAS product outside); the kernels write every hidden
-state ``y (T, B, H)``; ``h_n`` is read off ``y`` by the caller.
+state ``y (T, B, H)``, and ``h_n (B, H)``, each sequence's h at its last step (so no torch launch
+copies it out of ``y``).
 
 Backward: the gradient of the pre-activations, ``d_pre (T, B, H)``, walking time in reverse:
     g_t      = dy[t] + [t is where h_n was read] * dh_n + d_pre[t_next] @ w_hh     (B, H)
@@ -35,10 +36,10 @@ import triton.language as tl
 
 from ..sequence import acc_dtype
 
-from .common import (activation, activation_grad, carried_product, grid_barrier, matmul, sequence_lengths,
-                     state_cut, walk_step, weight_block, weight_chunks)
+from .common import (activation, activation_grad, carried_product, grid_barrier, is_last_step, matmul,
+                     sequence_lengths, state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, ladder
-from .launch import h0_product, find_kept, on_device, resets_operand, run_sequence
+from .launch import final_output, find_kept, h0_product, on_device, resets_operand, run_sequence
 from .operands import expect_operands, expect_sequence
 
 
@@ -50,8 +51,9 @@ def fwd_resident_kernel(
     lengths_ptr,  # (B,) int64 sequence lengths (unused unless HAS_LENGTHS)
     resets_ptr,  # (T, B) bool: a new sequence starts at step t of row b (unused unless HAS_RESETS)
     y_ptr,  # (T, B, H) out: every hidden state
+    h_n_ptr,  # (B, H) out: h at each sequence's last step
     T, B, H,
-    stride_xt, stride_xb, stride_yt, stride_yb, stride_h0b, stride_w, stride_rt, stride_rb,
+    stride_xt, stride_xb, stride_yt, stride_yb, stride_hnb, stride_h0b, stride_w, stride_rt, stride_rb,
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -74,6 +76,7 @@ def fwd_resident_kernel(
 
     p_x = x_proj_ptr + o_b[:, None] * stride_xb + o_h[None, :]
     p_y = y_ptr + o_b[:, None] * stride_yb + o_h[None, :]
+    p_h_n = h_n_ptr + o_b[:, None] * stride_hnb + o_h[None, :]
     if REVERSE:
         b_x_next = tl.load(p_x + tl.full([], T - 1, tl.int64) * stride_xt, mask=m_bh, other=0.0)
     else:
@@ -96,8 +99,9 @@ def fwd_resident_kernel(
         b_h_new = activation(b_z, ACTIVATION, FAST)
         m_valid = t < b_len  # (BLOCK_B, 1): this sequence has not ended
         b_h = tl.where(m_valid, b_h_new, b_h)
-        b_y = tl.where(m_valid, b_h_new, 0.0)
-        tl.store(p_y + t * stride_yt, b_y.to(y_ptr.dtype.element_ty), mask=m_bh)
+        b_y = tl.where(m_valid, b_h_new, 0.0).to(y_ptr.dtype.element_ty)
+        tl.store(p_y + t * stride_yt, b_y, mask=m_bh)
+        tl.store(p_h_n, b_y, mask=m_bh & is_last_step(t, b_len, REVERSE))
 
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
@@ -108,8 +112,9 @@ def fwd_tiled_kernel(
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     resets_ptr,  # (T, B) bool (unused unless HAS_RESETS)
     y_ptr,  # (T, B, H) out; also where h_{t-1} is read back from
+    h_n_ptr,  # (B, H) out: h at each sequence's last step
     T, B, H,
-    stride_xt, stride_xb, stride_yt, stride_yb, stride_h0b, stride_w, stride_rt, stride_rb,
+    stride_xt, stride_xb, stride_yt, stride_yb, stride_hnb, stride_h0b, stride_w, stride_rt, stride_rb,
     sync_ptr,  # (num batch blocks,) int32 arrival counters (unused unless SYNC)
     step_begin, n_steps,  # this launch runs steps [step_begin, step_begin + n_steps)
     ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr,
@@ -144,9 +149,10 @@ def fwd_tiled_kernel(
         b_z = carried_product(b_z, y_ptr + t_prev * stride_yt, m_prev, o_b, o_n, B, H, H, stride_yb,
                               w_hh_ptr, 1, stride_w, b_wt_all, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
         b_h_new = activation(b_z, ACTIVATION, FAST)
-        b_y = tl.where(t < b_len, b_h_new, 0.0)
-        tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_n[None, :],
-                 b_y.to(y_ptr.dtype.element_ty), mask=m_bn)
+        b_y = tl.where(t < b_len, b_h_new, 0.0).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + t * stride_yt + o_b[:, None] * stride_yb + o_n[None, :], b_y, mask=m_bn)
+        tl.store(h_n_ptr + o_b[:, None] * stride_hnb + o_n[None, :], b_y,
+                 mask=m_bn & is_last_step(t, b_len, REVERSE))
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
 
@@ -280,32 +286,33 @@ def elman_fwd(x_proj, h0, w_hh, activation: str = "tanh", reverse: bool = False,
               config=None):
     """Launch the forward recurrence. ``x_proj (T, B, H)``, ``h0 (B, H)`` or None, ``w_hh (H, H)``,
     ``lengths (B,)`` integer or ``resets (T, B)`` bool on the same device or None. Returns
-    ``y (T, B, H)`` in x_proj's dtype."""
+    ``y (T, B, H)`` and ``h_n (B, H)``, each sequence's final state (y at its last step), in x_proj's
+    dtype."""
     found = find_kept(("elman_fwd", activation, reverse, config), x_proj.device, (x_proj, h0, w_hh, lengths, resets),
                    lambda *given: check_fwd(*given, activation))  # (checked where not kept yet)
     T, B, H = x_proj.shape
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
-    y = x_proj.new_empty(T, B, H)
+    y, h_n = x_proj.new_empty(T, B, H), final_output(h0, x_proj, B, H, runs=T > 0 and B > 0)
     if T == 0 or B == 0:
-        return y
+        return y, h_n
     resets = resets_operand(resets, x_proj.dtype)
     made = []  # h0 @ w_hh.T, the tiled kernels' alone: made once, if one runs
 
     def operands(cfg):  # the tensors fwd_launch passes for cfg
         if h0 is None or cfg.variant == "resident":
-            return x_proj, h0, None, w_hh, lengths, resets, y
+            return x_proj, h0, None, w_hh, lengths, resets, y, h_n
         if not made:
             made.append(h0_product(h0, w_hh))
-        return x_proj, h0, made[0], w_hh, lengths, resets, y
+        return x_proj, h0, made[0], w_hh, lengths, resets, y, h_n
 
     with on_device(x_proj):  # launch on the tensors' GPU, not the current one
         run_sequence(lambda cfg: fwd_launch(*operands(cfg), activation, reverse, cfg),
                      lambda: ladder(config, B, H, x_proj), T, x_proj.device, found=found, operands=operands)
-    return y
+    return y, h_n
 
 
-def fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, activation, reverse, config):
+def fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, h_n, activation, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the forward for ``config`` (operands with a contiguous
     last dimension; ``h0_proj``, ``h0 @ w_hh.T`` from ``h0_product``, for the tiled kernel); what
     ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
@@ -315,15 +322,15 @@ def fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, activation, revers
                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, num_warps=config.num_warps,
                   num_stages=config.num_stages, **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
     optional = (lengths if lengths is not None else x_proj, resets if resets is not None else x_proj)
-    strides = (x_proj.stride(0), x_proj.stride(1), y.stride(0), y.stride(1))
+    strides = (x_proj.stride(0), x_proj.stride(1), y.stride(0), y.stride(1), h_n.stride(0))
     resets_strides = resets.stride() if resets is not None else (0, 0)
     if config.variant == "resident":
         h0_arg = h0 if h0 is not None else x_proj  # never read unless HAS_H0
-        args = (x_proj, h0_arg, w_hh, *optional, y, T, B, H, *strides, h0.stride(0) if h0 is not None else 0,
+        args = (x_proj, h0_arg, w_hh, *optional, y, h_n, T, B, H, *strides, h0.stride(0) if h0 is not None else 0,
                 w_hh.stride(0), *resets_strides)
         kwargs.update(BLOCK_B=config.block_b, BLOCK_H=config.block_n)
         return fwd_resident_kernel, (triton.cdiv(B, config.block_b),), args, kwargs
-    args = (x_proj, h0_proj if h0 is not None else x_proj, w_hh, *optional, y, T, B, H, *strides,
+    args = (x_proj, h0_proj if h0 is not None else x_proj, w_hh, *optional, y, h_n, T, B, H, *strides,
             h0_proj.stride(0) if h0 is not None else 0, w_hh.stride(0), *resets_strides)
     kwargs.update(BLOCK_B=config.block_b, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                   SPLIT_K=config.split_k, W_RESIDENT=config.block_k >= H)
@@ -405,7 +412,7 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     cuts = empty(T, B, dt=torch.bool) if resets else None
     if direction == "fwd":
         h0_, h0_proj = (empty(B, H), empty(B, H, dt=acc_dtype(dtype))) if h0 else (None, None)
-        return fwd_launch(empty(T, B, H), h0_, h0_proj, empty(H, H), lens, cuts, empty(T, B, H), "tanh", reverse,
-                          config)
+        return fwd_launch(empty(T, B, H), h0_, h0_proj, empty(H, H), lens, cuts, empty(T, B, H), empty(B, H), "tanh",
+                          reverse, config)
     return bwd_launch(empty(T, B, H), empty(B, H), empty(T, B, H), empty(H, H), lens, cuts, empty(T, B, H),
                       "tanh", reverse, config)

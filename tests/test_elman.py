@@ -108,12 +108,14 @@ def test_gradcheck_float64(reverse, lengths):
 
 @pytest.mark.parametrize("variant", ["resident", "tiled", "stepwise"])
 def test_launchers_write_every_element(variant, poison, monkeypatch):
-    """Straight through the launchers, every y and d_pre element written, zeros past each end."""
+    """Straight through the launchers, every y and d_pre element written, zeros past each end, h_n
+    each sequence's last h."""
     monkeypatch.setenv("FASTRNN_VARIANT", variant)
     x_proj, h0, w_hh, lens = make_inputs(6, 5, 33, seed=3, lengths=True)
     x_proj, h0, w_hh = (t.float().to(DEVICE) for t in (x_proj, h0, w_hh))
-    y = elman_fwd(x_proj, h0, w_hh, "tanh", False, lens.to(DEVICE))
+    y, h_n = elman_fwd(x_proj, h0, w_hh, "tanh", False, lens.to(DEVICE))
     assert not torch.isnan(y).any()
+    assert torch.equal(h_n, y[(lens - 1).to(DEVICE), torch.arange(5, device=DEVICE)])  # each last step
     past_end = torch.arange(6)[:, None] >= lens[None, :]
     assert (y[past_end.to(DEVICE)] == 0).all()
     d_pre = elman_bwd(torch.randn_like(y), torch.randn_like(h0), y, w_hh, "tanh", False, lens.to(DEVICE))

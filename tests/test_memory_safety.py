@@ -81,8 +81,8 @@ def test_elman_kernels_with_size_one_dimensions_of_any_stride(shape, config, rev
     T, B, H = shape
     o = _operands(T, B, H, 1, H)
     x, h0, w, lens, dy, dh_n = (odd_strides(o[k]) for k in ("x", "h0", "w_hh", "lengths", "dy", "dh_n"))
-    y = elman_fwd(x, h0, w, "tanh", reverse, lens, config=config)
-    _assert_same([y], [elman_fwd_torch(o["x"], o["h0"], o["w_hh"], "tanh", reverse, o["lengths"])])
+    y, h_n = elman_fwd(x, h0, w, "tanh", reverse, lens, config=config)
+    _assert_same([y, h_n], elman_fwd_torch(o["x"], o["h0"], o["w_hh"], "tanh", reverse, o["lengths"]))
     d = elman_bwd(dy, dh_n, odd_strides(y), w, "tanh", reverse, lens, config=config)
     _assert_same([d], [elman_bwd_torch(o["dy"], o["dh_n"], y, o["w_hh"], "tanh", reverse, o["lengths"])])
 
@@ -178,8 +178,8 @@ def test_lengths_outside_the_sequence_stay_inside_the_buffers(cell, config, one_
 def _launch_both_ways(cell, o, reverse, lens, config):
     """The cell's forward launcher's outputs, then its backward's."""
     if cell == "elman":
-        y = elman_fwd(o["x"], o["h0"], o["w_hh"], "tanh", reverse, lens, config=config)
-        return y, elman_bwd(o["dy"], o["dh_n"], y, o["w_hh"], "tanh", reverse, lens, config=config)
+        y, h_n = elman_fwd(o["x"], o["h0"], o["w_hh"], "tanh", reverse, lens, config=config)
+        return y, h_n, elman_bwd(o["dy"], o["dh_n"], y, o["w_hh"], "tanh", reverse, lens, config=config)
     if cell == "lstm":
         fwd = lstm_fwd(o["x"], o["h0"], o["c0"], o["w_hh"], None, reverse, lens, config=config)
         return (*fwd, *lstm_bwd(o["dy"], o["dh_n"], o["dc_n"], *fwd[:3], o["h0"], o["c0"], o["w_hh"], None, reverse,

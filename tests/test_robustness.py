@@ -175,15 +175,17 @@ def test_index_arithmetic_past_2_31(kernel):
     out.fill_(float("nan"))
     w = (torch.randn(H, H) / 4).bfloat16()
     if kernel.startswith("fwd"):
+        h_n = torch.full((B, H), float("nan"), dtype=torch.bfloat16)  # (B, H): h at the last step
         if kernel == "fwd_resident":
-            fwd_resident_kernel[(1,)](a, a, w, a, a, out, T, B, H, stride_t, H, stride_t, H, 0, H, 0, 0, HAS_H0=False,
-                                       BLOCK_B=16, BLOCK_H=16, **flags, **fast)
+            fwd_resident_kernel[(1,)](a, a, w, a, a, out, h_n, T, B, H, stride_t, H, stride_t, H, H, 0, H, 0, 0,
+                                       HAS_H0=False, BLOCK_B=16, BLOCK_H=16, **flags, **fast)
         else:
-            fwd_tiled_kernel[(1, 1)](a, a, w, a, a, out, T, B, H, stride_t, H, stride_t, H, 0, H, 0, 0,
+            fwd_tiled_kernel[(1, 1)](a, a, w, a, a, out, h_n, T, B, H, stride_t, H, stride_t, H, H, 0, H, 0, 0,
                                       torch.zeros(1, dtype=torch.int32), 0, T, HAS_H0=False, SYNC=True,
                                       SPLIT_K=1, BLOCK_B=16, BLOCK_N=16, **fast,
                                       BLOCK_K=16, W_RESIDENT=not kernel.endswith("streamed"), **flags)
         want, _ = recurrence_reference(a.double(), None, w.double())
+        assert torch.equal(h_n, out[T - 1])
     else:
         y = _strided(T, B, H, stride_t)
         y.copy_(torch.randn(T, B, H).tanh())
