@@ -104,9 +104,16 @@ def pick_configs(B: int, H: int, dtype: torch.dtype, device: torch.device, gates
 
 
 def ladder(given, B: int, H: int, like: torch.Tensor, **cell) -> tuple[Config, ...]:
-    """A launcher's candidates: ``(given,)`` where it was given a configuration, else ``pick_configs``
-    for ``like``'s dtype and device (``cell``: its ``gates``, ``cell`` and ``variants``)."""
-    return (given,) if given else pick_configs(B, H, like.dtype, like.device, **cell)
+    """A launcher's candidates: ``(given,)`` where it was given a configuration (of a variant the cell
+    has: a ValueError else), else ``pick_configs`` for ``like``'s dtype and device (``cell``: its
+    ``gates``, ``cell`` and ``variants``)."""
+    if not given:
+        return pick_configs(B, H, like.dtype, like.device, **cell)
+    variants = cell.get("variants", VARIANTS)
+    if given.variant not in variants:
+        raise ValueError(f"config: the {cell.get('cell', 'elman')} cell has no {given.variant!r} variant; its "
+                         f"variants are {', '.join(variants)}")
+    return (given,)
 
 
 def pick_config(B: int, H: int, dtype: torch.dtype, device: torch.device, gates: int = 1) -> Config:

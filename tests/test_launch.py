@@ -739,6 +739,18 @@ def test_launchers_refuse_bad_operands(name):
             launcher(**operands, activation="sigmoid")
 
 
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launchers_refuse_a_configuration_of_a_variant_the_cell_lacks(name):
+    """A configuration given to a launcher names one of its cell's variants: the gated cells have no
+    resident kernel (whose launch takes other arguments), and no cell a variant of another name; a
+    ValueError naming it, before anything is launched."""
+    launcher, operands = _launcher_calls()[name]
+    lacking = ["fused"] + (["resident"] if not name.startswith("elman") else [])
+    for variant in lacking:
+        with pytest.raises(ValueError, match=f"no '{variant}' variant"):
+            launcher(**operands, config=Config(variant, 16, 16, 16))
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launchers_check_only_where_the_launch_is_not_kept(monkeypatch, name):
