@@ -297,23 +297,20 @@ def carried_state(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: i
     itself, so no torch launch fills it; a later launch (stepwise) from what the one before wrote.
     Where it does not run (no step or no row), the final state is ``initial`` (whatever its layout),
     copied, or zeros."""
-    acc = acc_dtype(like.dtype)
-    if runs:
-        return like.new_empty(B, N, dtype=acc)
-    if initial is None:
-        return like.new_zeros(B, N, dtype=acc)
-    return torch.empty_like(initial, dtype=acc, memory_format=torch.contiguous_format).copy_(initial)
+    return final_output(initial, like, B, N, runs, dtype=acc_dtype(like.dtype))
 
 
-def final_output(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: int, runs: bool) -> torch.Tensor:
-    """A final state the kernel stores at each sequence's last step, ``(B, N)`` in ``like``'s dtype (as
-    the steps of the output it is one of): a buffer left as allocated where the kernel ``runs``; else
-    (no step or no row) ``initial`` copied, or zeros."""
+def final_output(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: int, runs: bool,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A final state the kernel stores at each sequence's last step, ``(B, N)`` in ``dtype`` (``like``'s
+    where not given: as the steps of the output it is one of): a buffer left as allocated where the
+    kernel ``runs``; else (no step or no row) ``initial`` (whatever its layout) copied, or zeros."""
+    dtype = dtype or like.dtype
     if runs:
-        return like.new_empty(B, N)
+        return like.new_empty(B, N, dtype=dtype)
     if initial is None:
-        return like.new_zeros(B, N)
-    return torch.empty_like(initial, dtype=like.dtype, memory_format=torch.contiguous_format).copy_(initial)
+        return like.new_zeros(B, N, dtype=dtype)
+    return torch.empty_like(initial, dtype=dtype, memory_format=torch.contiguous_format).copy_(initial)
 
 
 COUNTERS: dict = {}  # device index -> int32 arrival counters of its default stream, reused launch after launch
