@@ -91,7 +91,8 @@ def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=
 
 
 def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None, resets=None):
-    """The backward launcher's twin in PyTorch: ``d_pre (T, B, H)``, walking time in reverse."""
+    """The backward launcher's twin in PyTorch: ``d_pre (T, B, H)``, walking time in reverse (``dh_n``
+    None: no gradient reached h_n)."""
     T, B, H = y.shape
     d_pre = torch.empty_like(y)
     valid = valid_steps(T, lengths, y.device)
@@ -102,7 +103,9 @@ def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths
         if d is not None and cut_next is not None:
             d = d.masked_fill(cut_next[t], 0.0)
         g = dy[t].clone() if d is None else torch.addmm(dy[t], d, w_hh)
-        if isinstance(last, int):
+        if dh_n is None:
+            pass
+        elif isinstance(last, int):
             if t == last:
                 g += dh_n
         else:
@@ -144,10 +147,11 @@ def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
 
 
-def elman_backward(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor, nonlinearity: str,
-                   reverse: bool, lengths: Optional[torch.Tensor], backend: str,
+def elman_backward(dy: torch.Tensor, dh_n: Optional[torch.Tensor], y: torch.Tensor, w_hh: torch.Tensor,
+                   nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor], backend: str,
                    resets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The backward op: -> ``d_pre (T, B, H)``, the gradient of the pre-activations."""
+    """The backward op: -> ``d_pre (T, B, H)``, the gradient of the pre-activations (``dh_n`` None: h_n
+    had no gradient)."""
     return loop(backend, "elman", "elman_bwd", elman_bwd_torch)(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths,
                                                                resets)
 
@@ -164,6 +168,7 @@ def _setup_context(ctx, inputs, output):
     x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 8)
     ctx.save_for_backward(output[0], h0, w_hh, lengths, resets)
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
+    ctx.set_materialize_grads(False)  # h_n's gradient stays None where the loss did not read it: no zeros made
 
 
 @own_precision
@@ -171,7 +176,7 @@ def _backward(ctx, dy, dh_n):
     y, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
+    dh_n = dh_n.contiguous() if dh_n is not None else None  # (None: the kernel adds nothing)
     d_pre = ELMAN_BWD(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend, resets)
     cut = cut_steps(resets, ctx.reverse)  # (T, B, 1): the state entering step t is zero, or None
     d_first = enters(at_step(d_pre, edge_step(T, ctx.reverse, lengths, y.device)), cut, ctx.reverse)  # (B, H)
@@ -210,8 +215,8 @@ def _backward_of_backward(ctx, e):
     dy, dh_n, y, w_hh, lengths, resets, d_pre = ctx.saved_tensors
     T, B, H = y.shape
     reverse = ctx.reverse  # the forward's direction; the backward walked the other way
-    G = ELMAN_BWD(e.contiguous(), torch.zeros_like(dh_n), y, w_hh.t(), ctx.nonlinearity, not reverse, lengths,
-                  ctx.backend, resets)  # (T, B, H) = dL/dg
+    G = ELMAN_BWD(e.contiguous(), None, y, w_hh.t(), ctx.nonlinearity, not reverse, lengths, ctx.backend,
+                  resets)  # (T, B, H) = dL/dg
     cut = cut_steps(resets, reverse)
     last = edge_step(T, not reverse, lengths, y.device)
     d_dy = G if ctx.needs_input_grad[0] else None
@@ -252,8 +257,8 @@ def _jvp(ctx, dx, dh0, dw, *_):
         e = e + previous_states(y, h0, ctx.reverse, lengths, cut) @ dw.T
     if dh0 is not None:
         e = add_at(e, edge_step(T, ctx.reverse, lengths, y.device), enters(dh0, cut, ctx.reverse) @ w_hh.T)
-    dy = ELMAN_BWD(e.contiguous(), torch.zeros_like(y[0]), y, w_hh.t(), ctx.nonlinearity, not ctx.reverse,
-                   lengths, ctx.backend, resets)
+    dy = ELMAN_BWD(e.contiguous(), None, y, w_hh.t(), ctx.nonlinearity, not ctx.reverse, lengths, ctx.backend,
+                   resets)
     return dy, at_step(dy, edge_step(T, not ctx.reverse, lengths, y.device))
 
 
@@ -269,8 +274,8 @@ def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
     e = (d_dy if d_dy is not None else torch.zeros_like(y)) + shifted(s, later=not reverse, cut=cut_next) @ w_hh
     if d_w is not None:
         e = e + shifted(d_pre, later=not reverse, cut=cut_next) @ d_w
-    d_dh_n = d_dh_n if d_dh_n is not None else torch.zeros_like(dh_n)
-    u = ELMAN_BWD(e.contiguous(), d_dh_n.contiguous(), y, w_hh, ctx.nonlinearity, reverse, lengths, ctx.backend,
+    d_dh_n = d_dh_n.contiguous() if d_dh_n is not None else None
+    u = ELMAN_BWD(e.contiguous(), d_dh_n, y, w_hh, ctx.nonlinearity, reverse, lengths, ctx.backend,
                   resets)
     return u + s
 

@@ -177,13 +177,13 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, res
     r, z, valid, cut, src = _step_factors(k, y, gates, h0, acc, reverse, lengths, resets, gates_src)
     k_r, k_n = k[..., :H], k[..., 2 * H:]
     last = edge_step(T, not reverse, lengths, y.device)
-    dh_n = dh_n.to(acc)
+    dh_n = dh_n.to(acc) if dh_n is not None else None  # (None: no gradient reached h_n)
     at_last = final_steps(T, last, acc, y.device)  # (T, B, 1) or None: where h_n was read
-    dh, dh_other = dh_n.new_empty(B, H), dh_n.new_empty(B, H)
-    d_hh = dh_n.new_empty(B, 3 * H)  # (dr, dz, dn r) of the step processed last
+    dh, dh_other = y.new_empty(B, H, dtype=acc), y.new_empty(B, H, dtype=acc)
+    d_hh = y.new_empty(B, 3 * H, dtype=acc)  # (dr, dz, dn r) of the step processed last
     d_hh_rz, d_hh_n = d_hh[:, :2 * H], d_hh[:, 2 * H:]
     carried = valid is not None or cut is not None  # dh * z kept in a buffer of its own
-    dh_carry = dh_n.new_zeros(B, H) if carried else None  # dh_{t_next} * z_{t_next}
+    dh_carry = dh.new_zeros(B, H) if carried else None  # dh_{t_next} * z_{t_next}
     cut_next = cut_after(cut, reverse)  # no gradient back across a cut
     # every step's views, made at once
     k_rzs, k_rs = k[..., :2 * H].unbind(0), k_r.unbind(0)
@@ -264,12 +264,12 @@ def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets=None):
     return x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(B, H)
 
 
-def gru_backward(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, gates: torch.Tensor,
+def gru_backward(dy: torch.Tensor, dh_n: Optional[torch.Tensor], y: torch.Tensor, gates: torch.Tensor,
                h0: Optional[torch.Tensor], w_hh: torch.Tensor, reverse: bool, lengths: Optional[torch.Tensor],
                backend: str, resets: Optional[torch.Tensor] = None, gates_src: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward op: -> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``.
-    ``gates_src (T, B, 4H)``:
+    """The backward op: -> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``
+    (``dh_n`` None: h_n had no gradient). ``gates_src (T, B, 4H)``:
     the gradient that reaches the gate activations directly (only a second derivative has it); that
     runs on the PyTorch twin."""
     args = (dy, dh_n, y, gates, h0, w_hh, reverse, lengths, resets)
@@ -302,7 +302,7 @@ def _backward(ctx, dy, d_act, dh_n):
     y, gates, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
+    dh_n = dh_n.contiguous() if dh_n is not None else None  # (None: the kernel adds nothing)
     d_x, dh0_local = GRU_BWD(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend, resets, d_act)
     need_x, need_h0, need_w_hh, need_b_hn = ctx.needs_input_grad[:4]
     cut = cut_steps(resets, ctx.reverse)
@@ -363,7 +363,8 @@ def _backward_of_backward(ctx, X, e0):
     D, R, Z, N, H_, P = _adjoint(X, e0, k, r, z, w_hh, walk)
     d_act, d_y, d_h0 = _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk)
     d_w = d_hh.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)  # (3H, H)
-    return (H_, at_step(H_, walk.last), d_y, d_act, d_h0 if h0 is not None else None, d_w, None, None, None,
+    d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
+    return (H_, d_dh_n, d_y, d_act, d_h0 if h0 is not None else None, d_w, None, None, None,
             None, None)
 
 

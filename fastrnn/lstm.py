@@ -178,7 +178,7 @@ def _step_factors(k, gates, c, c0, acc, reverse, lengths, resets):
 def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
                    resets=None, dc_src=None, dz_src=None):
     """The backward launcher's twin, walking time in reverse: ``d_gates (T, B, 4H)``, the gradient of
-    the pre-activations (zero past each end), and ``dc0 (B, H)`` (zeros when c0 is None). Reads
+    the pre-activations (zero past each end), and ``dc0 (B, H)`` (of the zero state without c0). Reads
     neither ``y`` nor ``h0`` (the launcher's signature has them). ``dc_src (T, B, H)`` and ``dz_src
     (T, B, 4H)``, where given, are added to each step's dc and pre-activation gradient.
 
@@ -197,9 +197,9 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
     k_o = k[..., 3 * H:]
     valid = valid_steps(T, lengths, gates.device)
     last = edge_step(T, not reverse, lengths, gates.device)
-    dh_n, dc_n = dh_n.to(acc), dc_n.to(acc)
+    dh_n, dc_n = [g.to(acc) if g is not None else None for g in (dh_n, dc_n)]  # (None: no gradient reached it)
     at_last = final_steps(T, last, acc, gates.device)  # (T, B, 1) or None: where h_n, c_n were read
-    dh = dh_n.new_empty(B, dh_n.shape[1])  # (B, P)
+    dh = dy.new_empty(B, dy.shape[2], dtype=acc)  # (B, P)
     dm = dh if w_hr is None else dh.new_empty(B, H)
     dc = dh.new_empty(B, H)
     dc_carry = dh.new_zeros(B, H)  # dc_{t_next} * f_{t_next}
@@ -236,7 +236,7 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
             torch.where(valid[t], dc * f_s[t], dc_carry, out=dc_carry)
     if not direct:
         d_gates.copy_(k)
-    dc0 = enters(dc_carry, cut, reverse) if c0 is not None else torch.zeros_like(dc_carry)  # dc f, first step
+    dc0 = enters(dc_carry, cut, reverse)  # dc f at the first step: c0's gradient (the zero state's without c0)
     return d_gates, dc0.to(gates.dtype)
 
 
@@ -271,13 +271,14 @@ def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None):
             x_proj.new_empty(B, P), x_proj.new_empty(B, H))
 
 
-def lstm_backward(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: torch.Tensor,
+def lstm_backward(dy: torch.Tensor, dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor], y: torch.Tensor,
                 c: torch.Tensor, gates: torch.Tensor, h0: Optional[torch.Tensor],
                 c0: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
                 reverse: bool, lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None,
                 dc_src: Optional[torch.Tensor] = None, dz_src: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward op: -> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``. ``dc_src
+    """The backward op: -> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``
+    (``dh_n``, ``dc_n`` None: no gradient reached that final state). ``dc_src
     (T, B, H)`` and ``dz_src (T, B, 4H)``: gradients that reach every c_t and pre-activation directly
     (only a second derivative has them); those run on the PyTorch twin."""
     args = (dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, resets)
@@ -310,8 +311,7 @@ def _backward(ctx, dy, d_c, d_act, dh_n, dc_n):
     y, c, gates, h0, c0, w_hh, w_hr, lengths, resets = ctx.saved_tensors
     T, reverse = y.shape[0], ctx.reverse
     dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n.contiguous()
-    dc_n = torch.zeros_like(c[0]) if dc_n is None else dc_n.contiguous()
+    dh_n, dc_n = [g.contiguous() if g is not None else None for g in (dh_n, dc_n)]  # (None: nothing added)
     dz_src = d_act * gate_slopes(gates) if d_act is not None else None
     d_gates, dc0 = LSTM_BWD(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, ctx.backend, resets,
                             d_c, dz_src)
@@ -377,7 +377,9 @@ def _backward_of_backward(ctx, E, e0):
     d_act, d_c, d_c0 = _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk)
     d_w_hh = d_gates.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)
     d_w_hr = dh.flatten(0, 1).T @ M.flatten(0, 1) if w_hr is not None else None
-    return (H_, at_step(H_, walk.last), at_step(C, walk.last), None, d_c, d_act, None,
+    d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
+    d_dc_n = at_step(C, walk.last) if dc_n is not None else None
+    return (H_, d_dh_n, d_dc_n, None, d_c, d_act, None,
             d_c0 if c0 is not None else None, d_w_hh, d_w_hr, None, None, None, None, None, None)
 
 

@@ -61,9 +61,11 @@ def step_rows(x: torch.Tensor, step: torch.Tensor | int):
     return step if isinstance(step, int) else (step, torch.arange(x.shape[1], device=x.device))
 
 
-def add_at(x: torch.Tensor, step, v: torch.Tensor) -> torch.Tensor:
+def add_at(x: torch.Tensor, step, v: torch.Tensor | None) -> torch.Tensor:
     """``x`` (T, B, N) with ``v`` (B, N) added at ``x[step[b], b]`` (``step`` from ``edge_step``);
-    out of place."""
+    out of place. ``v`` None (a final state's gradient that none reached): ``x`` itself."""
+    if v is None:
+        return x
     B = x.shape[1]
     if isinstance(step, int):
         step = torch.full((B,), step, dtype=torch.int64, device=x.device)
@@ -78,10 +80,13 @@ def final_steps(T: int, last: torch.Tensor | int, dtype: torch.dtype, device) ->
     return (torch.arange(T, device=device)[:, None] == last[None, :]).to(dtype).unsqueeze(-1)
 
 
-def add_final(x: torch.Tensor, final: torch.Tensor, t: int, last: torch.Tensor | int,
+def add_final(x: torch.Tensor, final: torch.Tensor | None, t: int, last: torch.Tensor | int,
               at_final: torch.Tensor | None) -> None:
     """In place, at step ``t`` of a backward walk: ``x (B, N) += final (B, N)`` for the sequences
-    whose final state was read at ``t`` (``last``, ``at_final = final_steps(...)``)."""
+    whose final state was read at ``t`` (``last``, ``at_final = final_steps(...)``); nothing where
+    ``final`` is None (no gradient reached the final state)."""
+    if final is None:
+        return
     if at_final is None:
         if t == last:
             x += final
@@ -292,13 +297,14 @@ class Walk:
             return x if step == t else torch.zeros_like(x)
         return x.masked_fill((step != t)[:, None], 0)
 
-    def carried_back(self, u: torch.Tensor, at_last: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-        """``x_t = u_t + x_{t_next} decay_{t_next}`` (+ ``at_last`` (B, N) at the last step), walking
+    def carried_back(self, u: torch.Tensor, at_last: torch.Tensor | None, decay: torch.Tensor) -> torch.Tensor:
+        """``x_t = u_t + x_{t_next} decay_{t_next}`` (+ ``at_last`` (B, N), if any, at the last step), walking
         back: a first backward's elementwise carry (the LSTM's dc through f, the GRU's dh through z)
         at every step, zero past each end and nothing across a cut. (T, B, N)."""
         xs, carry = [None] * self.T, torch.zeros_like(u[0])
         for t in reversed(self.order):
-            xs[t] = self.masked(u[t] + carry + self.at(self.last, t, at_last), t)
+            x = u[t] + carry if at_last is None else u[t] + carry + self.at(self.last, t, at_last)
+            xs[t] = self.masked(x, t)
             passed = xs[t] * decay[t] if self.valid is None else torch.where(self.valid[t], xs[t] * decay[t], carry)
             carry = self.linked(passed, t)
         return torch.stack(xs)

@@ -205,16 +205,17 @@ def lstm_fwd_kernel(
 
 @triton.jit
 def _grad_into_cell(dh_ptr, dh_n_ptr, d_gates_ptr, m_next, m_last, o_b, o_x, B, H, N, stride_dyb, stride_hnb,
-                    stride_dgb, w_hh_ptr, stride_w, b_w_all, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
+                    stride_dgb, w_hh_ptr, stride_w, b_w_all, HAS_DH_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K: tl.constexpr, W_RESIDENT: tl.constexpr):
     """``dh_t`` for the columns ``o_x`` of h (N of them): ``dy[t]`` (at ``dh_ptr``), plus ``dh_n``
-    where h_n was read, plus ``d_gates[t_next] @ w_hh`` (the gates' (B, 4H) step the other programs
-    wrote): (BLOCK_B, BLOCK_X)."""
+    where h_n was read (if HAS_DH_N), plus ``d_gates[t_next] @ w_hh`` (the gates' (B, 4H) step the
+    other programs wrote): (BLOCK_B, BLOCK_X)."""
     m_bx = (o_b[:, None] < B) & (o_x[None, :] < N)
     b_dh = tl.load(dh_ptr + o_b[:, None] * stride_dyb + o_x[None, :], mask=m_bx, other=0.0).to(ACC_DTYPE)
-    b_dh += tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_x[None, :], mask=m_bx & m_last,
-                    other=0.0).to(ACC_DTYPE)
+    if HAS_DH_N:
+        b_dh += tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_x[None, :], mask=m_bx & m_last,
+                        other=0.0).to(ACC_DTYPE)
     return carried_product(b_dh, d_gates_ptr, m_next, o_b, o_x, B, 4 * H, N, stride_dgb, w_hh_ptr, stride_w, 1,
                            b_w_all, PRECISION, BLOCK_K, SPLIT_K, W_RESIDENT)
 
@@ -222,8 +223,8 @@ def _grad_into_cell(dh_ptr, dh_n_ptr, d_gates_ptr, m_next, m_last, o_b, o_x, B, 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
 def lstm_bwd_kernel(
     dy_ptr,  # (T, B, P) gradient of y
-    dh_n_ptr,  # (B, P) gradient of h_n
-    dc_n_ptr,  # (B, H) gradient of c_n
+    dh_n_ptr,  # (B, P) gradient of h_n (unused unless HAS_DH_N: none reached it)
+    dc_n_ptr,  # (B, H) gradient of c_n (unused unless HAS_DC_N)
     c_ptr,  # (T, B, H) every c_t
     gates_ptr,  # (T, B, 4H) i, f, g, o
     c0_ptr,  # (B, H) (unused unless HAS_C0)
@@ -242,8 +243,8 @@ def lstm_bwd_kernel(
     stride_bt, stride_bb,  # dh_buf
     stride_w, stride_hr, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    SYNC: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_DH_N: tl.constexpr, HAS_DC_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, SYNC: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= 4H: this program's columns of w_hh stay on chip all along
@@ -258,7 +259,10 @@ def lstm_bwd_kernel(
     o_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_bn = (o_b[:, None] < B) & (o_n[None, :] < H)
     b_len = sequence_lengths(lengths_ptr, o_b, B, T, BLOCK_B, HAS_LENGTHS)  # (BLOCK_B, 1)
-    b_dc_n = tl.load(dc_n_ptr + o_b[:, None] * stride_cnb + o_n[None, :], mask=m_bn, other=0.0).to(ACC_DTYPE)
+    if HAS_DC_N:
+        b_dc_n = tl.load(dc_n_ptr + o_b[:, None] * stride_cnb + o_n[None, :], mask=m_bn, other=0.0).to(ACC_DTYPE)
+    else:
+        b_dc_n = 0.0  # (not read)
     b_dc_carry = start_state(dc_carry_ptr, dc_carry_ptr, o_b, o_n, stride_dcb, stride_dcb, m_bn, step_begin, False,
                              ACC_DTYPE)  # zero at the walk's start
     if W_RESIDENT and not PROJ:  # w_hh[:, o_n], all 4H rows, loaded once
@@ -279,9 +283,8 @@ def lstm_bwd_kernel(
             if PHASE != 2:  # dh of this program's columns of h, for all programs to read
                 o_p = (pid_n * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
                 b_dh = _grad_into_cell(dy_ptr + t * stride_dyt, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_p, B, H,
-                                       P, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, 0.0, ACC_DTYPE,
-                                       PRECISION, BLOCK_B,
-                                       BLOCK_P, BLOCK_KP, 1, False)
+                                       P, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, 0.0, HAS_DH_N,
+                                       ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_P, BLOCK_KP, 1, False)
                 tl.store(dh_buf_ptr + (t % 2) * stride_bt + o_b[:, None] * stride_bb + o_p[None, :],
                          b_dh.to(dh_buf_ptr.dtype.element_ty), mask=(o_b[:, None] < B) & (o_p[None, :] < P))
             if PHASE == 0:
@@ -291,14 +294,13 @@ def lstm_bwd_kernel(
                                    stride_bb, w_hr_ptr, stride_hr, 1, 0.0, PRECISION, BLOCK_KP, 1, False)
         else:
             b_dm = _grad_into_cell(dy_ptr + t * stride_dyt, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_n, B, H,
-                                   H, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, b_w_all, ACC_DTYPE,
-                                   PRECISION, BLOCK_B,
-                                   BLOCK_N, BLOCK_K, SPLIT_K, W_RESIDENT)
+                                   H, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, b_w_all, HAS_DH_N,
+                                   ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K, SPLIT_K, W_RESIDENT)
         if PHASE != 1:
             b_dc_carry = _cell_grads(d_gates_ptr + t * stride_dgt, gates_ptr + t * stride_gt, c_ptr, c0_ptr, t,
                                      t_next, cut_prev, b_dm, b_dc_carry, b_dc_n, m_last, b_len, o_b, o_n, H,
-                                     stride_ct,
-                                     stride_cb, stride_c0b, stride_gb, stride_dgb, m_bn, HAS_C0, ACC_DTYPE)
+                                     stride_ct, stride_cb, stride_c0b, stride_gb, stride_dgb, m_bn, HAS_C0, HAS_DC_N,
+                                     ACC_DTYPE)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
     if PHASE != 1:
@@ -309,10 +311,11 @@ def lstm_bwd_kernel(
 @triton.jit
 def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, cut_prev, b_dm, b_dc_carry, b_dc_n, m_last, b_len,
                 o_b, o_n, H, stride_ct, stride_cb, stride_c0b, stride_gb, stride_dgb, m_bn, HAS_C0: tl.constexpr,
-                ACC_DTYPE: tl.constexpr):
+                HAS_DC_N: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One step's gate gradients from ``dm`` (the gradient of o tanh(c_t)) and the carried
-    ``dc_{t_next} f_{t_next}``; stores them (zero past each sequence's end) and returns the carry
-    for the step before (zero where the state entering t was ``cut_prev``: c_{t-1} is zero there)."""
+    ``dc_{t_next} f_{t_next}`` (plus ``dc_n`` where c_n was read, if HAS_DC_N); stores them (zero past
+    each sequence's end) and returns the carry for the step before (zero where the state entering t
+    was ``cut_prev``: c_{t-1} is zero there)."""
     p_bn = o_b[:, None] * stride_cb + o_n[None, :]  # this program's units in a step of c
     i = load_gate(gates_ptr, 0, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
     f = load_gate(gates_ptr, 1, o_b, o_n, H, stride_gb, m_bn, ACC_DTYPE)
@@ -327,7 +330,9 @@ def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, cut_prev, b_dm
         b_c_prev += tl.load(c0_ptr + o_b[:, None] * stride_c0b + o_n[None, :], mask=m_bn & m_first,
                             other=0.0).to(ACC_DTYPE)
     tanh_c = tanh(b_c, False)
-    b_dc = b_dm * o * (1.0 - tanh_c * tanh_c) + b_dc_carry + tl.where(m_last, b_dc_n, 0.0)
+    b_dc = b_dm * o * (1.0 - tanh_c * tanh_c) + b_dc_carry
+    if HAS_DC_N:
+        b_dc += tl.where(m_last, b_dc_n, 0.0)
     valid = t < b_len
     _store_gates(d_gates_ptr, b_dc * g * i * (1.0 - i), b_dc * b_c_prev * f * (1.0 - f),
                  b_dc * i * (1.0 - g * g), b_dm * tanh_c * o * (1.0 - o), valid, o_b, o_n, H, stride_dgb, m_bn)
@@ -393,10 +398,11 @@ def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y
 
 def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None,
              config=None):
-    """Launch the LSTM backward. Returns ``d_gates (T, B, 4H)`` (zero past each sequence's end) and
-    ``dc0 (B, H)`` (zeros without c0). ``y`` and ``h0`` are not read (the autograd formula's products
-    use them)."""
-    found = find_kept(("lstm_bwd", reverse, config, dh_n is dc_n), gates.device,  # (aliased: dc_n is cloned)
+    """Launch the LSTM backward (``dh_n``, ``dc_n`` None: no gradient reached that final state). Returns
+    ``d_gates (T, B, 4H)`` (zero past each sequence's end) and ``dc0 (B, H)``, the gradient of the initial
+    cell state (c0's, or the zero state's without c0: no launch to zero it). ``y`` and ``h0`` are not read
+    (the autograd formula's products use them)."""
+    found = find_kept(("lstm_bwd", reverse, config, dh_n is dc_n is not None), gates.device,  # (aliased: cloned)
                    (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets), check_bwd)
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
@@ -404,8 +410,8 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     dc_carry = carried_state(None, gates, B, H, runs=T > 0 and B > 0)  # dc * f, from zero; dc0 at the end
     if T == 0 or B == 0:
         return d_gates, dc_carry.to(gates.dtype)
-    dy, dh_n, dc_n = (t.to(gates.dtype).contiguous() for t in (dy, dh_n, dc_n))
-    if dc_n is dh_n:  # (one gradient for both, as autograd hands a sum h_n + c_n's): operands of their own
+    dy, dh_n, dc_n = (t.to(gates.dtype).contiguous() if t is not None else None for t in (dy, dh_n, dc_n))
+    if dc_n is dh_n is not None:  # (one gradient for both, as autograd hands a sum h_n + c_n's): apart
         dc_n = dc_n.clone()
     c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()
     c0, w_hr, lengths = [t if t is None else t.contiguous() for t in (c0, w_hr, lengths)]
@@ -416,7 +422,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     with on_device(gates):
         run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, gates, **CELL),
                      T, gates.device, _phases(w_hr), found=found, operands=lambda cfg: operands)
-    return d_gates, (dc_carry if c0 is not None else dc_carry.zero_()).to(gates.dtype)
+    return d_gates, dc_carry.to(gates.dtype)
 
 
 def check_fwd(x_proj, h0, c0, w_hh, w_hr, lengths, resets) -> None:
@@ -455,16 +461,18 @@ def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
     resets = resets_operand(resets, gates.dtype)
-    args = (dy, dh_n, dc_n, c, gates, c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
+    args = (dy, dh_n if dh_n is not None else dy, dc_n if dc_n is not None else c, c, gates,
+            c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else c, resets if resets is not None else c, d_gates, dc_carry, dh_buf,
             T, B, H, P,
-            dy.stride(0), dy.stride(1), dh_n.stride(0), c.stride(0), c.stride(1), dc_n.stride(0),
+            dy.stride(0), dy.stride(1), dh_n.stride(0) if dh_n is not None else 0, c.stride(0), c.stride(1),
+            dc_n.stride(0) if dc_n is not None else 0,
             c0.stride(0) if c0 is not None else 0, gates.stride(0), gates.stride(1), d_gates.stride(0),
             d_gates.stride(1), dc_carry.stride(0), dh_buf.stride(0), dh_buf.stride(1), w_hh.stride(0),
             w_hr.stride(0) if w_hr is not None else 0, *(resets.stride() if resets is not None else (0, 0)))
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
-    kwargs = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
-                  HAS_RESETS=resets is not None,
+    kwargs = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_DH_N=dh_n is not None, HAS_DC_N=dc_n is not None,
+                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, H, 4 * H), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(gates.dtype, gates.device))
     return lstm_bwd_kernel, grid, args, kwargs
@@ -488,7 +496,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
                 resets: bool = False):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launchers build it, with a projection where ``P`` is given and below H:
-    what the compile sweep compiles. ``h0`` stands for both initial states."""
+    what the compile sweep compiles. ``h0`` stands for both initial states and, in the backward, both
+    final states' gradients."""
     T, P = 2, P or H
     acc = acc_dtype(dtype)
 
@@ -502,6 +511,7 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
         return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, 4 * H, dt=acc) if h0 else None,
                                empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
                                lens, cuts, empty(T, B, P), empty(T, B, H), gates, empty(B, P), reverse, config)
-    return lstm_bwd_launch(empty(T, B, P), empty(B, P), empty(B, H), empty(T, B, H), gates,
+    return lstm_bwd_launch(empty(T, B, P), empty(B, P) if h0 else None, empty(B, H) if h0 else None, empty(T, B, H),
+                           gates,
                            empty(B, H) if h0 else None, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),
                            empty(B, H, dt=acc), empty(2, B, P), reverse, config)

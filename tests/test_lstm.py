@@ -109,7 +109,7 @@ def test_gradcheck_float64(backend, P, reverse, lengths):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_launchers_write_every_element(backend, reverse, poison_all):
     """Through the ops to the launchers: every output written, zeros past each end, h_n and c_n the
-    last valid states, dc0 zero without c0."""
+    last valid states; without c0, dc0 is the zero initial state's gradient (as with c0 = 0 given)."""
     inputs, lens = make_inputs(6, 5, 9, 4, seed=3, lengths=True, c0=False)
     x_proj, h0, c0, w_hh, w_hr = (t.float().to(DEVICE) if t is not None else None for t in inputs)
     lens = lens.to(DEVICE)
@@ -123,7 +123,10 @@ def test_launchers_write_every_element(backend, reverse, poison_all):
     upstream = [torch.randn_like(t) for t in (y, h_n, c_n)]
     d_gates, dc0 = lstm_bwd_op(*upstream, y.detach(), c, gates, h0, c0, w_hh, w_hr, reverse, lens, backend)
     assert not torch.isnan(d_gates).any() and (d_gates[past_end] == 0).all()
-    assert d_gates.abs().sum() > 0 and (dc0 == 0).all()
+    assert d_gates.abs().sum() > 0 and not torch.isnan(dc0).any() and dc0.abs().sum() > 0
+    _, dc0_of_zeros = lstm_bwd_op(*upstream, y.detach(), c, gates, h0, torch.zeros_like(c_n), w_hh, w_hr, reverse,
+                                  lens, backend)
+    assert torch.equal(dc0, dc0_of_zeros)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -117,3 +117,34 @@ def test_swapped_in_and_compiled_trains_as_torchs_module(cell, monkeypatch):
     ours.load_state_dict(want_model.state_dict())
     ours.compile()
     _assert_steps_match(ours, want_model, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_final_states_the_loss_does_not_read_get_no_gradient_made(cell, monkeypatch):
+    """A training step whose loss reads only the output makes no zero gradient for the final states:
+    each layer and direction's backward launch is handed None for them (where zeros would be one more
+    fill launched each). A loss that also reads h_n hands its gradient over (and the LSTM's c_n's
+    stays None)."""
+    import importlib
+
+    from fastrnn.backend import loop
+
+    monkeypatch.setenv("FASTRNN_BACKEND", "triton")
+    kernels = importlib.import_module(f"fastrnn.kernels.{fastrnn.CELLS[cell].kernels}")
+    name = f"{fastrnn.CELLS[cell].kernels}_bwd"
+    real, finals = getattr(kernels, name), []
+    monkeypatch.setattr(kernels, name, lambda *args, **kwargs: finals.append(args[1:3 if cell == "lstm" else 2])
+                        or real(*args, **kwargs))
+    loop.cache_clear()  # (it keeps the launcher it found)
+    try:
+        model = _model(cell)
+        _loss(model, TOKENS).backward()
+        assert len(finals) == 4 and all(g is None for given in finals for g in given)
+        finals.clear()
+        output, state = model.rnn(model.embed(TOKENS))
+        h_n = state[0] if cell == "lstm" else state
+        (output.sum() + h_n.square().sum()).backward()
+        assert len(finals) == 4 and all(given[0] is not None for given in finals)
+        assert cell != "lstm" or all(given[1] is None for given in finals)
+    finally:
+        loop.cache_clear()
