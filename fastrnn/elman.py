@@ -91,9 +91,10 @@ def elman_fwd_torch(x_proj, h0, w_hh, activation="tanh", reverse=False, lengths=
 
 
 def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths=None, resets=None):
-    """The backward launcher's twin in PyTorch: ``d_pre (T, B, H)``, walking time in reverse (``dh_n``
-    None: no gradient reached h_n)."""
+    """The backward launcher's twin in PyTorch: ``d_pre (T, B, H)``, walking time in reverse (``dy`` or
+    ``dh_n`` None: no gradient reached y, or h_n)."""
     T, B, H = y.shape
+    dy = dy if dy is not None else torch.zeros_like(y)
     d_pre = torch.empty_like(y)
     valid = valid_steps(T, lengths, y.device)
     cut_next = cut_after(cut_steps(resets, reverse), reverse)  # no gradient back across a cut
@@ -147,11 +148,11 @@ def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
 
 
-def elman_backward(dy: torch.Tensor, dh_n: Optional[torch.Tensor], y: torch.Tensor, w_hh: torch.Tensor,
+def elman_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: torch.Tensor, w_hh: torch.Tensor,
                    nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor], backend: str,
                    resets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The backward op: -> ``d_pre (T, B, H)``, the gradient of the pre-activations (``dh_n`` None: h_n
-    had no gradient)."""
+    """The backward op: -> ``d_pre (T, B, H)``, the gradient of the pre-activations (``dy`` or ``dh_n``
+    None: y, or h_n, had no gradient)."""
     return loop(backend, "elman", "elman_bwd", elman_bwd_torch)(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths,
                                                                resets)
 
@@ -175,8 +176,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh_n):
     y, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
-    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dh_n = dh_n.contiguous() if dh_n is not None else None  # (None: the kernel adds nothing)
+    dy, dh_n = [g.contiguous() if g is not None else None for g in (dy, dh_n)]  # (None: the kernel adds nothing)
     d_pre = ELMAN_BWD(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend, resets)
     cut = cut_steps(resets, ctx.reverse)  # (T, B, 1): the state entering step t is zero, or None
     d_first = enters(at_step(d_pre, edge_step(T, ctx.reverse, lengths, y.device)), cut, ctx.reverse)  # (B, H)
@@ -236,9 +236,10 @@ def _backward_of_backward(ctx, e):
 
 def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths, cut):
     """The backward's ``g_t = dy[t] + [t last] dh_n + d_pre[t_next] @ w_hh``, all steps at once."""
-    T, B, _ = dy.shape
-    g = dy + shifted(d_pre, later=not reverse, cut=cut_after(cut, reverse)) @ w_hh
-    return add_at(g, edge_step(T, not reverse, lengths, dy.device), dh_n)
+    T, B, _ = d_pre.shape
+    g = shifted(d_pre, later=not reverse, cut=cut_after(cut, reverse)) @ w_hh
+    g = dy + g if dy is not None else g
+    return add_at(g, edge_step(T, not reverse, lengths, d_pre.device), dh_n)
 
 
 # Forward-mode derivatives (torch.func.jvp, jacfwd, hessian). The tangent of the forward is the

@@ -169,6 +169,7 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, res
     once (``_step_factors``); a step is then its product, a few in-place products on ``d_x[t]`` and
     the copy of ``d_hh[t] = (dr, dz, dn r)``, which feeds dh through w_hh."""
     T, B, H = y.shape
+    dy = dy if dy is not None else torch.zeros_like(y)  # (None: no gradient reached y)
     acc = acc_dtype(y.dtype)
     direct = y.dtype == acc  # d_x is the working buffer
     w_hh = w_hh.to(acc)
@@ -264,12 +265,12 @@ def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets=None):
     return x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(B, H)
 
 
-def gru_backward(dy: torch.Tensor, dh_n: Optional[torch.Tensor], y: torch.Tensor, gates: torch.Tensor,
+def gru_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: torch.Tensor, gates: torch.Tensor,
                h0: Optional[torch.Tensor], w_hh: torch.Tensor, reverse: bool, lengths: Optional[torch.Tensor],
                backend: str, resets: Optional[torch.Tensor] = None, gates_src: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward op: -> ``d_x (T, B, 3H)``, the gradient of x_proj, and ``dh0_local (B, H)``
-    (``dh_n`` None: h_n had no gradient). ``gates_src (T, B, 4H)``:
+    (``dy`` or ``dh_n`` None: y, or h_n, had no gradient). ``gates_src (T, B, 4H)``:
     the gradient that reaches the gate activations directly (only a second derivative has it); that
     runs on the PyTorch twin."""
     args = (dy, dh_n, y, gates, h0, w_hh, reverse, lengths, resets)
@@ -301,8 +302,7 @@ def _backward(ctx, dy, d_act, dh_n):
     activations, which only a second derivative gives)."""
     y, gates, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
-    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dh_n = dh_n.contiguous() if dh_n is not None else None  # (None: the kernel adds nothing)
+    dy, dh_n = [g.contiguous() if g is not None else None for g in (dy, dh_n)]  # (None: the kernel adds nothing)
     d_x, dh0_local = GRU_BWD(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend, resets, d_act)
     need_x, need_h0, need_w_hh, need_b_hn = ctx.needs_input_grad[:4]
     cut = cut_steps(resets, ctx.reverse)
@@ -357,14 +357,15 @@ def _backward_of_backward(ctx, X, e0):
     r, z, n, hn = gates.chunk(4, -1)
     h_prev = walk.masked(previous_states(y, h0, walk.reverse, lengths, walk.cut))
     d_hh = torch.cat(_hidden_parts(d_x, gates), -1)  # (T, B, 3H)
-    u = dy + shifted(d_hh @ w_hh, later=not walk.reverse, cut=cut_after(walk.cut, walk.reverse))
+    u = shifted(d_hh @ w_hh, later=not walk.reverse, cut=cut_after(walk.cut, walk.reverse))
+    u = dy + u if dy is not None else u
     dh = walk.carried_back(u, dh_n, z)  # the first backward's dh at every step
     k = ((1 - z) * (1 - n * n), (h_prev - n) * z * (1 - z), hn * r * (1 - r))  # k_n, k_z, k_r
     D, R, Z, N, H_, P = _adjoint(X, e0, k, r, z, w_hh, walk)
     d_act, d_y, d_h0 = _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk)
     d_w = d_hh.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)  # (3H, H)
     d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
-    return (H_, d_dh_n, d_y, d_act, d_h0 if h0 is not None else None, d_w, None, None, None,
+    return (H_ if dy is not None else None, d_dh_n, d_y, d_act, d_h0 if h0 is not None else None, d_w, None, None, None,
             None, None)
 
 

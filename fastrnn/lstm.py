@@ -187,6 +187,7 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
     two in-place products on ``d_gates[t]`` and ``dc_carry = dc * f``."""
     T, B, G = gates.shape
     H = G // 4
+    dy = dy if dy is not None else gates.new_zeros(T, B, w_hh.shape[1])  # (None: no gradient reached y)
     acc = acc_dtype(gates.dtype)
     direct = gates.dtype == acc  # d_gates is the working buffer
     w_hh = w_hh.to(acc)
@@ -271,14 +272,14 @@ def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None):
             x_proj.new_empty(B, P), x_proj.new_empty(B, H))
 
 
-def lstm_backward(dy: torch.Tensor, dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor], y: torch.Tensor,
-                c: torch.Tensor, gates: torch.Tensor, h0: Optional[torch.Tensor],
+def lstm_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor],
+                y: torch.Tensor, c: torch.Tensor, gates: torch.Tensor, h0: Optional[torch.Tensor],
                 c0: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
                 reverse: bool, lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None,
                 dc_src: Optional[torch.Tensor] = None, dz_src: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward op: -> ``d_gates (T, B, 4H)``, the gradient of the pre-activations, and ``dc0 (B, H)``
-    (``dh_n``, ``dc_n`` None: no gradient reached that final state). ``dc_src
+    (``dy``, ``dh_n`` or ``dc_n`` None: no gradient reached it). ``dc_src
     (T, B, H)`` and ``dz_src (T, B, 4H)``: gradients that reach every c_t and pre-activation directly
     (only a second derivative has them); those run on the PyTorch twin."""
     args = (dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, resets)
@@ -310,8 +311,7 @@ def _backward(ctx, dy, d_c, d_act, dh_n, dc_n):
     gate activations, which only a second derivative gives)."""
     y, c, gates, h0, c0, w_hh, w_hr, lengths, resets = ctx.saved_tensors
     T, reverse = y.shape[0], ctx.reverse
-    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dh_n, dc_n = [g.contiguous() if g is not None else None for g in (dh_n, dc_n)]  # (None: nothing added)
+    dy, dh_n, dc_n = [g.contiguous() if g is not None else None for g in (dy, dh_n, dc_n)]  # (None: nothing added)
     dz_src = d_act * gate_slopes(gates) if d_act is not None else None
     d_gates, dc0 = LSTM_BWD(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, ctx.backend, resets,
                             d_c, dz_src)
@@ -338,8 +338,9 @@ def gate_slopes(gates: torch.Tensor) -> torch.Tensor:
 def _hidden_gradients(dy, dh_n, d_gates, w_hh, reverse, lengths, cut):
     """``dh_t = dy[t] + d_gates[t_next] @ w_hh (+ dh_n at the last step)`` for all steps at once,
     (T, B, P), nothing across a cut; out of place throughout (vmap takes it)."""
-    dh = dy + shifted(d_gates @ w_hh, later=not reverse, cut=cut_after(cut, reverse))
-    return add_at(dh, edge_step(dy.shape[0], not reverse, lengths, dy.device), dh_n)
+    dh = shifted(d_gates @ w_hh, later=not reverse, cut=cut_after(cut, reverse))
+    dh = dy + dh if dy is not None else dh
+    return add_at(dh, edge_step(dh.shape[0], not reverse, lengths, dh.device), dh_n)
 
 
 # The backward's own derivative (double backward: gradient penalties, MAML, Hessian-vector products).
@@ -379,7 +380,7 @@ def _backward_of_backward(ctx, E, e0):
     d_w_hr = dh.flatten(0, 1).T @ M.flatten(0, 1) if w_hr is not None else None
     d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
     d_dc_n = at_step(C, walk.last) if dc_n is not None else None
-    return (H_, d_dh_n, d_dc_n, None, d_c, d_act, None,
+    return (H_ if dy is not None else None, d_dh_n, d_dc_n, None, d_c, d_act, None,
             d_c0 if c0 is not None else None, d_w_hh, d_w_hr, None, None, None, None, None, None)
 
 

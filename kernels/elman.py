@@ -159,7 +159,7 @@ def fwd_tiled_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def bwd_resident_kernel(
-    dy_ptr,  # (T, B, H) gradient of the outputs y
+    dy_ptr,  # (T, B, H) gradient of the outputs y (unused unless HAS_DY: none reached y)
     dh_n_ptr,  # (B, H) gradient of h_n (unused unless HAS_DH_N: none reached it)
     y_ptr,  # (T, B, H) the forward's hidden states
     w_hh_ptr,  # (H, H)
@@ -169,8 +169,8 @@ def bwd_resident_kernel(
     T, B, H,
     stride_dyt, stride_dyb, stride_yt, stride_yb, stride_dt, stride_db, stride_hnb, stride_w, stride_rt,
     stride_rb,
-    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_DH_N: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_RESETS: tl.constexpr,
+    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_DY: tl.constexpr, HAS_DH_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -195,7 +195,10 @@ def bwd_resident_kernel(
         t_first = tl.full([], 0, tl.int64)
     else:
         t_first = tl.full([], T - 1, tl.int64)
-    b_dy_next = tl.load(p_dy + t_first * stride_dyt, mask=m_bh, other=0.0)
+    if HAS_DY:
+        b_dy_next = tl.load(p_dy + t_first * stride_dyt, mask=m_bh, other=0.0)
+    else:
+        b_dy_next = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC_DTYPE)
     b_y_next = tl.load(p_y + t_first * stride_yt, mask=m_bh, other=0.0)
     for s in range(0, T):
         if REVERSE:
@@ -209,7 +212,8 @@ def bwd_resident_kernel(
         b_g = b_dy_next.to(ACC_DTYPE)
         b_y = b_y_next.to(ACC_DTYPE)
         # prefetch dy and y of the next step: their loads overlap this step's dependent chain
-        b_dy_next = tl.load(p_dy + t_next * stride_dyt, mask=m_bh, other=0.0)
+        if HAS_DY:
+            b_dy_next = tl.load(p_dy + t_next * stride_dyt, mask=m_bh, other=0.0)
         b_y_next = tl.load(p_y + t_next * stride_yt, mask=m_bh, other=0.0)
         if HAS_DH_N:  # h_n is the state after the step the forward's walk took last
             b_g += tl.where(is_last_step(t, b_len, REVERSE), b_dh_n, 0.0)
@@ -223,7 +227,7 @@ def bwd_resident_kernel(
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
 def bwd_tiled_kernel(
-    dy_ptr,  # (T, B, H)
+    dy_ptr,  # (T, B, H) (unused unless HAS_DY)
     dh_n_ptr,  # (B, H) (unused unless HAS_DH_N)
     y_ptr,  # (T, B, H)
     w_hh_ptr,  # (H, H)
@@ -235,8 +239,8 @@ def bwd_tiled_kernel(
     stride_rb,
     sync_ptr,  # (num batch blocks,) int32 arrival counters (unused unless SYNC)
     step_begin, n_steps,  # this launch runs backward steps [step_begin, step_begin + n_steps)
-    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_DH_N: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_RESETS: tl.constexpr,
+    ACTIVATION: tl.constexpr, REVERSE: tl.constexpr, HAS_DY: tl.constexpr, HAS_DH_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's columns of w_hh stay on chip all along
@@ -260,8 +264,11 @@ def bwd_tiled_kernel(
         # walking the forward's steps last to first, from t_next, the step that consumed h_t
         t, t_next, m_next, _ = walk_step(s, T, b_len, not REVERSE)
         m_next = m_next & ~state_cut(resets_ptr, t, t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
-        b_g = tl.load(dy_ptr + t * stride_dyt + o_b[:, None] * stride_dyb + o_n[None, :], mask=m_bn,
-                      other=0.0).to(ACC_DTYPE)
+        if HAS_DY:
+            b_g = tl.load(dy_ptr + t * stride_dyt + o_b[:, None] * stride_dyb + o_n[None, :], mask=m_bn,
+                          other=0.0).to(ACC_DTYPE)
+        else:
+            b_g = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC_DTYPE)
         if HAS_DH_N:  # h_n is the state after the step the forward's walk took last
             b_g += tl.where(is_last_step(t, b_len, REVERSE), b_dh_n, 0.0)
         b_g = carried_product(b_g, d_pre_ptr + t_next * stride_dt, m_next, o_b, o_n, B, H, H, stride_db,
@@ -337,14 +344,14 @@ def fwd_launch(x_proj, h0, h0_proj, w_hh, lengths, resets, y, h_n, activation, r
 
 def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False, lengths=None, resets=None,
               config=None):
-    """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)`` or None (no gradient reached
-    h_n), ``w_hh (H, H)``, ``lengths (B,)`` integer or ``resets (T, B)`` bool, or None. Returns ``d_pre
-    (T, B, H)`` in y's dtype."""
+    """Launch the backward recurrence. ``dy, y (T, B, H)``, ``dh_n (B, H)`` (``dy`` or ``dh_n`` None: no
+    gradient reached y, or h_n), ``w_hh (H, H)``, ``lengths (B,)`` integer or ``resets (T, B)`` bool, or
+    None. Returns ``d_pre (T, B, H)`` in y's dtype."""
     found = find_kept(("elman_bwd", activation, reverse, config), y.device, (dy, dh_n, y, w_hh, lengths, resets),
                    lambda *given: check_bwd(*given, activation))
     T, B, H = y.shape
-    dy, y, w_hh = dy.to(y.dtype).contiguous(), y.contiguous(), w_hh.contiguous()
-    dh_n = dh_n.to(y.dtype).contiguous() if dh_n is not None else None
+    y, w_hh = y.contiguous(), w_hh.contiguous()
+    dy, dh_n = (g.to(y.dtype).contiguous() if g is not None else None for g in (dy, dh_n))
     lengths = lengths.contiguous() if lengths is not None else None
     d_pre = y.new_empty(T, B, H)
     if T == 0 or B == 0:
@@ -362,13 +369,14 @@ def bwd_launch(dy, dh_n, y, w_hh, lengths, resets, d_pre, activation, reverse, c
     last dimension); what ``run_sequence`` launches and ``scripts/compile_check.py`` compiles."""
     T, B, H = y.shape
     resets = resets_operand(resets, y.dtype)
-    kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_DH_N=dh_n is not None,
-                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, num_warps=config.num_warps,
-                  num_stages=config.num_stages, **dtype_flags(y.dtype, y.device))
+    kwargs = dict(ACTIVATION=0 if activation == "tanh" else 1, REVERSE=reverse, HAS_DY=dy is not None,
+                  HAS_DH_N=dh_n is not None, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
+                  num_warps=config.num_warps, num_stages=config.num_stages, **dtype_flags(y.dtype, y.device))
     optional = (lengths if lengths is not None else y, resets if resets is not None else y)
-    args = (dy, dh_n if dh_n is not None else dy, y, w_hh, *optional, d_pre, T, B, H, dy.stride(0), dy.stride(1),
-            y.stride(0), y.stride(1), d_pre.stride(0), d_pre.stride(1), dh_n.stride(0) if dh_n is not None else 0,
-            w_hh.stride(0),
+    dy_strides = (dy.stride(0), dy.stride(1)) if dy is not None else (0, 0)
+    args = (dy if dy is not None else y, dh_n if dh_n is not None else y, y, w_hh, *optional, d_pre, T, B, H,
+            *dy_strides, y.stride(0), y.stride(1), d_pre.stride(0), d_pre.stride(1),
+            dh_n.stride(0) if dh_n is not None else 0, w_hh.stride(0),
             *(resets.stride() if resets is not None else (0, 0)))
     if config.variant == "resident":
         kwargs.update(BLOCK_B=config.block_b, BLOCK_H=config.block_n)
@@ -403,7 +411,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
                 resets: bool = False):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launcher builds it: what the compile sweep compiles. ``h0`` stands for the
-    initial state and, in the backward, the final state's gradient. (``P`` is the LSTM's.)"""
+    initial state and, in the backward, the final state's gradient; the backward leaves out dy with h0
+    and without lengths (a loss on h_n alone). (``P`` is the LSTM's.)"""
     T = 2
 
     def empty(*shape, dt=dtype):
@@ -415,5 +424,5 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
         h0_, h0_proj = (empty(B, H), empty(B, H, dt=acc_dtype(dtype))) if h0 else (None, None)
         return fwd_launch(empty(T, B, H), h0_, h0_proj, empty(H, H), lens, cuts, empty(T, B, H), empty(B, H), "tanh",
                           reverse, config)
-    return bwd_launch(empty(T, B, H), empty(B, H) if h0 else None, empty(T, B, H), empty(H, H), lens, cuts,
-                      empty(T, B, H), "tanh", reverse, config)
+    return bwd_launch(empty(T, B, H) if lengths or not h0 else None, empty(B, H) if h0 else None, empty(T, B, H),
+                      empty(H, H), lens, cuts, empty(T, B, H), "tanh", reverse, config)

@@ -135,8 +135,8 @@ def gru_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
 def gru_bwd_kernel(
-    dy_ptr,  # (T, B, H) gradient of y
-    dh_n_ptr,  # (B, H) gradient of h_n (unused unless HAS_DH_N: none reached it)
+    dy_ptr,  # (T, B, H) gradient of y (unused unless HAS_DY: none reached it)
+    dh_n_ptr,  # (B, H) gradient of h_n (unused unless HAS_DH_N)
     y_ptr,  # (T, B, H) every h_t
     gates_ptr,  # (T, B, 4H) r, z, n, hn
     h0_ptr,  # (B, H) (unused unless HAS_H0)
@@ -154,8 +154,8 @@ def gru_bwd_kernel(
     stride_ht, stride_hb, stride_dcb,  # d_hh, dh_carry
     stride_w, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DH_N: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_RESETS: tl.constexpr, SYNC: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DY: tl.constexpr, HAS_DH_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, SYNC: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= 3H: this program's columns of w_hh stay on chip all along
@@ -186,9 +186,10 @@ def gru_bwd_kernel(
         m_next = m_next & ~state_cut(resets_ptr, t, t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
         cut_prev = state_cut(resets_ptr, t, 2 * t - t_next, o_b, B, T, stride_rt, stride_rb, BLOCK_B, HAS_RESETS)
         m_prev, m_first = m_prev & ~cut_prev, m_first & ~cut_prev
-        b_dh = tl.load(dy_ptr + t * stride_dyt + o_b[:, None] * stride_dyb + o_n[None, :], mask=m_bn,
-                       other=0.0).to(ACC_DTYPE)
-        b_dh += b_dh_carry
+        b_dh = b_dh_carry
+        if HAS_DY:
+            b_dh += tl.load(dy_ptr + t * stride_dyt + o_b[:, None] * stride_dyb + o_n[None, :], mask=m_bn,
+                            other=0.0).to(ACC_DTYPE)
         if HAS_DH_N:  # h_n is the state after the step the forward's walk took last
             b_dh += tl.where(is_last_step(t, b_len, REVERSE), b_dh_n, 0.0)
         b_dh = carried_product(b_dh, d_hh_ptr + (t_next % 2) * stride_ht, m_next, o_b, o_n, B, 3 * H, H,
@@ -268,9 +269,9 @@ def gru_fwd_launch(x_proj, h0, h0_proj, h_state, w_hh, b_hn, lengths, resets, y,
 
 
 def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=None, config=None):
-    """Launch the GRU backward (``dh_n`` None: no gradient reached h_n). Returns ``d_x (T, B, 3H)`` (zero
-    past each sequence's end) and ``dh0_local (B, H)``, the gradient of h0 through z (the caller adds
-    its path through w_hh)."""
+    """Launch the GRU backward (``dy`` or ``dh_n`` None: no gradient reached y, or h_n). Returns ``d_x
+    (T, B, 3H)`` (zero past each sequence's end) and ``dh0_local (B, H)``, the gradient of h0 through z
+    (the caller adds its path through w_hh)."""
     found = find_kept(("gru_bwd", reverse, config), y.device, (dy, dh_n, y, gates, h0, w_hh, lengths, resets),
                    check_bwd)
     T, B, H = y.shape
@@ -278,8 +279,8 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
     dh_carry = carried_state(None, y, B, H, runs=T > 0 and B > 0)  # dh * z, from zero; dh0's local part at the end
     if T == 0 or B == 0:
         return d_x, dh_carry.to(y.dtype)
-    dy, y, gates, w_hh = dy.to(y.dtype).contiguous(), y.contiguous(), gates.contiguous(), w_hh.contiguous()
-    dh_n = dh_n.to(y.dtype).contiguous() if dh_n is not None else None
+    y, gates, w_hh = y.contiguous(), gates.contiguous(), w_hh.contiguous()
+    dy, dh_n = (g.to(y.dtype).contiguous() if g is not None else None for g in (dy, dh_n))
     h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
     d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
     resets = resets_operand(resets, y.dtype)
@@ -309,13 +310,14 @@ def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_
     (written)."""
     T, B, H = y.shape
     resets = resets_operand(resets, y.dtype)
-    args = (dy, dh_n if dh_n is not None else dy, y, gates, h0 if h0 is not None else y, w_hh,
-            lengths if lengths is not None else y, resets if resets is not None else y, d_x, d_hh, dh_carry, T, B, H,
-            dy.stride(0), dy.stride(1), dh_n.stride(0) if dh_n is not None else 0, y.stride(0), y.stride(1),
+    args = (dy if dy is not None else y, dh_n if dh_n is not None else y, y, gates, h0 if h0 is not None else y,
+            w_hh, lengths if lengths is not None else y, resets if resets is not None else y, d_x, d_hh, dh_carry,
+            T, B, H, *((dy.stride(0), dy.stride(1)) if dy is not None else (0, 0)),
+            dh_n.stride(0) if dh_n is not None else 0, y.stride(0), y.stride(1),
             h0.stride(0) if h0 is not None else 0, gates.stride(0), gates.stride(1), d_x.stride(0), d_x.stride(1),
             d_hh.stride(0), d_hh.stride(1), dh_carry.stride(0), w_hh.stride(0),
             *(resets.stride() if resets is not None else (0, 0)))
-    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DH_N=dh_n is not None,
+    kwargs = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DY=dy is not None, HAS_DH_N=dh_n is not None,
                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, H, 3 * H), **dtype_flags(y.dtype, y.device))
     return gru_bwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
@@ -325,7 +327,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
                 resets: bool = False):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launchers build it: what the compile sweep compiles. ``h0`` stands for the
-    initial state and, in the backward, the final state's gradient. (``P`` is the LSTM's.)"""
+    initial state and, in the backward, the final state's gradient; the backward leaves out dy with h0
+    and without lengths (a loss on h_n alone). (``P`` is the LSTM's.)"""
     T = 2
     acc = acc_dtype(dtype)
 
@@ -339,5 +342,6 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
         return gru_fwd_launch(empty(T, B, 3 * H), empty(B, H) if h0 else None, empty(B, 3 * H, dt=acc) if h0 else None,
                               empty(B, H, dt=acc), w_hh, empty(H), lens, cuts, empty(T, B, H), gates, reverse, config)
     dh_n, h0_ = (empty(B, H), empty(B, H)) if h0 else (None, None)
-    return gru_bwd_launch(empty(T, B, H), dh_n, empty(T, B, H), gates, h0_, w_hh, lens, cuts, empty(T, B, 3 * H),
+    dy = empty(T, B, H) if lengths or not h0 else None  # (a loss on h_n alone)
+    return gru_bwd_launch(dy, dh_n, empty(T, B, H), gates, h0_, w_hh, lens, cuts, empty(T, B, 3 * H),
                           empty(2, B, 3 * H), empty(B, H, dt=acc), reverse, config)

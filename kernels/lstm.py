@@ -205,14 +205,17 @@ def lstm_fwd_kernel(
 
 @triton.jit
 def _grad_into_cell(dh_ptr, dh_n_ptr, d_gates_ptr, m_next, m_last, o_b, o_x, B, H, N, stride_dyb, stride_hnb,
-                    stride_dgb, w_hh_ptr, stride_w, b_w_all, HAS_DH_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr, W_RESIDENT: tl.constexpr):
-    """``dh_t`` for the columns ``o_x`` of h (N of them): ``dy[t]`` (at ``dh_ptr``), plus ``dh_n``
-    where h_n was read (if HAS_DH_N), plus ``d_gates[t_next] @ w_hh`` (the gates' (B, 4H) step the
-    other programs wrote): (BLOCK_B, BLOCK_X)."""
+                    stride_dgb, w_hh_ptr, stride_w, b_w_all, HAS_DY: tl.constexpr, HAS_DH_N: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr,
+                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, W_RESIDENT: tl.constexpr):
+    """``dh_t`` for the columns ``o_x`` of h (N of them): ``dy[t]`` (at ``dh_ptr``, if HAS_DY), plus
+    ``dh_n`` where h_n was read (if HAS_DH_N), plus ``d_gates[t_next] @ w_hh`` (the gates' (B, 4H)
+    step the other programs wrote): (BLOCK_B, BLOCK_X)."""
     m_bx = (o_b[:, None] < B) & (o_x[None, :] < N)
-    b_dh = tl.load(dh_ptr + o_b[:, None] * stride_dyb + o_x[None, :], mask=m_bx, other=0.0).to(ACC_DTYPE)
+    if HAS_DY:
+        b_dh = tl.load(dh_ptr + o_b[:, None] * stride_dyb + o_x[None, :], mask=m_bx, other=0.0).to(ACC_DTYPE)
+    else:
+        b_dh = tl.zeros([BLOCK_B, BLOCK_X], dtype=ACC_DTYPE)
     if HAS_DH_N:
         b_dh += tl.load(dh_n_ptr + o_b[:, None] * stride_hnb + o_x[None, :], mask=m_bx & m_last,
                         other=0.0).to(ACC_DTYPE)
@@ -222,8 +225,8 @@ def _grad_into_cell(dh_ptr, dh_n_ptr, d_gates_ptr, m_next, m_last, o_b, o_x, B, 
 
 @triton.jit(do_not_specialize=["T", "step_begin", "n_steps"])
 def lstm_bwd_kernel(
-    dy_ptr,  # (T, B, P) gradient of y
-    dh_n_ptr,  # (B, P) gradient of h_n (unused unless HAS_DH_N: none reached it)
+    dy_ptr,  # (T, B, P) gradient of y (unused unless HAS_DY: none reached it)
+    dh_n_ptr,  # (B, P) gradient of h_n (unused unless HAS_DH_N)
     dc_n_ptr,  # (B, H) gradient of c_n (unused unless HAS_DC_N)
     c_ptr,  # (T, B, H) every c_t
     gates_ptr,  # (T, B, 4H) i, f, g, o
@@ -243,8 +246,8 @@ def lstm_bwd_kernel(
     stride_bt, stride_bb,  # dh_buf
     stride_w, stride_hr, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
-    REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_DH_N: tl.constexpr, HAS_DC_N: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, SYNC: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_DY: tl.constexpr, HAS_DH_N: tl.constexpr,
+    HAS_DC_N: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, SYNC: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= 4H: this program's columns of w_hh stay on chip all along
@@ -283,8 +286,8 @@ def lstm_bwd_kernel(
             if PHASE != 2:  # dh of this program's columns of h, for all programs to read
                 o_p = (pid_n * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
                 b_dh = _grad_into_cell(dy_ptr + t * stride_dyt, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_p, B, H,
-                                       P, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, 0.0, HAS_DH_N,
-                                       ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_P, BLOCK_KP, 1, False)
+                                       P, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, 0.0, HAS_DY,
+                                       HAS_DH_N, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_P, BLOCK_KP, 1, False)
                 tl.store(dh_buf_ptr + (t % 2) * stride_bt + o_b[:, None] * stride_bb + o_p[None, :],
                          b_dh.to(dh_buf_ptr.dtype.element_ty), mask=(o_b[:, None] < B) & (o_p[None, :] < P))
             if PHASE == 0:
@@ -294,8 +297,8 @@ def lstm_bwd_kernel(
                                    stride_bb, w_hr_ptr, stride_hr, 1, 0.0, PRECISION, BLOCK_KP, 1, False)
         else:
             b_dm = _grad_into_cell(dy_ptr + t * stride_dyt, dh_n_ptr, p_dnext, m_next, m_last, o_b, o_n, B, H,
-                                   H, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, b_w_all, HAS_DH_N,
-                                   ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K, SPLIT_K, W_RESIDENT)
+                                   H, stride_dyb, stride_hnb, stride_dgb, w_hh_ptr, stride_w, b_w_all, HAS_DY,
+                                   HAS_DH_N, ACC_DTYPE, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K, SPLIT_K, W_RESIDENT)
         if PHASE != 1:
             b_dc_carry = _cell_grads(d_gates_ptr + t * stride_dgt, gates_ptr + t * stride_gt, c_ptr, c0_ptr, t,
                                      t_next, cut_prev, b_dm, b_dc_carry, b_dc_n, m_last, b_len, o_b, o_n, H,
@@ -398,7 +401,7 @@ def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y
 
 def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None,
              config=None):
-    """Launch the LSTM backward (``dh_n``, ``dc_n`` None: no gradient reached that final state). Returns
+    """Launch the LSTM backward (``dy``, ``dh_n`` or ``dc_n`` None: no gradient reached it). Returns
     ``d_gates (T, B, 4H)`` (zero past each sequence's end) and ``dc0 (B, H)``, the gradient of the initial
     cell state (c0's, or the zero state's without c0: no launch to zero it). ``y`` and ``h0`` are not read
     (the autograd formula's products use them)."""
@@ -415,10 +418,10 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
         dc_n = dc_n.clone()
     c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()
     c0, w_hr, lengths = [t if t is None else t.contiguous() for t in (c0, w_hr, lengths)]
-    dh_buf = dy.new_empty(2, B, P) if w_hr is not None else dy  # dh of all columns (with PROJ)
+    dh_buf = gates.new_empty(2, B, P) if w_hr is not None else c  # dh of all columns (with PROJ; else unused)
     resets = resets_operand(resets, gates.dtype)
     tensors = (dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_carry, dh_buf)
-    operands = tensors if w_hr is not None else tensors[:-1] + (None,)  # (dh_buf is dy without a projection)
+    operands = tensors if w_hr is not None else tensors[:-1] + (None,)  # (dh_buf is c without a projection)
     with on_device(gates):
         run_sequence(lambda cfg: lstm_bwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, gates, **CELL),
                      T, gates.device, _phases(w_hr), found=found, operands=lambda cfg: operands)
@@ -461,18 +464,19 @@ def lstm_bwd_launch(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d
     T, B, G = gates.shape
     H, P = G // 4, w_hh.shape[1]
     resets = resets_operand(resets, gates.dtype)
-    args = (dy, dh_n if dh_n is not None else dy, dc_n if dc_n is not None else c, c, gates,
+    args = (dy if dy is not None else c, dh_n if dh_n is not None else c, dc_n if dc_n is not None else c, c, gates,
             c0 if c0 is not None else c, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else c, resets if resets is not None else c, d_gates, dc_carry, dh_buf,
             T, B, H, P,
-            dy.stride(0), dy.stride(1), dh_n.stride(0) if dh_n is not None else 0, c.stride(0), c.stride(1),
+            *((dy.stride(0), dy.stride(1)) if dy is not None else (0, 0)), dh_n.stride(0) if dh_n is not None else 0,
+            c.stride(0), c.stride(1),
             dc_n.stride(0) if dc_n is not None else 0,
             c0.stride(0) if c0 is not None else 0, gates.stride(0), gates.stride(1), d_gates.stride(0),
             d_gates.stride(1), dc_carry.stride(0), dh_buf.stride(0), dh_buf.stride(1), w_hh.stride(0),
             w_hr.stride(0) if w_hr is not None else 0, *(resets.stride() if resets is not None else (0, 0)))
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
-    kwargs = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_DH_N=dh_n is not None, HAS_DC_N=dc_n is not None,
-                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
+    kwargs = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_DY=dy is not None, HAS_DH_N=dh_n is not None,
+                  HAS_DC_N=dc_n is not None, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
                   **gated_tile_kwargs(config, H, 4 * H), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(gates.dtype, gates.device))
     return lstm_bwd_kernel, grid, args, kwargs
@@ -497,7 +501,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launchers build it, with a projection where ``P`` is given and below H:
     what the compile sweep compiles. ``h0`` stands for both initial states and, in the backward, both
-    final states' gradients."""
+    final states' gradients; the backward leaves out dy with h0 and without lengths (a loss on the
+    final states alone)."""
     T, P = 2, P or H
     acc = acc_dtype(dtype)
 
@@ -511,7 +516,7 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
         return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, 4 * H, dt=acc) if h0 else None,
                                empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
                                lens, cuts, empty(T, B, P), empty(T, B, H), gates, empty(B, P), reverse, config)
-    return lstm_bwd_launch(empty(T, B, P), empty(B, P) if h0 else None, empty(B, H) if h0 else None, empty(T, B, H),
-                           gates,
-                           empty(B, H) if h0 else None, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),
+    dy = empty(T, B, P) if lengths or not h0 else None
+    dh_n, dc_n, c0 = (empty(B, P), empty(B, H), empty(B, H)) if h0 else (None, None, None)
+    return lstm_bwd_launch(dy, dh_n, dc_n, empty(T, B, H), gates, c0, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),
                            empty(B, H, dt=acc), empty(2, B, P), reverse, config)

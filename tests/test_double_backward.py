@@ -185,11 +185,12 @@ def test_gradgradcheck_gated_module_layers_bidirectional_packed(backend, cell, p
 
 
 @BOTH
+@pytest.mark.parametrize("reads", ["output", "h_n"])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_penalty_on_the_output_alone_matches_torch(cell, backend):
+def test_penalty_on_one_result_alone_matches_torch(cell, reads, backend):
     """A WGAN-GP style step (the penalty on the input gradient's norm) equals torch's own module's;
-    its losses read the output alone, so no final state's gradient reaches either backward (None
-    down to the kernels)."""
+    its losses read one result alone, the output or h_n, so no gradient of the other reaches either
+    backward (None down to the kernels: the final states', or the top layer's output's)."""
     entry = fastrnn.CELLS[cell]
     torch.manual_seed(0)
     ref = entry.torch_module(3, 4, 2, bidirectional=True, dtype=F64)
@@ -199,7 +200,9 @@ def test_penalty_on_the_output_alone_matches_torch(cell, backend):
     grads = []
     for model in (ref, ours):
         xi = x.clone().requires_grad_()
-        y, _ = model(xi)
+        y, state = model(xi)
+        if reads == "h_n":
+            y = state[0] if cell == "lstm" else state
         (g,) = torch.autograd.grad(y.pow(2).sum(), xi, create_graph=True)
         (y.sum() + (g.norm() - 1) ** 2).backward()
         grads.append([p.grad for p in model.parameters()])

@@ -790,13 +790,14 @@ def test_a_launch_is_kept_by_the_tensors_its_call_was_given(monkeypatch, name):
 @pytest.mark.skipif(not INTERPRETED, reason="runs kernels under the Triton interpreter")
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_an_optional_operand_left_out_or_given_is_another_launch(name):
-    """A call that leaves out an optional operand (h0, c0, b_hn, w_hr, a final state's gradient,
-    lengths, resets) which the kept launch had, or gives one it did not have, computes what a first
+    """A call that leaves out an optional operand (h0, c0, b_hn, w_hr, the output's or a final state's
+    gradient, lengths, resets) which the kept launch had, or gives one it did not have, computes what a first
     call computes."""
     launcher, operands = _launcher_calls(P=8)[name]  # (P = H: the LSTM without w_hr too)
     T, B = operands[ROLES[name][0]].shape[:2]
     steps = {"lengths": torch.tensor([T, 2]), "resets": torch.tensor([[False, True]] * T)}
-    optional = [k for k in ("h0", "c0", "b_hn", "w_hr", "dh_n", "dc_n") if k in operands and k not in ROLES[name][2]]
+    optional = [k for k in ("h0", "c0", "b_hn", "w_hr", "dy", "dh_n", "dc_n")
+                if k in operands and k not in ROLES[name][2]]
     for operand in optional + list(steps):
         given = {**operands, operand: operands.get(operand, steps.get(operand))}
         without = {**operands, operand: None}

@@ -190,38 +190,38 @@ def _launch_both_ways(cell, o, reverse, lens, config):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "stepwise"])
 @pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
-def test_a_final_state_no_gradient_reached_reads_nothing(cell, config, one_thread):
-    """A backward launcher given None for a final state's gradient (what autograd hands for an h_n or
-    c_n the loss did not use) reads nothing in its place: no zeros to fill first. It returns what a
-    zero gradient gives, each direction, with and without lengths, the LSTM's also with a projection;
-    so does its PyTorch twin."""
+def test_a_gradient_none_reached_is_read_nowhere(cell, config, one_thread):
+    """A backward launcher given None for the output's or a final state's gradient (what autograd
+    hands for a y, h_n or c_n the loss did not use) reads nothing in its place: no zeros to fill
+    first. It returns what a zero gradient gives, each direction, with and without lengths, the LSTM's
+    also with a projection; so does its PyTorch twin."""
     T, B, H = 4, 3, 5
     G, P = {"elman": 1, "lstm": 4, "gru": 3}[cell], H - 1 if cell == "lstm" else H
     for o in [_operands(T, B, H, G, H)] + ([_operands(T, B, H, G, P, seed=1)] if cell == "lstm" else []):
         finals = ("dh_n", "dc_n") if cell == "lstm" else ("dh_n",)
-        absent = [(k,) for k in finals] + ([finals] if len(finals) > 1 else [])  # each, then both
+        absent = [(k,) for k in ("dy", *finals)] + ([finals] if len(finals) > 1 else [])  # each, both finals
         for reverse, lens in [(False, None), (True, None), (False, o["lengths"]), (True, o["lengths"])]:
             for left_out in absent:
-                zeros = {k: torch.zeros_like(o[k]) if k in left_out else o[k] for k in finals}
-                nones = {k: None if k in left_out else o[k] for k in finals}
+                zeros = {k: torch.zeros_like(o[k]) if k in left_out else o[k] for k in ("dy", *finals)}
+                nones = {k: None if k in left_out else o[k] for k in ("dy", *finals)}
                 want = _backward(cell, o, zeros, reverse, lens, config)
                 got = _backward(cell, o, nones, reverse, lens, config)
                 assert all(torch.equal(a, b) for a, b in zip(got, want)), (left_out, reverse, lens)
                 _assert_same(_backward(cell, o, nones, reverse, lens, config, twin=True), want)
 
 
-def _backward(cell, o, finals, reverse, lens, config, twin=False):
-    """The cell's backward launcher (or its PyTorch twin) on the forward's outputs, with the final
-    states' gradients ``finals``."""
+def _backward(cell, o, grads, reverse, lens, config, twin=False):
+    """The cell's backward launcher (or its PyTorch twin) on the forward's outputs, with the gradients
+    ``grads`` of y and the final states."""
     if cell == "elman":
         y, _ = elman_fwd_torch(o["x"], o["h0"], o["w_hh"], "tanh", reverse, lens)
         run, kwargs = (elman_bwd_torch, {}) if twin else (elman_bwd, dict(config=config))
-        return [run(o["dy"], finals["dh_n"], y, o["w_hh"], "tanh", reverse, lens, **kwargs)]
+        return [run(grads["dy"], grads["dh_n"], y, o["w_hh"], "tanh", reverse, lens, **kwargs)]
     if cell == "lstm":
         fwd = lstm_fwd_torch(o["x"], o["h0"], o["c0"], o["w_hh"], o["w_hr"], reverse, lens)
         run, kwargs = (lstm_bwd_torch, {}) if twin else (lstm_bwd, dict(config=config))
-        return run(o["dy"], finals["dh_n"], finals["dc_n"], *fwd[:3], o["h0"], o["c0"], o["w_hh"], o["w_hr"], reverse,
+        return run(grads["dy"], grads["dh_n"], grads["dc_n"], *fwd[:3], o["h0"], o["c0"], o["w_hh"], o["w_hr"], reverse,
                    lens, **kwargs)
     fwd = gru_fwd_torch(o["x"], o["h0"], o["w_hh"], o["b_hn"], reverse, lens)
     run, kwargs = (gru_bwd_torch, {}) if twin else (gru_bwd, dict(config=config))
-    return run(o["dy"], finals["dh_n"], *fwd[:2], o["h0"], o["w_hh"], reverse, lens, **kwargs)
+    return run(grads["dy"], grads["dh_n"], *fwd[:2], o["h0"], o["w_hh"], reverse, lens, **kwargs)

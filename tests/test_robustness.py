@@ -192,10 +192,10 @@ def test_index_arithmetic_past_2_31(kernel):
         dh_n = torch.randn(B, H).bfloat16()
         if kernel == "bwd_resident":
             bwd_resident_kernel[(1,)](a, dh_n, y, w, a, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H, 0, 0,
-                                       HAS_DH_N=True, BLOCK_B=16, BLOCK_H=16, **flags)
+                                       HAS_DY=True, HAS_DH_N=True, BLOCK_B=16, BLOCK_H=16, **flags)
         else:
             bwd_tiled_kernel[(1, 1)](a, dh_n, y, w, a, a, out, T, B, H, stride_t, H, stride_t, H, stride_t, H, H, H, 0, 0,
-                                      torch.zeros(1, dtype=torch.int32), 0, T, HAS_DH_N=True, SYNC=True,
+                                      torch.zeros(1, dtype=torch.int32), 0, T, HAS_DY=True, HAS_DH_N=True, SYNC=True,
                                       BLOCK_B=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1,
                                       W_RESIDENT=not kernel.endswith("streamed"), **flags)
         want = elman_bwd_torch(a.double(), dh_n.double(), y.double(), w.double())

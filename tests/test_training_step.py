@@ -120,11 +120,11 @@ def test_swapped_in_and_compiled_trains_as_torchs_module(cell, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_final_states_the_loss_does_not_read_get_no_gradient_made(cell, monkeypatch):
+def test_results_the_loss_does_not_read_get_no_gradient_made(cell, monkeypatch):
     """A training step whose loss reads only the output makes no zero gradient for the final states:
     each layer and direction's backward launch is handed None for them (where zeros would be one more
     fill launched each). A loss that also reads h_n hands its gradient over (and the LSTM's c_n's
-    stays None)."""
+    stays None); one on h_n alone hands the top layer None for its output's."""
     import importlib
 
     from fastrnn.backend import loop
@@ -132,19 +132,22 @@ def test_final_states_the_loss_does_not_read_get_no_gradient_made(cell, monkeypa
     monkeypatch.setenv("FASTRNN_BACKEND", "triton")
     kernels = importlib.import_module(f"fastrnn.kernels.{fastrnn.CELLS[cell].kernels}")
     name = f"{fastrnn.CELLS[cell].kernels}_bwd"
-    real, finals = getattr(kernels, name), []
-    monkeypatch.setattr(kernels, name, lambda *args, **kwargs: finals.append(args[1:3 if cell == "lstm" else 2])
+    real, grads = getattr(kernels, name), []  # (dy, dh_n[, dc_n]) of each launch, the top layer's first
+    monkeypatch.setattr(kernels, name, lambda *args, **kwargs: grads.append(args[:3 if cell == "lstm" else 2])
                         or real(*args, **kwargs))
     loop.cache_clear()  # (it keeps the launcher it found)
     try:
         model = _model(cell)
         _loss(model, TOKENS).backward()
-        assert len(finals) == 4 and all(g is None for given in finals for g in given)
-        finals.clear()
-        output, state = model.rnn(model.embed(TOKENS))
-        h_n = state[0] if cell == "lstm" else state
-        (output.sum() + h_n.square().sum()).backward()
-        assert len(finals) == 4 and all(given[0] is not None for given in finals)
-        assert cell != "lstm" or all(given[1] is None for given in finals)
+        assert len(grads) == 4 and all(g is None for given in grads for g in given[1:])
+        assert all(given[0] is not None for given in grads)
+        for reads_output in (True, False):
+            grads.clear()
+            output, state = model.rnn(model.embed(TOKENS))
+            h_n = state[0] if cell == "lstm" else state
+            (h_n.square().sum() + (output.sum() if reads_output else 0)).backward()
+            assert len(grads) == 4 and all(given[1] is not None for given in grads)
+            assert cell != "lstm" or all(given[2] is None for given in grads)
+            assert [given[0] is not None for given in grads] == [reads_output] * 2 + [True] * 2
     finally:
         loop.cache_clear()
