@@ -28,8 +28,8 @@ from torch.nn import functional as F
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
-from .sequence import (add_at, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps, edge_step,
-                       enters, previous_states, shifted, valid_steps)
+from .sequence import (add_at, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
+                       edge_step, enters, final_steps, previous_states, shifted, valid_steps)
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -99,18 +99,13 @@ def elman_bwd_torch(dy, dh_n, y, w_hh, activation="tanh", reverse=False, lengths
     valid = valid_steps(T, lengths, y.device)
     cut_next = cut_after(cut_steps(resets, reverse), reverse)  # no gradient back across a cut
     last = edge_step(T, not reverse, lengths, y.device)
+    at_last = final_steps(T, last, y.dtype, y.device)  # (T, B, 1) or None: where h_n was read
     d = None  # d_pre of the step processed last: it feeds g through w_hh
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         if d is not None and cut_next is not None:
             d = d.masked_fill(cut_next[t], 0.0)
         g = dy[t].clone() if d is None else torch.addmm(dy[t], d, w_hh)
-        if dh_n is None:
-            pass
-        elif isinstance(last, int):
-            if t == last:
-                g += dh_n
-        else:
-            g += dh_n * (last == t)[:, None]
+        add_final(g, dh_n, t, last, at_last)
         d = d_pre[t]
         if activation == "tanh":
             torch.mul(g, 1 - y[t] * y[t], out=d)
