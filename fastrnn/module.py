@@ -178,7 +178,7 @@ class FusedRNNBase(nn.RNNBase):
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = _dropout(layer_input, self.dropout, packing)
-        return layer_input, tuple(torch.stack(parts) for parts in zip(*finals))
+        return layer_input, tuple(_stacked(parts) for parts in zip(*finals))
 
     def _weights(self, suffix: str):
         """``[w_ih, w_hh, b_ih, b_hh]`` of one layer and direction (biases None without bias). (A
@@ -215,6 +215,17 @@ def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     if b_ih is None:
         return None
     return SumOfBiases.apply(b_ih, b_hh) if torch.compiler.is_compiling() else b_ih + b_hh
+
+
+def _stacked(parts) -> Tensor:
+    """A final state's part ``(L * D, B, N)`` from each layer and direction's ``(B, N)``: stacked, or,
+    for one layer and direction, the op's own tensor given its leading dimension in place (no copy,
+    and no view either: as torch's module returns it, so ``detach_()`` works). A view (a zero-size
+    batch's state, which is the given one) and a compiled call are stacked."""
+    part = parts[0]
+    if torch.compiler.is_compiling() or len(parts) > 1 or part._is_view():
+        return torch.stack(parts)
+    return part.unsqueeze_(0)
 
 
 @memo  # (a few distinct suffixes; built once, not at every layer of every call)

@@ -375,6 +375,32 @@ def test_final_state_detaches_in_place(backend, cell, layers):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_one_layers_final_state_is_not_copied(backend, cell, layers):
+    """One layer and direction returns the op's own final state, given its leading dimension in place:
+    no stack (a copy, a GPU launch per part); more are stacked. Either way the state is apart from
+    what the backward reads: changed in place after the forward, the gradients are torch's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    ours = fastrnn.CELLS[cell].module(3, 4, layers)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, layers)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as run:
+        y, state = ours(x)
+    stacks = sum(e.name == "aten::stack" for e in run.events())
+    assert stacks == (0 if layers == 1 else (2 if cell == "lstm" else 1))
+    for part in state if isinstance(state, tuple) else (state,):
+        assert part.shape[0] == layers
+        part.zero_()
+    got = torch.autograd.grad(y.sum(), [x, *ours.parameters()])
+    want = torch.autograd.grad(theirs(x)[0].sum(), [x, *theirs.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("steps", ["whole", "lengths", "resets"])
 @pytest.mark.parametrize("reverse", [False, True])
