@@ -171,7 +171,6 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh_n):
     y, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
-    dy, dh_n = [g.contiguous() if g is not None else None for g in (dy, dh_n)]  # (None: the kernel adds nothing)
     d_pre = ELMAN_BWD(dy, dh_n, y, w_hh, ctx.nonlinearity, ctx.reverse, lengths, ctx.backend, resets)
     cut = cut_steps(resets, ctx.reverse)  # (T, B, 1): the state entering step t is zero, or None
     d_first = enters(at_step(d_pre, edge_step(T, ctx.reverse, lengths, y.device)), cut, ctx.reverse)  # (B, H)

@@ -302,7 +302,6 @@ def _backward(ctx, dy, d_act, dh_n):
     activations, which only a second derivative gives)."""
     y, gates, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, _, H = y.shape
-    dy, dh_n = [g.contiguous() if g is not None else None for g in (dy, dh_n)]  # (None: the kernel adds nothing)
     d_x, dh0_local = GRU_BWD(dy, dh_n, y, gates, h0, w_hh, ctx.reverse, lengths, ctx.backend, resets, d_act)
     need_x, need_h0, need_w_hh, need_b_hn = ctx.needs_input_grad[:4]
     cut = cut_steps(resets, ctx.reverse)

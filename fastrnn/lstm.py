@@ -311,7 +311,6 @@ def _backward(ctx, dy, d_c, d_act, dh_n, dc_n):
     gate activations, which only a second derivative gives)."""
     y, c, gates, h0, c0, w_hh, w_hr, lengths, resets = ctx.saved_tensors
     T, reverse = y.shape[0], ctx.reverse
-    dy, dh_n, dc_n = [g.contiguous() if g is not None else None for g in (dy, dh_n, dc_n)]  # (None: nothing added)
     dz_src = d_act * gate_slopes(gates) if d_act is not None else None
     d_gates, dc0 = LSTM_BWD(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, ctx.backend, resets,
                             d_c, dz_src)

@@ -39,7 +39,8 @@ from ..sequence import acc_dtype
 from .common import (activation, activation_grad, carried_product, grid_barrier, is_last_step, matmul,
                      sequence_lengths, state_cut, walk_step, weight_block, weight_chunks)
 from .config import dtype_flags, ladder
-from .launch import final_output, find_kept, h0_product, on_device, resets_operand, run_sequence
+from .launch import (final_output, find_kept, gradient_operand, h0_product, on_device, resets_operand,
+                     run_sequence)
 from .operands import expect_operands, expect_sequence
 
 
@@ -351,7 +352,7 @@ def elman_bwd(dy, dh_n, y, w_hh, activation: str = "tanh", reverse: bool = False
                    lambda *given: check_bwd(*given, activation))
     T, B, H = y.shape
     y, w_hh = y.contiguous(), w_hh.contiguous()
-    dy, dh_n = (g.to(y.dtype).contiguous() if g is not None else None for g in (dy, dh_n))
+    dy, dh_n = gradient_operand(dy, y.dtype), gradient_operand(dh_n, y.dtype)  # (rows contiguous)
     lengths = lengths.contiguous() if lengths is not None else None
     d_pre = y.new_empty(T, B, H)
     if T == 0 or B == 0:

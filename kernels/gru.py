@@ -23,7 +23,8 @@ from .common import (carried_product, grid_barrier, is_last_step, previous_step_
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, start_state, store_gate
-from .launch import carried_state, h0_product, find_kept, on_device, resets_operand, run_sequence
+from .launch import (carried_state, find_kept, gradient_operand, h0_product, on_device, resets_operand,
+                     run_sequence)
 from .operands import expect_operands, expect_sequence
 
 CELL = dict(gates=3, cell="gru", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
@@ -280,7 +281,7 @@ def gru_bwd(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, resets=No
     if T == 0 or B == 0:
         return d_x, dh_carry.to(y.dtype)
     y, gates, w_hh = y.contiguous(), gates.contiguous(), w_hh.contiguous()
-    dy, dh_n = (g.to(y.dtype).contiguous() if g is not None else None for g in (dy, dh_n))
+    dy, dh_n = gradient_operand(dy, y.dtype), gradient_operand(dh_n, y.dtype)  # (rows contiguous)
     h0, lengths = [t if t is None else t.contiguous() for t in (h0, lengths)]
     d_hh = y.new_empty(2, B, 3 * H)  # ring buffer: each step reads the one before's, all units
     resets = resets_operand(resets, y.dtype)

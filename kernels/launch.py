@@ -282,6 +282,18 @@ def resets_operand(resets: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
     return resets.to(torch.int32)
 
 
+def gradient_operand(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient ``g`` as a backward kernel reads it: in ``dtype``, each row (its last dimension)
+    contiguous and its other strides as they are. So a batch-first model's ``dy`` (``(T, B, H)`` with
+    strides ``(H, T * H, 1)``) and the half of a bidirectional layer's that is its direction's are
+    read where they lie; a copy only where a row is not contiguous (a gradient expanded from a sum,
+    stride 0). None stays None (no gradient reached it)."""
+    if g is None:
+        return None
+    g = g.to(dtype)
+    return g if g.stride(-1) == 1 or g.size(-1) <= 1 else g.contiguous()
+
+
 def h0_product(h0: torch.Tensor | None, w_hh: torch.Tensor) -> torch.Tensor | None:
     """``h0 @ w_hh.T`` (B, G x H) in the accumulator's precision, once per call: what stands for
     ``h_{t-1} @ w_hh.T`` at each sequence's first step in the tiled kernels. None without h0."""

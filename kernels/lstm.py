@@ -29,8 +29,8 @@ from .common import (carried_product, grid_barrier, is_last_step, previous_step_
                      source_chunks, split_k_product, state_cut, tanh, walk_step, weight_chunks)
 from .config import GATED_VARIANTS, dtype_flags, gated_tile_kwargs, ladder
 from .gates import gate_weights, load_gate, start_state, store_gate
-from .launch import (carried_state, final_output, find_kept, h0_product, on_device, resets_operand,
-                     run_sequence)
+from .launch import (carried_state, final_output, find_kept, gradient_operand, h0_product, on_device,
+                     resets_operand, run_sequence)
 from .operands import expect_operands, expect_sequence, expect_tensors
 
 CELL = dict(gates=4, cell="lstm", variants=GATED_VARIANTS)  # what pick_configs asks of the cell
@@ -413,7 +413,7 @@ def lstm_bwd(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse=False
     dc_carry = carried_state(None, gates, B, H, runs=T > 0 and B > 0)  # dc * f, from zero; dc0 at the end
     if T == 0 or B == 0:
         return d_gates, dc_carry.to(gates.dtype)
-    dy, dh_n, dc_n = (t.to(gates.dtype).contiguous() if t is not None else None for t in (dy, dh_n, dc_n))
+    dy, dh_n, dc_n = (gradient_operand(g, gates.dtype) for g in (dy, dh_n, dc_n))  # (rows contiguous)
     if dc_n is dh_n is not None:  # (one gradient for both, as autograd hands a sum h_n + c_n's): apart
         dc_n = dc_n.clone()
     c, gates, w_hh = c.contiguous(), gates.contiguous(), w_hh.contiguous()

@@ -210,6 +210,40 @@ def test_a_gradient_none_reached_is_read_nowhere(cell, config, one_thread):
                 _assert_same(_backward(cell, o, nones, reverse, lens, config, twin=True), want)
 
 
+def _laid_out(g: torch.Tensor, how: str) -> torch.Tensor:
+    """The values of ``g (..., N)`` in another layout with contiguous rows: as a batch-first output's
+    gradient arrives (``(T, B, N)`` with strides ``(N, T * N, 1)``), as the second half of a wider one
+    (a bidirectional layer's reverse direction; the first half holds other data), or, where every row
+    is one row, expanded from it (stride 0)."""
+    if how == "batch_first":
+        return g.transpose(0, 1).contiguous().transpose(0, 1)
+    if how == "half":
+        wide = torch.randn(*g.shape[:-1], 2 * g.shape[-1], dtype=g.dtype)
+        return wide.narrow(-1, g.shape[-1], g.shape[-1]).copy_(g)
+    return g.flatten(0, -2)[0].expand(g.shape)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "stepwise"])
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_gradients_are_read_with_their_row_strides(cell, config, one_thread):
+    """A backward launcher reads a gradient whose rows are contiguous where it lies (a batch-first
+    model's, a bidirectional layer's half, one expanded over steps): the result is the one its
+    contiguous copy gives, bit for bit, each direction, with and without lengths; so does the twin."""
+    T, B, H = 4, 3, 5
+    G, P = {"elman": 1, "lstm": 4, "gru": 3}[cell], H - 1 if cell == "lstm" else H
+    for o in [_operands(T, B, H, G, H)] + ([_operands(T, B, H, G, P, seed=1)] if cell == "lstm" else []):
+        finals = ("dh_n", "dc_n") if cell == "lstm" else ("dh_n",)
+        for reverse, lens in [(False, None), (True, None), (True, o["lengths"])]:
+            for how in ("batch_first", "half", "expanded"):
+                dense = {k: _laid_out(o[k], "expanded") if how == "expanded" else o[k] for k in ("dy", *finals)}
+                strided = {k: _laid_out(dense[k], how if k == "dy" else "half") for k in dense}
+                assert not strided["dy"].is_contiguous() and strided["dy"].stride(-1) == 1
+                want = _backward(cell, o, {k: g.contiguous() for k, g in dense.items()}, reverse, lens, config)
+                got = _backward(cell, o, strided, reverse, lens, config)
+                assert all(torch.equal(a, b) for a, b in zip(got, want)), (how, reverse, lens)
+                _assert_same(_backward(cell, o, strided, reverse, lens, config, twin=True), want)
+
+
 def _backward(cell, o, grads, reverse, lens, config, twin=False):
     """The cell's backward launcher (or its PyTorch twin) on the forward's outputs, with the gradients
     ``grads`` of y and the final states."""

@@ -151,3 +151,30 @@ def test_results_the_loss_does_not_read_get_no_gradient_made(cell, monkeypatch):
             assert [given[0] is not None for given in grads] == [reads_output] * 2 + [True] * 2
     finally:
         loop.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_batch_first_bidirectional_gradient_is_read_where_it_lies(cell, backend):
+    """The output's gradient reaches each direction's backward of a batch-first, bidirectional model
+    as a view with contiguous rows (its direction's half, batch-major): the fused backward reads it
+    there, no copy of it made; the gradients are torch's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    ours = fastrnn.CELLS[cell].module(3, 4, 2, batch_first=True, bidirectional=True).double()
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, 2, batch_first=True, bidirectional=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 8, dtype=torch.float64)
+    with profile(activities=[ProfilerActivity.CPU]) as run:
+        got = torch.autograd.grad((ours(x)[0] * w).sum(), [x, *ours.parameters()])
+    want = torch.autograd.grad((theirs(x)[0] * w).sum(), [x, *theirs.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    nodes = [e for e in run.events() if e.name in ("ElmanBackward", "LSTMBackward", "GRUBackward")]
+    assert len(nodes) == 4  # two layers, two directions
+
+    def copies(event):
+        return (event.name == "aten::clone") + sum(copies(child) for child in event.cpu_children)
+
+    assert sum(copies(node) for node in nodes) == 0
