@@ -22,9 +22,9 @@ from torch.nn import functional as F
 from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, runs_directly, with_defaults
-from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after,
-                       cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states, shifted,
-                       sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, carried_copy, check_operands, checked_steps,
+                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states,
+                       shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -85,7 +85,7 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, rese
         h = h0.to(acc) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     else:  # the state is carried past each sequence's end, in a buffer of its own
         invalid = ~valid
-        h = h0.to(acc, copy=True) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+        h = carried_copy(h0, acc) if h0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     hh = x_proj.new_empty(B, G, dtype=acc)  # h_{t-1} @ w_hh.T: (hh_r, hh_z, hh_n)
     hh_rz, hh_n = hh[:, :2 * H], hh[:, 2 * H:]
     # every step's views, made at once

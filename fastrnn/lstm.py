@@ -24,8 +24,8 @@ from torch import nn
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, with_defaults
-from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, check_operands, checked_steps,
-                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
+from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
+                       checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
                        valid_steps)
 
@@ -92,8 +92,8 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
         c_prev = c0.to(acc) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     else:  # the states are carried past each sequence's end, in buffers of their own
         invalid = ~valid
-        h = h0.to(acc, copy=True) if h0 is not None else x_proj.new_zeros(B, P, dtype=acc)
-        c_prev = c0.to(acc, copy=True) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
+        h = carried_copy(h0, acc) if h0 is not None else x_proj.new_zeros(B, P, dtype=acc)
+        c_prev = carried_copy(c0, acc) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     tanh_c = x_proj.new_empty(B, H, dtype=acc)  # tanh(c_t), then m_t = o * tanh(c_t) with w_hr
     # every step's views, made at once: z (B, 4H) and its parts, c_t, h_t
     z_all = gates if direct else x_proj.new_empty(1, B, G, dtype=acc).expand(T, B, G)

@@ -221,9 +221,9 @@ def _stacked(parts) -> Tensor:
     """A final state's part ``(L * D, B, N)`` from each layer and direction's ``(B, N)``: stacked, or,
     for one layer and direction, the op's own tensor given its leading dimension in place (no copy,
     and no view either: as torch's module returns it, so ``detach_()`` works). A view (a zero-size
-    batch's state, which is the given one) and a compiled call are stacked."""
+    batch's state, which is the given one), a tensor not contiguous and a compiled call are stacked."""
     part = parts[0]
-    if torch.compiler.is_compiling() or len(parts) > 1 or part._is_view():
+    if torch.compiler.is_compiling() or len(parts) > 1 or part._is_view() or not part.is_contiguous():
         return torch.stack(parts)
     return part.unsqueeze_(0)
 

@@ -21,6 +21,13 @@ def as_dtype(dtype: torch.dtype, *tensors):
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
+def carried_copy(initial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``initial`` in ``dtype``: the state a twin carries in a buffer of its own
+    and may return as a final state, laid out as the kernels' buffers and the ops' fake outputs are
+    (``.to(copy=True)`` would keep a column-major h0's layout)."""
+    return initial.to(dtype, copy=True, memory_format=torch.contiguous_format)
+
+
 def edge_step(T: int, last: bool, lengths: torch.Tensor | None, device) -> torch.Tensor | int:
     """Index (in time order) of each sequence's first or last step: one int, or (B,) with lengths.
     The state h_n is read at the last step a direction takes (``last = not reverse``); h0 enters at

@@ -401,6 +401,37 @@ def test_one_layers_final_state_is_not_copied(backend, cell, layers):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_final_state_is_contiguous_whatever_the_given_states_layout(backend, cell):
+    """A packed call given a column-major state returns its final state contiguous, as torch's module
+    does, and so does the op (whose fake outputs say so): the twins carry a contiguous copy of h0 (and
+    c0) where lengths keep one apart from the outputs."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from fastrnn.gru import gru_forward
+    from fastrnn.lstm import lstm_forward
+
+    torch.manual_seed(0)
+    ours = fastrnn.CELLS[cell].module(3, 4).double()
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = pack_padded_sequence(torch.randn(5, 3, 3, dtype=torch.float64), torch.tensor([5, 3, 2]))
+    parts = [torch.randn(4, 3, dtype=torch.float64).t().unsqueeze(0) for _ in range(2 if cell == "lstm" else 1)]
+    hx = tuple(parts) if cell == "lstm" else parts[0]
+    got, want = ours(x, hx)[1], theirs(x, hx)[1]
+    for a, b in zip(*((s if isinstance(s, tuple) else (s,)) for s in (got, want))):
+        assert a.is_contiguous() and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    if cell != "rnn":
+        T, B, H, G = 5, 3, 4, 4 if cell == "lstm" else 3
+        x_proj, w = torch.randn(T, B, G * H), torch.randn(G * H, H)
+        h0, lengths = torch.randn(H, B).t(), torch.tensor([5, 3, 2])
+        finals = (lstm_forward(x_proj, h0, h0.clone().t().contiguous().t(), w, None, False, lengths, backend)[3:]
+                  if cell == "lstm" else gru_forward(x_proj, h0, w, None, False, lengths, backend)[2:])
+        assert all(f.is_contiguous() for f in finals)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("steps", ["whole", "lengths", "resets"])
 @pytest.mark.parametrize("reverse", [False, True])
