@@ -12,6 +12,7 @@ import fastrnn
 from fastrnn.elman import elman_bwd_torch, elman_fwd_torch
 from fastrnn.gru import gru_bwd_torch, gru_fwd_torch
 from fastrnn.kernels import Config, elman_bwd, elman_fwd, gru_bwd, gru_fwd, lstm_bwd, lstm_fwd
+from fastrnn.kernels.launch import gradient_operand
 from fastrnn.lstm import lstm_bwd_torch, lstm_fwd_torch
 
 from .conftest import rel_err
@@ -227,8 +228,9 @@ def _laid_out(g: torch.Tensor, how: str) -> torch.Tensor:
 @pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
 def test_gradients_are_read_with_their_row_strides(cell, config, one_thread):
     """A backward launcher reads a gradient whose rows are contiguous where it lies (a batch-first
-    model's, a bidirectional layer's half, one expanded over steps): the result is the one its
-    contiguous copy gives, bit for bit, each direction, with and without lengths; so does the twin."""
+    model's, a bidirectional layer's half, one expanded over steps), no copy made: the result is the
+    one its contiguous copy gives, bit for bit, each direction, with and without lengths; so does the
+    twin."""
     T, B, H = 4, 3, 5
     G, P = {"elman": 1, "lstm": 4, "gru": 3}[cell], H - 1 if cell == "lstm" else H
     for o in [_operands(T, B, H, G, H)] + ([_operands(T, B, H, G, P, seed=1)] if cell == "lstm" else []):
@@ -238,6 +240,7 @@ def test_gradients_are_read_with_their_row_strides(cell, config, one_thread):
                 dense = {k: _laid_out(o[k], "expanded") if how == "expanded" else o[k] for k in ("dy", *finals)}
                 strided = {k: _laid_out(dense[k], how if k == "dy" else "half") for k in dense}
                 assert not strided["dy"].is_contiguous() and strided["dy"].stride(-1) == 1
+                assert all(gradient_operand(g, g.dtype) is g for g in strided.values())  # (no copy)
                 want = _backward(cell, o, {k: g.contiguous() for k, g in dense.items()}, reverse, lens, config)
                 got = _backward(cell, o, strided, reverse, lens, config)
                 assert all(torch.equal(a, b) for a, b in zip(got, want)), (how, reverse, lens)
