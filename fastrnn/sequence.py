@@ -22,9 +22,9 @@ def as_dtype(dtype: torch.dtype, *tensors):
 
 
 def carried_copy(initial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous copy of ``initial`` in ``dtype``: the state a twin carries in a buffer of its own
-    and may return as a final state, laid out as the kernels' buffers and the ops' fake outputs are
-    (``.to(copy=True)`` would keep a column-major h0's layout)."""
+    """A contiguous copy of ``initial`` in ``dtype``: a state carried in a buffer of its own (a twin's)
+    or returned as a final state where no step ran (a launcher's), laid out as the kernels' buffers
+    and the ops' fake outputs are (``.to(copy=True)`` alone would keep a column-major h0's layout)."""
     return initial.to(dtype, copy=True, memory_format=torch.contiguous_format)
 
 

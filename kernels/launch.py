@@ -36,7 +36,7 @@ import os
 import torch
 
 from ..backend import device_type, environ
-from ..sequence import acc_dtype
+from ..sequence import acc_dtype, carried_copy
 from . import config
 
 logger = logging.getLogger("fastrnn")
@@ -322,7 +322,7 @@ def final_output(initial: torch.Tensor | None, like: torch.Tensor, B: int, N: in
         return like.new_empty(B, N, dtype=dtype)
     if initial is None:
         return like.new_zeros(B, N, dtype=dtype)
-    return torch.empty_like(initial, dtype=dtype, memory_format=torch.contiguous_format).copy_(initial)
+    return carried_copy(initial, dtype)
 
 
 COUNTERS: dict = {}  # device index -> int32 arrival counters of its default stream, reused launch after launch
