@@ -6,7 +6,9 @@
 Each cell is timed for cuDNN (``torch.nn.RNN``, ``LSTM`` or ``GRU``) and fastrnn in interleaved
 rounds (cuDNN against itself varies 0.8-1.2x between back-to-back timings), median of ``triton.testing.do_bench`` per
 round, then the median over rounds. Prints ``| B | T | H | dtype | mode | cuDNN ms | fastrnn ms |
-speedup |``, the geometric mean and the worst cell, and peak memory of fwd+bwd for both.
+speedup |``, the geometric mean and the worst cell, peak memory of both (where fastrnn takes more)
+and how far fastrnn's output is from cuDNN's (``benchmarks.suite.disagreement``, every row: a timed
+kernel that computes something else is not a result).
 
 ``--resets`` (issue #23) times instead the GRU and LSTM with 3 % resets inside the sequence
 (B128 T128 I64 H256, fp32 and bf16, fwd and fwd+bwd): fastrnn with ``resets=`` against torch's module
@@ -34,7 +36,7 @@ from benchmarks.resets import (  # noqa: E402
     make_resets_case,
     resets_missing,
 )
-from benchmarks.suite import CELLS, DTYPES, MODES, SHAPES, make_case  # noqa: E402
+from benchmarks.suite import AGREEMENT, CELLS, DTYPES, MODES, SHAPES, disagreement, make_case  # noqa: E402
 from benchmarks.timing import interleaved_rounds  # noqa: E402
 
 RESETS_AIM = {"loop": 10.0, "packed": 3.0}  # fastrnn's speedup aimed at over each baseline
@@ -92,9 +94,8 @@ def suite_row(cell: str, shape_id: int, dtype: str, mode: str, rounds: int) -> d
     row = dict(cell=cell, id=shape_id, B=shape[0], T=shape[1], I=shape[2], H=shape[3], dtype=dtype,
                mode=mode, cudnn_ms=statistics.median(times["cudnn"]), fastrnn_ms=statistics.median(times["fastrnn"]))
     row["speedup"] = row["cudnn_ms"] / row["fastrnn_ms"]
-    if mode == "fwdbwd":
-        row["cudnn_mb"] = peak_memory_mb(runs["cudnn"])
-        row["fastrnn_mb"] = peak_memory_mb(runs["fastrnn"])
+    row["cudnn_mb"], row["fastrnn_mb"] = peak_memory_mb(runs["cudnn"]), peak_memory_mb(runs["fastrnn"])
+    row["rel_err"] = disagreement(runs)
     print(f"# {row}", file=sys.stderr, flush=True)
     return row
 
@@ -115,9 +116,13 @@ def print_suite_table(rows) -> None:
     print(f"\ngeometric-mean speedup {geomean:.2f}x over {len(rows)} cells; worst "
           f"{worst['cell']} #{worst['id']} {worst['dtype']} {worst['mode']} {worst['speedup']:.2f}x")
     for r in rows:
-        if "cudnn_mb" in r and r["fastrnn_mb"] > r["cudnn_mb"]:
-            print(f"memory: {r['cell']} #{r['id']} {r['dtype']} fwd+bwd fastrnn {r['fastrnn_mb']:.0f} MB > "
+        if r["fastrnn_mb"] > r["cudnn_mb"]:
+            print(f"memory: {r['cell']} #{r['id']} {r['dtype']} {r['mode']} fastrnn {r['fastrnn_mb']:.0f} MB > "
                   f"cuDNN {r['cudnn_mb']:.0f} MB")
+    off = [f"{r['cell']} #{r['id']} {r['dtype']} {r['mode']} {r['rel_err']:.1e}" for r in rows
+           if not r["rel_err"] <= AGREEMENT[r["dtype"]]]
+    print(f"outputs against cuDNN's: max rel err {max(r['rel_err'] for r in rows):.1e}; "
+          + (f"OVER {AGREEMENT}: " + ", ".join(off) if off else f"every row within {AGREEMENT}"))
 
 
 def save_speedup_plot(rows, path: str) -> None:

@@ -26,6 +26,9 @@ MODES = ("fwd", "fwdbwd")
 PROVIDERS = ("fastrnn", "cudnn", "scratch")
 # (B, T, I, H): the CPU comparison's shapes, suite shapes #2 and #1
 CPU_SHAPES = {"cpu-small": SHAPES[2], "cpu-textbook": SHAPES[1]}
+# fastrnn's output against cuDNN's, norm-wise relative: each is off float64 by up to its dtype's error
+# (fp32: TF32 products in both, 1e-2 each; bf16 5e-2 each, as scripts/gpu_check.py holds them)
+AGREEMENT = {"fp32": 2e-2, "bf16": 1e-1}
 
 
 CELLS = {name: (cell.torch_module, cell.module) for name, cell in fastrnn.CELLS.items()}
@@ -64,6 +67,16 @@ def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device
             y.sum().backward()
             return y
     return run
+
+
+def disagreement(runs: dict) -> float:
+    """fastrnn's output against cuDNN's, norm-wise relative (``runs``: ``make_case``'s callables by
+    provider, one call each): a timed call that computes something else shows here."""
+    y = {}
+    for provider in ("fastrnn", "cudnn"):
+        out = runs[provider]()
+        y[provider] = (out[0] if isinstance(out, tuple) else out).detach().double()
+    return ((y["fastrnn"] - y["cudnn"]).norm() / y["cudnn"].norm().clamp_min(1e-30)).item()
 
 
 class ScratchLoop(nn.Module):

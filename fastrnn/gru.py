@@ -21,10 +21,11 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, runs_directly, with_defaults
+from .op import Differentiable, own_precision, runs_directly, saved_for_backward, with_defaults
 from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, carried_copy, check_operands, checked_steps,
-                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states,
-                       shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, no_steps,
+                       previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
+                       valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -67,10 +68,10 @@ def gru_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Ten
 # --------------------------------------------------------------------------------------------------
 
 
-def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None):
+def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, save=True):
     """The forward launcher's twin: ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n and
-    ``hn = hh_n + b_hn``), both zero past each sequence's end, and the final state ``(B, H)`` in the
-    accumulator's precision; no autograd graph.
+    ``hn = hh_n + b_hn``; without ``save`` empty, ``no_steps``), both zero past each sequence's end, and
+    the final state ``(B, H)`` in the accumulator's precision; no autograd graph.
 
     In fp32/fp64 each step writes straight into its slices of the outputs; fp16/bf16 steps run in
     fp32 buffers and are copied out."""
@@ -119,7 +120,8 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, rese
         if valid is not None:
             for out in (ys[t], gates[t]):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
-    return y, gates, h.clone() if direct and valid is None else h  # (there h is a step of y, or h0)
+    h_n = h.clone() if direct and valid is None else h  # (there h is a step of y, or h0)
+    return (y, gates if save else no_steps(gates)[0], h_n)
 
 
 def _step_factors(k, y, gates, h0, acc, reverse, lengths, resets, gates_src):
@@ -245,13 +247,13 @@ def _source_terms(gates_src, gates, valid):
 
 
 def gru_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Tensor,
-               b_hn: Optional[torch.Tensor], reverse: bool, lengths: Optional[torch.Tensor],
-               backend: str, resets: Optional[torch.Tensor] = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                b_hn: Optional[torch.Tensor], reverse: bool, lengths: Optional[torch.Tensor],
+                backend: str, resets: Optional[torch.Tensor] = None, save: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on
-    x_proj's device."""
+    x_proj's device. Without ``save`` (a call no backward follows) ``gates`` is empty, ``(0, B, 4H)``."""
     y, gates, state = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths,
-                                                                     resets)
+                                                                     resets, save)
     return y, gates, final_state(state, y, reverse, lengths)
 
 
@@ -259,10 +261,10 @@ gru_fwd_op = torch.library.custom_op("fastrnn::gru_fwd", gru_forward, mutates_ar
 
 
 @gru_fwd_op.register_fake
-def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets=None):
+def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets=None, save=True):
     T, B, G = x_proj.shape
     H = G // 3
-    return x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(B, H)
+    return x_proj.new_empty(T, B, H), x_proj.new_empty(T if save else 0, B, 4 * H), x_proj.new_empty(B, H)
 
 
 def gru_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: torch.Tensor, gates: torch.Tensor,
@@ -289,7 +291,8 @@ def _(dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets=None, gate
 
 
 def _setup_context(ctx, inputs, output):
-    x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets = with_defaults(inputs, 8)
+    x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets, save = with_defaults(inputs, 9)
+    saved_for_backward(save, "gru_fwd")
     y, gates, _ = output
     ctx.save_for_backward(y, gates, h0, w_hh, lengths, resets)
     ctx.has_b_hn, ctx.reverse, ctx.backend = b_hn is not None, reverse, backend
@@ -316,7 +319,7 @@ def _backward(ctx, dy, d_act, dh_n):
         dw_hh = torch.cat([sum_with_previous(d, y, h0, at_step(d, first), ctx.reverse, cut) for d in (d_rz, dn_r)])
     db_hn = dn_r.sum((0, 1)) if ctx.has_b_hn and need_b_hn else None
     dx_proj = d_x if need_x else None
-    return dx_proj, dh0, dw_hh, db_hn, None, None, None, None
+    return dx_proj, dh0, dw_hh, db_hn, *[None] * (len(ctx.needs_input_grad) - 4)  # (the flags')
 
 
 def _hidden_parts(d_x, gates, d_act=None):
@@ -402,7 +405,8 @@ def _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk):
     return walk.masked(d_act), d_y, d_h0
 
 
-GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward)
+GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward,
+                        inference={"save": False})
 GRU_BWD = Differentiable("GRUBackward", gru_bwd_op, gru_backward, _setup_context_bwd, _backward_of_backward)
 
 

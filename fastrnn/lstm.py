@@ -23,11 +23,11 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, with_defaults
+from .op import Differentiable, own_precision, saved_for_backward, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
-                       previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
-                       valid_steps)
+                       no_steps, previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous,
+                       tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -71,10 +71,11 @@ def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 
-def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None):
+def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None, save=True):
     """The forward launcher's twin: ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)`` (i, f, g,
-    o after their nonlinearity), all zero past each sequence's end, the final h ``(B, P)`` in y's dtype
-    and the final cell state ``(B, H)`` in the accumulator's precision; no autograd graph.
+    o after their nonlinearity; without ``save`` both empty, ``no_steps``), all zero past each
+    sequence's end, the final h ``(B, P)`` in y's dtype and the final cell state ``(B, H)`` in the
+    accumulator's precision; no autograd graph.
 
     In fp32/fp64 each step writes straight into its slices of the outputs (the product into
     ``gates[t]``, whose gates then take their nonlinearity in place), with no temporary per step;
@@ -135,7 +136,8 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
     # the final states: where they are steps of y and c (or h0, c0), copies
     h_n = h.clone() if direct and valid is None else h.to(x_proj.dtype)
-    return y, c, gates, h_n, c_prev.clone() if direct and valid is None else c_prev
+    c_n = c_prev.clone() if direct and valid is None else c_prev
+    return (y, c, gates, h_n, c_n) if save else (y, *no_steps(c, gates), h_n, c_n)
 
 
 def _step_factors(k, gates, c, c0, acc, reverse, lengths, resets):
@@ -251,13 +253,14 @@ def lstm_bwd_torch(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr=None, reverse
 
 
 def lstm_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
-                w_hh: torch.Tensor, w_hr: Optional[torch.Tensor], reverse: bool,
-                lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 w_hh: torch.Tensor, w_hr: Optional[torch.Tensor], reverse: bool,
+                 lengths: Optional[torch.Tensor], backend: str, resets: Optional[torch.Tensor] = None,
+                 save: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``,
-    ``c_n (B, H)``; ``lengths`` on x_proj's device."""
+    ``c_n (B, H)``; ``lengths`` on x_proj's device. Without ``save`` (a call no backward follows) ``c``
+    and ``gates`` are empty, ``(0, B, H)`` and ``(0, B, 4H)``."""
     y, c, gates, h_n, c_state = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr,
-                                                                                  reverse, lengths, resets)
+                                                                                  reverse, lengths, resets, save)
     return y, c, gates, h_n, final_state(c_state, c, reverse, lengths)
 
 
@@ -265,10 +268,10 @@ lstm_fwd_op = torch.library.custom_op("fastrnn::lstm_fwd", lstm_forward, mutates
 
 
 @lstm_fwd_op.register_fake
-def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None):
+def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None, save=True):
     T, B, G = x_proj.shape
-    H, P = G // 4, w_hh.shape[1]
-    return (x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G),
+    H, P, steps = G // 4, w_hh.shape[1], T if save else 0
+    return (x_proj.new_empty(T, B, P), x_proj.new_empty(steps, B, H), x_proj.new_empty(steps, B, G),
             x_proj.new_empty(B, P), x_proj.new_empty(B, H))
 
 
@@ -298,7 +301,8 @@ def _(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend
 
 
 def _setup_context(ctx, inputs, output):
-    x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets = with_defaults(inputs, 9)
+    x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, save = with_defaults(inputs, 10)
+    saved_for_backward(save, "lstm_fwd")
     y, c, gates = output[:3]
     ctx.save_for_backward(y, c, gates, h0, c0, w_hh, w_hr, lengths, resets)
     ctx.reverse, ctx.backend = reverse, backend
@@ -325,7 +329,7 @@ def _backward(ctx, dy, d_c, d_act, dh_n, dc_n):
         dw_hr = dh.flatten(0, 1).T @ (gates.chunk(4, 2)[3] * c.tanh()).flatten(0, 1)
     dx_proj = d_gates if need_x else None
     dc0 = dc0 if c0 is not None and need_c0 else None
-    return dx_proj, dh0, dc0, dw_hh, dw_hr, None, None, None, None
+    return dx_proj, dh0, dc0, dw_hh, dw_hr, *[None] * (len(ctx.needs_input_grad) - 5)  # (the flags')
 
 
 def gate_slopes(gates: torch.Tensor) -> torch.Tensor:
@@ -427,7 +431,8 @@ def _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk):
     return walk.masked(d_act), d_c, d_c0
 
 
-LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward)
+LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward,
+                         inference={"save": False})
 LSTM_BWD = Differentiable("LSTMBackward", lstm_bwd_op, lstm_backward, _setup_context_bwd, _backward_of_backward)
 
 

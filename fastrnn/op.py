@@ -8,9 +8,10 @@ each: eager calls through an old-style ``autograd.Function`` (torch binds no arg
 microseconds a call), which runs the op's function itself on plain tensors (the dispatcher's round
 trip through a custom op costs about 25 µs of host time) and the op otherwise; an eager call that
 records no graph (no_grad, or no input requiring grad, and no forward-mode AD) the same without the
-Function (about 6 µs less); torch.func transforms
-(grad of grad, jacrev, vmap, jvp) through a new-style one with a vmap rule; torch.compile through the
-custom op with the formula registered on it.
+Function (about 6 µs less), and with the op's ``inference`` keywords (the gated cells' ``save=False``:
+nothing kept that only a backward reads); torch.func transforms (grad of grad, jacrev, vmap, jvp)
+through a new-style one with a vmap rule; torch.compile through the custom op with the formula
+registered on it (the ``inference`` keywords where it records no graph).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class Differentiable:
     ``setup_context`` (``save_for_forward`` where forward mode needs more), the same way in eager
     mode, under torch.func transforms and under torch.compile."""
 
-    def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, save_for_forward=None):
+    def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, save_for_forward=None,
+                 inference=None):
         def setup(ctx, inputs, output):
             setup_context(ctx, inputs, output)
             if save_for_forward is not None:
@@ -40,6 +42,7 @@ class Differentiable:
 
         formulas = dict(backward=staticmethod(backward), **({"jvp": staticmethod(jvp)} if jvp else {}))
         self.op, self.impl = op, impl
+        self.inference = inference or {}  # the keywords of a call that records no graph (save=False)
         self.eager = type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), **formulas))
         self.transformable = type(name + "ForTransforms", (torch.autograd.Function,), dict(
             forward=staticmethod(impl_through(op, impl)), setup_context=staticmethod(setup), **formulas,
@@ -49,11 +52,11 @@ class Differentiable:
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # Dynamo keeps the custom op in its graph
-            return self.op(*args)
+            return self.op(*args) if differentiated(args) else self.op(*args, **self.inference)
         if _transforms_active():
             return self.transformable.apply(*args)
         if not differentiated(args):  # no graph to record (inference, no_grad): no Function either
-            return self.impl(*args) if runs_directly(args) else self.op(*args)
+            return (self.impl if runs_directly(args) else self.op)(*args, **self.inference)
         return self.eager.apply(*args)
 
 
@@ -129,6 +132,14 @@ def own_precision(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+def saved_for_backward(save, op: str) -> None:
+    """Raise where a forward that kept nothing for a backward (``save=False``, an inference call's) is
+    recorded for one. (``save`` None: left out, so the default, True.)"""
+    if save is False:
+        raise RuntimeError(f"fastrnn::{op} called with save=False keeps nothing for a backward, yet an input "
+                           "requires grad: call it with save=True where a gradient is wanted")
 
 
 def with_defaults(inputs, n: int) -> tuple:

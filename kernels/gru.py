@@ -7,7 +7,9 @@
 stays out. The same tiled form as ``lstm.py``: programs own units and all three gates of them, read
 ``h_{t-1}`` back from ``y`` for the product and keep their own units' ``h_{t-1}`` in registers.
 
-Saved for the backward: ``y`` and ``gates (T, B, 4H)`` = r, z, n, hn. The backward writes
+Saved for the backward: ``y`` and ``gates (T, B, 4H)`` = r, z, n, hn, stored only where a backward
+will read them (``SAVE``: not in an inference call, which keeps and writes ``y`` alone, as cuDNN's
+inference forward does). The backward writes
 ``d_x (T, B, 3H)`` (= dx_proj: dr, dz, dn before their nonlinearities) and the part of dh0 that
 flows through z. The product that carries the gradient a step back needs ``d_hh = (dr, dz, dn r)``
 of the step before, all units: the programs exchange it through a two-step ring buffer.
@@ -64,7 +66,7 @@ def gru_fwd_kernel(
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     resets_ptr,  # (T, B) bool: a new sequence starts at step t of row b (unused unless HAS_RESETS)
     y_ptr,  # (T, B, H) out: every h_t; also where h_{t-1} is read back from
-    gates_ptr,  # (T, B, 4H) out: r, z, n, hn
+    gates_ptr,  # (T, B, 4H) out: r, z, n, hn (unused unless SAVE)
     T, B, H,
     stride_xt, stride_xb, stride_h0b, stride_hpb,  # x_proj, h0, h0_proj
     stride_yt, stride_yb, stride_sb,  # y, h_state
@@ -72,7 +74,7 @@ def gru_fwd_kernel(
     stride_w, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_B_HN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_RESETS: tl.constexpr,
+    HAS_RESETS: tl.constexpr, SAVE: tl.constexpr,  # SAVE: store the gates (a backward reads them)
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= H: this program's rows of w_hh stay on chip all along
@@ -124,11 +126,12 @@ def gru_fwd_kernel(
         b_h = tl.where(valid, b_h_new, b_h)
         tl.store(y_ptr + t * stride_yt + p_bn, tl.where(valid, b_h_new, 0.0).to(y_ptr.dtype.element_ty),
                  mask=m_bn)
-        p_g = gates_ptr + t * stride_gt
-        store_gate(p_g, 0, tl.where(valid, r, 0.0), o_b, o_n, H, stride_gb, m_bn)
-        store_gate(p_g, 1, tl.where(valid, z, 0.0), o_b, o_n, H, stride_gb, m_bn)
-        store_gate(p_g, 2, tl.where(valid, n, 0.0), o_b, o_n, H, stride_gb, m_bn)
-        store_gate(p_g, 3, tl.where(valid, hh_n, 0.0), o_b, o_n, H, stride_gb, m_bn)
+        if SAVE:
+            p_g = gates_ptr + t * stride_gt
+            store_gate(p_g, 0, tl.where(valid, r, 0.0), o_b, o_n, H, stride_gb, m_bn)
+            store_gate(p_g, 1, tl.where(valid, z, 0.0), o_b, o_n, H, stride_gb, m_bn)
+            store_gate(p_g, 2, tl.where(valid, n, 0.0), o_b, o_n, H, stride_gb, m_bn)
+            store_gate(p_g, 3, tl.where(valid, hh_n, 0.0), o_b, o_n, H, stride_gb, m_bn)
         if SYNC:
             grid_barrier(sync_ptr + pid_b, pid_n, tl.num_programs(1))
     tl.store(h_state_ptr + o_b[:, None] * stride_sb + o_n[None, :], b_h, mask=m_bn)
@@ -225,17 +228,18 @@ def gru_bwd_kernel(
              mask=m_bn)
 
 
-def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, config=None):
+def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, save=True, config=None):
     """Launch the GRU forward. ``x_proj (T, B, 3H)``, ``h0 (B, H)`` or None, ``w_hh (3H, H)``,
     ``b_hn (H,)`` or None, ``lengths (B,)`` integer or ``resets (T, B)`` bool on the device or None.
     Returns ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n, hn), zero past each sequence's end, and
     ``h_state (B, H)``, each sequence's final state as the kernel carried it: in the accumulator's
-    precision (y's own for fp32 and fp64)."""
-    found = find_kept(("gru_fwd", reverse, config), x_proj.device, (x_proj, h0, w_hh, b_hn, lengths, resets),
-                   check_fwd)  # (checked where not kept yet)
+    precision (y's own for fp32 and fp64). Without ``save`` (no backward will read them) ``gates``
+    come back empty, ``(0, B, 4H)``: neither allocated nor written."""
+    found = find_kept(("gru_fwd", reverse, config, save), x_proj.device, (x_proj, h0, w_hh, b_hn, lengths, resets),
+                      check_fwd)  # (checked where not kept yet)
     T, B, G = x_proj.shape
     H = G // 3
-    y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H)
+    y, gates = x_proj.new_empty(T, B, H), x_proj.new_empty(T if save else 0, B, 4 * H)
     h_state = carried_state(h0, x_proj, B, H, runs=T > 0 and B > 0)  # (B, H): the kernel writes it
     if T == 0 or B == 0:
         return y, gates, h_state
@@ -243,7 +247,7 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
     h0, b_hn, lengths = [t if t is None else t.contiguous() for t in (h0, b_hn, lengths)]
     resets = resets_operand(resets, x_proj.dtype)
     with on_device(x_proj):
-        tensors = (x_proj, h0, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates)
+        tensors = (x_proj, h0, h0_product(h0, w_hh), h_state, w_hh, b_hn, lengths, resets, y, gates if save else None)
         run_sequence(lambda cfg: gru_fwd_launch(*tensors, reverse, cfg), lambda: ladder(config, B, H, x_proj, **CELL),
                      T, x_proj.device, found=found, operands=lambda cfg: tensors)
     return y, gates, h_state
@@ -252,11 +256,13 @@ def gru_fwd(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=Non
 def gru_fwd_launch(x_proj, h0, h0_proj, h_state, w_hh, b_hn, lengths, resets, y, gates, reverse, config):
     """``(kernel, grid, args, kwargs)`` of the GRU forward for ``config``: operands with a contiguous
     last dimension, ``h0 (B, H)`` and ``h0_proj (B, 3H)`` ``h0 @ w_hh.T`` (``h0_product``) or both None,
-    ``h_state (B, H)`` the final state in the accumulator's precision (written; ``carried_state``)."""
+    ``h_state (B, H)`` the final state in the accumulator's precision (written; ``carried_state``),
+    ``gates`` None where not stored (an inference call)."""
     T, B, G = x_proj.shape
     H = G // 3
-    has_h0 = h0_proj is not None
+    has_h0, save = h0_proj is not None, gates is not None
     h0, h0_proj = (h0, h0_proj) if has_h0 else (h_state, x_proj)  # (read if has_h0)
+    gates = gates if save else x_proj  # (written if save)
     resets = resets_operand(resets, x_proj.dtype)
     args = (x_proj, h_state, h0, h0_proj, w_hh, b_hn if b_hn is not None else y,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, gates, T, B, H,
@@ -264,8 +270,8 @@ def gru_fwd_launch(x_proj, h0, h0_proj, h_state, w_hh, b_hn, lengths, resets, y,
             h_state.stride(0),
             gates.stride(0), gates.stride(1), w_hh.stride(0), *(resets.stride() if resets is not None else (0, 0)))
     kwargs = dict(REVERSE=reverse, HAS_H0=has_h0, HAS_B_HN=b_hn is not None,
-                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, **gated_tile_kwargs(config, H, H),
-                  **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
+                  HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, SAVE=save,
+                  **gated_tile_kwargs(config, H, H), **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
     return gru_fwd_kernel, (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n)), args, kwargs
 
 
@@ -325,11 +331,12 @@ def gru_bwd_launch(dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, d_hh, dh_
 
 
 def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None,
-                resets: bool = False):
+                resets: bool = False, save: bool = True):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launchers build it: what the compile sweep compiles. ``h0`` stands for the
     initial state and, in the backward, the final state's gradient; the backward leaves out dy with h0
-    and without lengths (a loss on h_n alone). (``P`` is the LSTM's.)"""
+    and without lengths (a loss on h_n alone). (``P`` is the LSTM's.) The forward without ``save``: an
+    inference call's (no gates)."""
     T = 2
     acc = acc_dtype(dtype)
 
@@ -341,7 +348,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     w_hh, gates = empty(3 * H, H), empty(T, B, 4 * H)
     if direction == "fwd":
         return gru_fwd_launch(empty(T, B, 3 * H), empty(B, H) if h0 else None, empty(B, 3 * H, dt=acc) if h0 else None,
-                              empty(B, H, dt=acc), w_hh, empty(H), lens, cuts, empty(T, B, H), gates, reverse, config)
+                              empty(B, H, dt=acc), w_hh, empty(H), lens, cuts, empty(T, B, H), gates if save else None,
+                              reverse, config)
     dh_n, h0_ = (empty(B, H), empty(B, H)) if h0 else (None, None)
     dy = empty(T, B, H) if lengths or not h0 else None  # (a loss on h_n alone)
     return gru_bwd_launch(dy, dh_n, empty(T, B, H), gates, h0_, w_hh, lens, cuts, empty(T, B, 3 * H),

@@ -14,7 +14,9 @@ those of every cell (``launch.py``, ``common.py``, ``config.py``).
 
 Besides every step, the forward writes the final states the op returns: ``h_n``, each sequence's h
 at its last step (so no torch launch copies it out of ``y``), and the cell state it carried.
-Saved for the backward: ``y``, ``c`` and the gates after their nonlinearities. The backward writes
+Saved for the backward: ``y``, ``c`` and the gates after their nonlinearities, stored only where a
+backward will read them (``SAVE``: not in an inference call, which keeps and writes ``y`` alone, as
+cuDNN's inference forward does). The backward writes
 the pre-activation gradient ``d_gates (T, B, 4H)`` (= dx_proj) and ``dc0``; ``dw_hh``, ``dh0`` are
 one product each over all steps, done by the caller (``fastrnn/lstm.py``).
 """
@@ -123,8 +125,8 @@ def lstm_fwd_kernel(
     lengths_ptr,  # (B,) int64 (unused unless HAS_LENGTHS)
     resets_ptr,  # (T, B) bool: a new sequence starts at step t of row b (unused unless HAS_RESETS)
     y_ptr,  # (T, B, P) out: every h_t; also where h_{t-1} is read back from
-    c_ptr,  # (T, B, H) out: every c_t
-    gates_ptr,  # (T, B, 4H) out: i, f, g, o after their nonlinearities
+    c_ptr,  # (T, B, H) out: every c_t (unused unless SAVE)
+    gates_ptr,  # (T, B, 4H) out: i, f, g, o after their nonlinearities (unused unless SAVE)
     h_n_ptr,  # (B, P) out: h at each sequence's last step
     m_ptr,  # (2, B, H) scratch: o tanh(c) of the last two steps, all units (unused unless PROJ)
     T, B, H, P,  # P: the width of h, proj_size or H
@@ -136,7 +138,7 @@ def lstm_fwd_kernel(
     stride_w, stride_hr, stride_rt, stride_rb,
     sync_ptr, step_begin, n_steps,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_RESETS: tl.constexpr,
+    HAS_RESETS: tl.constexpr, SAVE: tl.constexpr,  # SAVE: store c and the gates (a backward reads them)
     SYNC: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_RESIDENT: tl.constexpr,  # BLOCK_K >= P: this program's rows of w_hh stay on chip all along
@@ -182,9 +184,10 @@ def lstm_fwd_kernel(
             b_c_new = f * b_c + i * g
             b_c = tl.where(valid, b_c_new, b_c)
             b_m = tl.where(valid, o * tanh(b_c_new, FAST), 0.0)  # h_t, or what the projection takes
-            tl.store(c_ptr + t * stride_ct + p_c, tl.where(valid, b_c_new, 0.0).to(c_ptr.dtype.element_ty),
-                     mask=m_bn)
-            _store_gates(gates_ptr + t * stride_gt, i, f, g, o, valid, o_b, o_n, H, stride_gb, m_bn)
+            if SAVE:
+                tl.store(c_ptr + t * stride_ct + p_c, tl.where(valid, b_c_new, 0.0).to(c_ptr.dtype.element_ty),
+                         mask=m_bn)
+                _store_gates(gates_ptr + t * stride_gt, i, f, g, o, valid, o_b, o_n, H, stride_gb, m_bn)
             if PROJ:
                 tl.store(m_ptr + (t % 2) * stride_mt + p_m, b_m.to(m_ptr.dtype.element_ty), mask=m_bn)
             else:
@@ -342,18 +345,21 @@ def _cell_grads(d_gates_ptr, gates_ptr, c_ptr, c0_ptr, t, t_next, cut_prev, b_dm
     return tl.where(cut_prev, 0.0, tl.where(valid, b_dc * f, b_dc_carry))
 
 
-def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None, config=None):
+def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None, save=True, config=None):
     """Launch the LSTM forward. ``x_proj (T, B, 4H)``, ``h0 (B, P)``, ``c0 (B, H)`` or None,
     ``w_hh (4H, P)``, ``w_hr (P, H)`` (proj_size P) or None (P = H), ``lengths (B,)`` integer or
     ``resets (T, B)`` bool on the device or None. Returns ``y (T, B, P)``, ``c (T, B, H)`` and
     ``gates (T, B, 4H)``, zero past each sequence's end, ``h_n (B, P)``, each sequence's final h (as y
     holds it at its last step), and ``c_state (B, H)``, each sequence's final cell state as the kernel
-    carried it: in the accumulator's precision (c's own for fp32 and fp64)."""
-    found = find_kept(("lstm_fwd", reverse, config), x_proj.device, (x_proj, h0, c0, w_hh, w_hr, lengths, resets),
-                   check_fwd)  # (checked where not kept yet)
+    carried it: in the accumulator's precision (c's own for fp32 and fp64). Without ``save`` (no
+    backward will read them) ``c`` and ``gates`` come back empty, ``(0, B, H)`` and ``(0, B, 4H)``:
+    neither allocated nor written."""
+    found = find_kept(("lstm_fwd", reverse, config, save), x_proj.device,
+                      (x_proj, h0, c0, w_hh, w_hr, lengths, resets), check_fwd)  # (checked where not kept yet)
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
-    y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, G)
+    kept_steps = T if save else 0
+    y, c, gates = x_proj.new_empty(T, B, P), x_proj.new_empty(kept_steps, B, H), x_proj.new_empty(kept_steps, B, G)
     runs = T > 0 and B > 0
     h_n, c_state = final_output(h0, x_proj, B, P, runs), carried_state(c0, x_proj, B, H, runs)  # (kernel-written)
     if not runs:
@@ -361,9 +367,10 @@ def lstm_fwd(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, reset
     x_proj, w_hh = x_proj.contiguous(), w_hh.contiguous()
     h0, c0, w_hr, lengths = [t if t is None else t.contiguous() for t in (h0, c0, w_hr, lengths)]
     resets = resets_operand(resets, x_proj.dtype)
-    m = c.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
+    m = y.new_empty(2, B, H) if w_hr is not None else None  # the projection's input, all units
+    saved = (c, gates) if save else (None, None)
     with on_device(x_proj):
-        tensors = (x_proj, h0_product(h0, w_hh), c0, c_state, w_hh, w_hr, lengths, resets, y, c, gates, h_n, m)
+        tensors = (x_proj, h0_product(h0, w_hh), c0, c_state, w_hh, w_hr, lengths, resets, y, *saved, h_n, m)
         run_sequence(lambda cfg: lstm_fwd_launch(*tensors[:-1], reverse, cfg, m),
                      lambda: ladder(config, B, H, x_proj, **CELL), T, x_proj.device, _phases(w_hr), found=found,
                      operands=lambda cfg: tensors)
@@ -375,14 +382,16 @@ def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y
     """``(kernel, grid, args, kwargs)`` of the LSTM forward for ``config``: operands with a contiguous
     last dimension, ``h0_proj (B, 4H)`` ``h0 @ w_hh.T`` (``h0_product``) or None, ``c0 (B, H)`` or None,
     ``c_state (B, H)`` the final cell state in the accumulator's precision (written; ``carried_state``),
+    ``c`` and ``gates`` None where not stored (an inference call),
     ``h_n (B, P)`` the final h (written at each sequence's last step),
     ``m (2, B, H)`` the projection's scratch (made here if not given)."""
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
+    save, (c, gates) = c is not None, (c, gates) if c is not None else (x_proj, x_proj)  # (written if save)
     resets = resets_operand(resets, x_proj.dtype)
-    if m is None:  # the projection's input, all units (c stands in without a projection: never read)
-        m = c.new_empty(2, B, H) if w_hr is not None else c
+    if m is None:  # the projection's input, all units (y stands in without a projection: never read)
+        m = y.new_empty(2, B, H) if w_hr is not None else y
     args = (x_proj, h0_proj, c0 if c0 is not None else c_state, c_state, w_hh, w_hr if w_hr is not None else w_hh,
             lengths if lengths is not None else x_proj, resets if resets is not None else x_proj, y, c, gates, h_n,
             m, T, B, H, P, x_proj.stride(0), x_proj.stride(1), h0_proj.stride(0), y.stride(0), y.stride(1),
@@ -393,7 +402,7 @@ def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y
             *(resets.stride() if resets is not None else (0, 0)))
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_n))
     kwargs = dict(REVERSE=reverse, HAS_H0=has_h0, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
-                  HAS_RESETS=resets is not None,
+                  HAS_RESETS=resets is not None, SAVE=save,
                   **gated_tile_kwargs(config, P, P), **_projection_blocks(w_hr, P, grid[1], config),
                   **dtype_flags(x_proj.dtype, x_proj.device, fast=True))
     return lstm_fwd_kernel, grid, args, kwargs
@@ -497,12 +506,12 @@ def _phases(w_hr):
 
 
 def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths: bool, reverse: bool, P=None,
-                resets: bool = False):
+                resets: bool = False, save: bool = True):
     """``(kernel, grid, args, kwargs)`` of the forward or backward on meta tensors (T = 2: T is never
     specialised), as the launchers build it, with a projection where ``P`` is given and below H:
     what the compile sweep compiles. ``h0`` stands for both initial states and, in the backward, both
     final states' gradients; the backward leaves out dy with h0 and without lengths (a loss on the
-    final states alone)."""
+    final states alone). The forward without ``save``: an inference call's (no c, no gates)."""
     T, P = 2, P or H
     acc = acc_dtype(dtype)
 
@@ -515,7 +524,8 @@ def meta_launch(direction: str, B: int, H: int, dtype, config, h0: bool, lengths
     if direction == "fwd":
         return lstm_fwd_launch(empty(T, B, 4 * H), empty(B, 4 * H, dt=acc) if h0 else None,
                                empty(B, H) if h0 else None, empty(B, H, dt=acc), w_hh, w_hr,
-                               lens, cuts, empty(T, B, P), empty(T, B, H), gates, empty(B, P), reverse, config)
+                               lens, cuts, empty(T, B, P), *((empty(T, B, H), gates) if save else (None, None)),
+                               empty(B, P), reverse, config)
     dy = empty(T, B, P) if lengths or not h0 else None
     dh_n, dc_n, c0 = (empty(B, P), empty(B, H), empty(B, H)) if h0 else (None, None, None)
     return lstm_bwd_launch(dy, dh_n, dc_n, empty(T, B, H), gates, c0, w_hh, w_hr, lens, cuts, empty(T, B, 4 * H),

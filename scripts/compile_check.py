@@ -73,6 +73,7 @@ ALL_ON = dict(h0=True, lengths=True, reverse=True)
 ALL_OFF = dict(h0=False, lengths=False, reverse=False)
 RESETS = (dict(h0=True, lengths=False, reverse=True, resets=True),  # resets come without lengths
           dict(h0=False, lengths=False, reverse=False, resets=True))
+INFERENCE = dict(ALL_OFF, save=False)  # a gated forward that records no graph: no c, no gates stored
 
 
 class _CompileOnlyDriver:
@@ -137,8 +138,9 @@ def operands(cell: str, direction: str, B: int, H: int, dtype, flags: dict, cfg)
     (each cell's kernels' ``meta_launch``)."""
     kernels = KINDS[cell][1]
     P = (H // 2 or 1) if cell == "lstm-proj" else None
+    save = {"save": flags["save"]} if "save" in flags else {}  # (the gated forwards')
     return kernels.meta_launch(direction, B, H, dtype, cfg, flags["h0"], flags["lengths"], flags["reverse"], P,
-                               flags.get("resets", False))
+                               flags.get("resets", False), **save)
 
 
 def builder(cell: str, direction: str, B: int, H: int, dtype_name: str, flags: dict):
@@ -278,16 +280,17 @@ def _fake_h100():
 
 def sweep_cases():
     """The Elman cell on every shape of the sweep, the gated cells on a coarser one, with h0, lengths
-    and reverse all on; all off, and with resets, on the suite's shapes. One case per distinct
-    compiled kernel."""
+    and reverse all on; all off, and with resets, on the suite's shapes, and the gated cells'
+    inference forward there. One case per distinct compiled kernel."""
     _fake_h100()
     cases, seen = [], set()
     shapes = [(cell, B, H, ALL_ON) for cell in KINDS if cell not in GATED for B in SWEEP_B for H in SWEEP_H]
     shapes += [(cell, B, H, ALL_ON) for cell in GATED for B in SWEEP_B[::2] for H in SWEEP_H[::2]]
     shapes += [(cell, B, H, flags) for cell in KINDS for B, H in SUITE.values() for flags in (ALL_OFF, *RESETS)]
+    shapes += [(cell, B, H, INFERENCE) for cell in GATED for B, H in SUITE.values()]
     for (cell, B, H, flags), direction, dtype_name in itertools.product(shapes, ("fwd", "bwd"), DTYPES):
         key = specialisation_key(cell, direction, B, H, dtype_name, flags)
-        if key not in seen:
+        if key not in seen and (direction == "fwd" or "save" not in flags):
             seen.add(key)
             cases.append((cell, direction, B, H, dtype_name, flags))
     return cases
@@ -331,21 +334,25 @@ def representative_cases(cases):
 
 def suite_table(rows) -> list[str]:
     """The published suite's figures: the kernel each cell launches (its cooperative launch where tiled);
-    where the backward's configuration differs from the forward's, both, "fwd / bwd"."""
-    launched = {r["case"][:5]: r for r in rows if r["launched"]}
+    where the backward's configuration differs from the forward's, both, "fwd / bwd". The forward of
+    the suite's fwd+bwd and, under no_grad, of its fwd (the gated cells' stores no c and no gates)."""
+    launched = {(*r["case"][:5], r["case"][5].get("save", True)): r for r in rows if r["launched"]}
     lines = ["| cell | # | B | H | dtype | variant | blocks (B, N, K), split | warps | fwd regs/stack/smem KB | "
-             "bwd regs/stack/smem KB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "no_grad fwd | bwd regs/stack/smem KB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell, (number, (B, H)), dtype_name in itertools.product(CELLS, SUITE.items(),
                                                                  ("tf32", "bf16")):
-        fwd, bwd = launched[(cell, "fwd", B, H, dtype_name)], launched[(cell, "bwd", B, H, dtype_name)]
+        fwd, bwd = launched[(cell, "fwd", B, H, dtype_name, True)], launched[(cell, "bwd", B, H, dtype_name, True)]
+        inference = launched.get((cell, "fwd", B, H, dtype_name, False), fwd)
 
         def blocks(c):
             return f"{c.block_b}, {c.block_n}, {c.block_k}, {c.split_k}"
         cfgs = [fwd["cfg"], bwd["cfg"]] if fwd["cfg"] != bwd["cfg"] else [fwd["cfg"]]
-        cells = [f"{r['regs']}/{r['stack']}/{r['shared'] // 1024}" for r in (fwd, bwd)]
+        cells = [f"{r['regs']}/{r['stack']}/{r['shared'] // 1024}" for r in (fwd, inference, bwd)]
+        if inference["cfg"] != fwd["cfg"]:  # (a candidate the saving forward passed over)
+            cells[1] += f" ({blocks(inference['cfg'])}; {inference['cfg'].num_warps})"
         lines.append(f"| {cell} | {number} | {B} | {H} | {dtype_name} | {' / '.join(c.variant for c in cfgs)} | "
                      f"{' / '.join(blocks(c) for c in cfgs)} | {' / '.join(str(c.num_warps) for c in cfgs)} | "
-                     f"{cells[0]} | {cells[1]} |")
+                     f"{' | '.join(cells)} |")
     return lines
 
 
@@ -376,9 +383,10 @@ def worker_pool(workers: int, initializer=end_with_parent, initargs=()):
 
 
 def suite_cases() -> list[tuple]:
-    """What the benchmark suite launches: every cell, shape, TF32 and bf16, forward and backward."""
-    return [(cell, d, B, H, n, ALL_OFF) for cell in CELLS for B, H in SUITE.values()
-            for d in ("fwd", "bwd") for n in ("tf32", "bf16")]
+    """What the benchmark suite launches: every cell, shape, TF32 and bf16, forward and backward, and
+    the gated cells' inference forward (its fwd runs under no_grad)."""
+    return [(cell, d, B, H, n, flags) for cell in CELLS for B, H in SUITE.values() for n in ("tf32", "bf16")
+            for d, flags in (("fwd", ALL_OFF), ("bwd", ALL_OFF), *((("fwd", INFERENCE),) if cell in GATED else ()))]
 
 
 def main() -> int:

@@ -86,11 +86,13 @@ def suite_step(cell: str, smoke: bool, out: Path) -> Step:
 
 def suite_cases(cell: str) -> list[tuple]:
     """What ``benchmarks/run_suite.py --cell CELL`` launches: every shape, fp32 (TF32, torch's
-    default) and bf16, forward and backward, from given initial states."""
+    default) and bf16, forward and backward, from given initial states; a gated cell's fwd rows
+    (under no_grad) its inference forward, which stores no c and no gates."""
     from benchmarks.suite import SHAPES
 
-    return [(cell, d, B, H, n, dict(h0=True, lengths=False, reverse=False)) for B, _, _, H in SHAPES.values()
-            for n in ("tf32", "bf16") for d in ("fwd", "bwd")]
+    flags = dict(h0=True, lengths=False, reverse=False)
+    runs = [("fwd", flags), ("bwd", flags)] + ([("fwd", dict(flags, save=False))] if cell in cells(gated=True) else [])
+    return [(cell, d, B, H, n, f) for B, _, _, H in SHAPES.values() for n in ("tf32", "bf16") for d, f in runs]
 
 
 def part_one(smoke: bool, out: Path) -> list[Step]:
@@ -506,20 +508,22 @@ def step_smoke_suite(cell: str) -> int:
 
     import torch
 
-    from benchmarks.suite import MODES, make_case
+    from benchmarks.suite import AGREEMENT, MODES, disagreement, make_case
 
-    print("| cell | # | B | T | H | dtype | mode | torch ms | fastrnn ms | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| cell | # | B | T | H | dtype | mode | torch ms | fastrnn ms | speedup | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ok = True
     for number, shape in SMOKE_SUITE.items():
         for mode in MODES:
-            ms = {}
-            for provider in ("cudnn", "fastrnn"):  # "cudnn" is torch's own module, here on the CPU
-                run = make_case(provider, shape, torch.float32, mode, device="cpu", cell=cell)
-                ms[provider] = statistics.median(timed(run) for _ in range(3))
+            runs = {provider: make_case(provider, shape, torch.float32, mode, device="cpu", cell=cell)
+                    for provider in ("cudnn", "fastrnn")}  # "cudnn" is torch's own module, here on the CPU
+            ms = {provider: statistics.median(timed(run) for _ in range(3)) for provider, run in runs.items()}
+            err = disagreement(runs)
+            ok &= err <= AGREEMENT["fp32"]
             B, T, _, H = shape
             print(f"| {cell} | {number} | {B} | {T} | {H} | fp32 | {mode} | {ms['cudnn']:.2f} | {ms['fastrnn']:.2f} | "
-                  f"{ms['cudnn'] / ms['fastrnn']:.2f}x |")
-    return 0
+                  f"{ms['cudnn'] / ms['fastrnn']:.2f}x | {err:.1e} |")
+    return 0 if ok else 1
 
 
 def timed(run) -> float:

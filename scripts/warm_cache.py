@@ -29,11 +29,13 @@ SCRIPTS = Path(__file__).resolve().parent
 
 
 def case_label(case) -> str:
-    """``rnn fwd B=32 H=256 tf32 h0+lengths variant=tiled``: a case, readably and as a dict key."""
+    """``rnn fwd B=32 H=256 tf32 h0+lengths variant=tiled``: a case, readably and as a dict key (a
+    gated forward that stores nothing for a backward: ``no-save``)."""
     cell, direction, B, H, dtype_name, flags = case
     on = "+".join(k for k in ("h0", "lengths", "reverse") if flags.get(k)) or "-"
     variant = f" variant={flags['variant']}" if flags.get("variant") else ""
-    return f"{cell} {direction} B={B} H={H} {dtype_name} {on}{variant}"
+    saved = " no-save" if flags.get("save") is False else ""
+    return f"{cell} {direction} B={B} H={H} {dtype_name} {on}{variant}{saved}"
 
 
 def launch_key(case) -> tuple:

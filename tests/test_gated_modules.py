@@ -463,6 +463,111 @@ def test_final_state_is_the_last_stored_step(backend, dtype, steps, reverse):
             assert final.data_ptr() not in (t.data_ptr() for t in (x, h0, y, steps_))
 
 
+def gated_forward(cell, T, B, H, P, dtype, steps, reverse, backend, save):
+    """The cell's forward op on fresh random operands, with ``save``: ``(x_proj, outputs)``."""
+    from fastrnn.gru import gru_forward
+    from fastrnn.lstm import lstm_forward
+
+    torch.manual_seed(0)
+    G = 4 if cell == "lstm" else 3
+    lengths = torch.tensor([T, 2, T - 2])[:B] if steps == "lengths" else None
+    resets = torch.rand(T, B) < 0.3 if steps == "resets" else None
+    x, w = torch.randn(T, B, G * H, dtype=dtype), (torch.randn(G * H, P) * 0.3).to(dtype)
+    h0 = torch.randn(B, P, dtype=dtype)
+    if cell == "lstm":
+        w_hr = (torch.randn(P, H) * 0.3).to(dtype) if P != H else None
+        return x, lstm_forward(x, h0, torch.randn(B, H, dtype=dtype), w, w_hr, reverse, lengths, backend, resets,
+                               save=save)
+    return x, gru_forward(x, h0, w, torch.randn(H, dtype=dtype), reverse, lengths, backend, resets, save=save)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("steps", ["whole", "lengths", "resets"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_an_inference_forward_returns_what_a_training_one_does(backend, dtype, steps, reverse, poison):
+    """A gated forward op called with ``save=False`` (what a call that records no graph passes) returns
+    the output and final states a saving call does, bit for bit, with ``c`` and the gates empty
+    ``(0, B, .)``, and writes nothing where they would have gone (the kernels' stand-in pointer is
+    x_proj's). The LSTM's fp16/bf16 c_n is then its carried state rounded to nearest, as a GPU stores
+    c; the interpreter truncates what it stores, so there the two may differ by one unit in the last
+    place."""
+    T, B, H = 6, 3, 16
+    for cell, P in (("lstm", H), ("lstm", 8), ("gru", H)):
+        x, saved = gated_forward(cell, T, B, H, P, dtype, steps, reverse, backend, save=True)
+        x_kept, (x_again, kept) = x.clone(), gated_forward(cell, T, B, H, P, dtype, steps, reverse, backend, False)
+        assert torch.equal(x_again, x_kept)  # (the same operands; and none written through)
+        for s, k in zip(saved, kept):
+            if s.dim() == 3 and s is not saved[0]:  # c, the gates
+                assert k.shape == (0, *s.shape[1:]) and k.dtype == s.dtype
+            elif cell == "lstm" and s is saved[-1] and dtype == torch.bfloat16 and backend == "triton":
+                ulp = s.float().abs().clamp_min(1e-30) * 2.0 ** -7
+                assert ((k.float() - s.float()).abs() <= ulp).all() and not k.isnan().any()
+            else:
+                assert torch.equal(k, s), (cell, P)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_an_inference_forward_keeps_only_its_output_and_states(backend, cell):
+    """Under no_grad a gated module's forward keeps what torch's inference forward keeps, the output and
+    the final states, and nothing that only a backward reads (c and the gates, five and four times
+    the output's size). The fused path makes no buffer larger than the output at all. Recording a
+    graph, the same call keeps c and the gates (the measure sees them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    T, B, I, H = 16, 4, 8, 32
+    model, x = fastrnn.CELLS[cell].module(I, H), torch.randn(T, B, I)
+    kept = {}
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as run:
+            y, _ = model(x)
+        op = next(e for e in run.events() if e.name == f"fastrnn::{cell}_fwd")
+        inside = [e.self_cpu_memory_usage for e in run.events() if e.self_cpu_memory_usage > 0
+                  and op.time_range.start <= e.time_range.start and e.time_range.end <= op.time_range.end]
+        kept[grad] = op.cpu_memory_usage
+        if backend == "triton" and not grad:
+            assert max(inside) <= y.nbytes
+    states = 3 * B * H * 4 + 64  # (h_n, c_n, the CPU's grid barrier counter)
+    assert y.nbytes <= kept[False] <= y.nbytes + states
+    assert kept[True] >= y.nbytes * (6 if cell == "lstm" else 5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_compiled_inference_forward_saves_nothing(cell):
+    """Compiled, a gated module's forward calls its op with ``save=False`` where it records no graph,
+    and saves as eager does where it records one (the graph is traced whole in both); the results
+    are eager's."""
+    torch.manual_seed(0)
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append([n.kwargs.get("save", True) for n in gm.graph.nodes
+                       if n.op == "call_function" and "fastrnn" in str(n.target)])
+        return gm.forward
+
+    model, x = fastrnn.CELLS[cell].module(4, 8), torch.randn(5, 3, 4)
+    compiled = torch.compile(model, backend=keep_graph, fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    y, _ = compiled(x)
+    y.sum().backward()
+    assert graphs == [[False], [True]]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_forward_that_saves_nothing_cannot_be_differentiated():
+    """The op called with ``save=False`` on an input that requires grad is a clear error, not a
+    backward reading empty buffers."""
+    from fastrnn.lstm import lstm_fwd_op
+
+    x = torch.randn(4, 2, 12, requires_grad=True)
+    with pytest.raises(RuntimeError, match="save=False"):
+        lstm_fwd_op(x, None, None, torch.randn(12, 3), None, False, None, "torch", None, save=False)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_compile_traces_no_cache_dynamo_warns_about(backend, cell):

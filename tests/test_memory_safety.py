@@ -127,6 +127,31 @@ def test_gru_kernels_with_size_one_dimensions_of_any_stride(shape, config, one_t
                                           o["lengths"]))
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "stepwise"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm-proj", "gru"])
+def test_an_inference_forward_writes_only_what_it_returns(cell, config, one_thread):
+    """A gated forward launcher called with ``save=False`` stores no c and no gates (it is handed
+    x_proj in their place: left as it was) and returns them empty; its output and final states are a
+    saving call's, bit for bit. Each direction, with and without lengths and h0, at sizes of one."""
+    for T, B, H in SHAPES + [(5, 3, 6)]:
+        P = H - 1 if cell == "lstm-proj" and H > 1 else H
+        o = _operands(T, B, H, 3 if cell == "gru" else 4, P)
+        operands = ([o["x"], o["h0"], o["w_hh"], o["b_hn"]] if cell == "gru" else
+                    [o["x"], o["h0"], o["c0"], o["w_hh"], o["w_hr"]])
+        launcher, saved_steps = (gru_fwd, 1) if cell == "gru" else (lstm_fwd, 2)  # (c and the gates)
+        for reverse, lens, h0 in [(False, None, True), (True, o["lengths"], True), (True, None, False)]:
+            args = [odd_strides(t) if h0 or t is not o["h0"] else None for t in operands]
+            x_before = args[0].clone()
+            want = launcher(*args, reverse, lens, config=config)
+            got = launcher(*args, reverse, lens, config=config, save=False)
+            assert torch.equal(args[0], x_before)
+            for k, (a, b) in enumerate(zip(got, want)):
+                if 1 <= k <= saved_steps:
+                    assert a.shape == (0, *b.shape[1:]) and a.dtype == b.dtype
+                else:
+                    assert torch.equal(a, b), (T, B, H, reverse, k)
+
+
 def test_lstm_with_projection_at_batch_one(monkeypatch):
     """The report's case: a projected LSTM, unbatched batch_first input, so every step's (1, P) block
     keeps the stride of the (B, T, P) layout; the fused backward wrote past a (2, 1, P) buffer."""
