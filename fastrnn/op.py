@@ -52,12 +52,20 @@ class Differentiable:
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # Dynamo keeps the custom op in its graph
-            return self.op(*args) if differentiated(args) else self.op(*args, **self.inference)
+            return self.op(*args, **self.keywords(args))
         if _transforms_active():
             return self.transformable.apply(*args)
         if not differentiated(args):  # no graph to record (inference, no_grad): no Function either
-            return (self.impl if runs_directly(args) else self.op)(*args, **self.inference)
+            return self.impl(*args, **self.inference) if runs_directly(args) else self.op(*args, **self.keywords(args))
         return self.eager.apply(*args)
+
+    def keywords(self, args) -> dict:
+        """The ``inference`` keywords where the call records no graph, and none where it may: recording
+        one, or traced or exported into a graph kept to run again (``torch.jit.trace``, ``torch.export``),
+        which may run with grad. (A compiled graph is guarded on grad mode and ``requires_grad``.)"""
+        if differentiated(args) or _tracing() or torch.compiler.is_exporting():
+            return {}
+        return self.inference
 
 
 def impl_through(op, impl):

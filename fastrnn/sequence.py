@@ -39,9 +39,15 @@ def edge_step(T: int, last: bool, lengths: torch.Tensor | None, device) -> torch
     return (lengths - 1).to(device)
 
 
+def one_step(step) -> bool:
+    """Whether ``step`` (from ``edge_step``) is one step for every sequence: an int (a SymInt where a
+    graph is compiled for dynamic shapes), not a tensor of one per sequence."""
+    return not isinstance(step, torch.Tensor)
+
+
 def at_step(x: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
     """``x[step[b], b]`` for each b: (T, B, N) -> (B, N)."""
-    if isinstance(step, int):
+    if one_step(step):
         return x[step]
     return x[step, torch.arange(x.shape[1], device=x.device)]
 
@@ -67,14 +73,14 @@ def last_step(x: torch.Tensor, reverse: bool, lengths: torch.Tensor | None) -> t
     """``x (T, B, N)`` at the last step each sequence's walk takes, copied: ``(B, N)``, the final state
     where ``x`` holds every step's."""
     step = edge_step(x.shape[0], not reverse, lengths, x.device)
-    if isinstance(step, int):
+    if one_step(step):
         return torch.select_copy(x, 0, step)  # (one op: no view made, then cloned)
     return at_step(x, step)  # (indexing by a tensor copies already)
 
 
 def step_rows(x: torch.Tensor, step: torch.Tensor | int):
     """The index of each sequence's row ``step`` (from ``edge_step``) in ``x (T, B, ...)``."""
-    return step if isinstance(step, int) else (step, torch.arange(x.shape[1], device=x.device))
+    return step if one_step(step) else (step, torch.arange(x.shape[1], device=x.device))
 
 
 def add_at(x: torch.Tensor, step, v: torch.Tensor | None) -> torch.Tensor:
@@ -83,7 +89,7 @@ def add_at(x: torch.Tensor, step, v: torch.Tensor | None) -> torch.Tensor:
     if v is None:
         return x
     B = x.shape[1]
-    if isinstance(step, int):
+    if one_step(step):
         step = torch.full((B,), step, dtype=torch.int64, device=x.device)
     return x.index_put((step, torch.arange(B, device=x.device)), v, accumulate=True)
 
@@ -91,7 +97,7 @@ def add_at(x: torch.Tensor, step, v: torch.Tensor | None) -> torch.Tensor:
 def final_steps(T: int, last: torch.Tensor | int, dtype: torch.dtype, device) -> torch.Tensor | None:
     """(T, B, 1) in ``dtype``: 1 at the step each sequence's final state was read at (``last`` from
     ``edge_step``), else 0; None where every sequence ends at the same step (``last`` one int)."""
-    if isinstance(last, int):
+    if one_step(last):
         return None
     return (torch.arange(T, device=device)[:, None] == last[None, :]).to(dtype).unsqueeze(-1)
 
@@ -177,7 +183,7 @@ def sum_with_previous(d: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None,
 
 def _rows_index(x: torch.Tensor, step):
     B = x.shape[1]
-    if isinstance(step, int):
+    if one_step(step):
         step = torch.full((B,), step, dtype=torch.int64, device=x.device)
     return (step, torch.arange(B, device=x.device))
 
@@ -309,7 +315,7 @@ class Walk:
 
     def at(self, step, t: int, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, N) in the rows whose ``step`` (``first`` or ``last``) is t, zero elsewhere."""
-        if isinstance(step, int):
+        if one_step(step):
             return x if step == t else torch.zeros_like(x)
         return x.masked_fill((step != t)[:, None], 0)
 

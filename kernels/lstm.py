@@ -388,7 +388,8 @@ def lstm_fwd_launch(x_proj, h0_proj, c0, c_state, w_hh, w_hr, lengths, resets, y
     T, B, G = x_proj.shape
     H, P = G // 4, w_hh.shape[1]
     has_h0, h0_proj = h0_proj is not None, h0_proj if h0_proj is not None else x_proj  # (read if has_h0)
-    save, (c, gates) = c is not None, (c, gates) if c is not None else (x_proj, x_proj)  # (written if save)
+    save = c is not None  # (else x_proj stands in for c and the gates: never written)
+    c, gates = (c, gates) if save else (x_proj, x_proj)
     resets = resets_operand(resets, x_proj.dtype)
     if m is None:  # the projection's input, all units (y stands in without a projection: never read)
         m = y.new_empty(2, B, H) if w_hr is not None else y
