@@ -23,9 +23,8 @@ from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, runs_directly, saved_for_backward, with_defaults
 from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, carried_copy, check_operands, checked_steps,
-                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, no_steps,
-                       previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
-                       valid_steps)
+                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states,
+                       shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -70,14 +69,14 @@ def gru_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Ten
 
 def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, resets=None, save=True):
     """The forward launcher's twin: ``y (T, B, H)`` and ``gates (T, B, 4H)`` (r, z, n and
-    ``hn = hh_n + b_hn``; without ``save`` empty, ``no_steps``), both zero past each sequence's end, and
-    the final state ``(B, H)`` in the accumulator's precision; no autograd graph.
+    ``hn = hh_n + b_hn``; without ``save`` empty, ``(0, B, 4H)``), both zero past each sequence's end,
+    and the final state ``(B, H)`` in the accumulator's precision; no autograd graph.
 
     In fp32/fp64 each step writes straight into its slices of the outputs; fp16/bf16 steps run in
-    fp32 buffers and are copied out."""
+    fp32 buffers and are copied out; without ``save`` every step's gates go to one buffer."""
     T, B, G = x_proj.shape
     H, acc = G // 3, acc_dtype(x_proj.dtype)
-    y, gates = huge_pages(x_proj.new_empty(T, B, H)), huge_pages(x_proj.new_empty(T, B, 4 * H))
+    y, gates = huge_pages(x_proj.new_empty(T, B, H)), huge_pages(x_proj.new_empty(T if save else 0, B, 4 * H))
     direct = x_proj.dtype == acc  # the outputs are the working buffers
     w_hh_t = w_hh.to(acc).t().contiguous()  # (H, 3H): the faster layout for the product
     b_hn = b_hn.to(acc) if b_hn is not None else None
@@ -90,7 +89,7 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, rese
     hh = x_proj.new_empty(B, G, dtype=acc)  # h_{t-1} @ w_hh.T: (hh_r, hh_z, hh_n)
     hh_rz, hh_n = hh[:, :2 * H], hh[:, 2 * H:]
     # every step's views, made at once
-    g_all = gates if direct else x_proj.new_empty(1, B, 4 * H, dtype=acc).expand(T, B, 4 * H)
+    g_all = gates if direct and save else x_proj.new_empty(1, B, 4 * H, dtype=acc).expand(T, B, 4 * H)
     gs, rzs, rs, zs = (g_all.unbind(0), g_all[..., :2 * H].unbind(0), g_all[..., :H].unbind(0),
                        g_all[..., H:2 * H].unbind(0))
     ns, hns = g_all[..., 2 * H:3 * H].unbind(0), g_all[..., 3 * H:].unbind(0)
@@ -116,12 +115,13 @@ def gru_fwd_torch(x_proj, h0, w_hh, b_hn=None, reverse=False, lengths=None, rese
             torch.where(valid[t], h_t, h, out=h)
         if not direct:
             ys[t].copy_(h_t)
+        if save and not direct:
             gates[t].copy_(gs[t])
         if valid is not None:
-            for out in (ys[t], gates[t]):
+            for out in (ys[t], *((gates[t],) if save else ())):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
     h_n = h.clone() if direct and valid is None else h  # (there h is a step of y, or h0)
-    return (y, gates if save else no_steps(gates)[0], h_n)
+    return y, gates, h_n
 
 
 def _step_factors(k, y, gates, h0, acc, reverse, lengths, resets, gates_src):

@@ -26,8 +26,8 @@ from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, own_precision, saved_for_backward, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
-                       no_steps, previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous,
-                       tanh_backward, to_acc, valid_steps)
+                       previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
+                       valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -73,18 +73,18 @@ def lstm_reference(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tens
 
 def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None, resets=None, save=True):
     """The forward launcher's twin: ``y (T, B, P)``, ``c (T, B, H)`` and ``gates (T, B, 4H)`` (i, f, g,
-    o after their nonlinearity; without ``save`` both empty, ``no_steps``), all zero past each
+    o after their nonlinearity; without ``save`` both empty, ``(0, B, .)``), all zero past each
     sequence's end, the final h ``(B, P)`` in y's dtype and the final cell state ``(B, H)`` in the
     accumulator's precision; no autograd graph.
 
     In fp32/fp64 each step writes straight into its slices of the outputs (the product into
     ``gates[t]``, whose gates then take their nonlinearity in place), with no temporary per step;
-    fp16/bf16 steps run in fp32 buffers and are copied out."""
+    fp16/bf16 steps run in fp32 buffers and are copied out; without ``save`` every step works in the
+    same few buffers (``_lstm_buffers``)."""
     T, B, G = x_proj.shape
     H, P, acc = G // 4, w_hh.shape[1], acc_dtype(x_proj.dtype)
-    gates = huge_pages(torch.empty_like(x_proj, memory_format=torch.contiguous_format))
-    y, c = huge_pages(x_proj.new_empty(T, B, P)), huge_pages(x_proj.new_empty(T, B, H))
     direct = x_proj.dtype == acc  # the outputs are the working buffers
+    y, c, gates, z_all, c_steps = _lstm_buffers(x_proj, P, acc, direct, save)
     w_hh_t = w_hh.to(acc).t().contiguous()  # (P, 4H): the faster layout for the product
     w_hr_t = w_hr.to(acc).t().contiguous() if w_hr is not None else None
     valid = valid_steps(T, lengths, x_proj.device)
@@ -96,23 +96,18 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
         h = carried_copy(h0, acc) if h0 is not None else x_proj.new_zeros(B, P, dtype=acc)
         c_prev = carried_copy(c0, acc) if c0 is not None else x_proj.new_zeros(B, H, dtype=acc)
     tanh_c = x_proj.new_empty(B, H, dtype=acc)  # tanh(c_t), then m_t = o * tanh(c_t) with w_hr
-    # every step's views, made at once: z (B, 4H) and its parts, c_t, h_t
-    z_all = gates if direct else x_proj.new_empty(1, B, G, dtype=acc).expand(T, B, G)
+    # every step's views, made at once: z (B, 4H) and its parts, h_t
     zs, sig_if, tanh_g, sig_o = (z_all.unbind(0), z_all[..., :2 * H].unbind(0),
                                  z_all[..., 2 * H:3 * H].unbind(0), z_all[..., 3 * H:].unbind(0))
     i_s, f_s = z_all[..., :H].unbind(0), z_all[..., H:2 * H].unbind(0)
-    xs, cs, ys = x_proj.unbind(0), c.unbind(0), y.unbind(0)
+    xs, ys, saved = x_proj.unbind(0), y.unbind(0), list(zip(c.unbind(0), gates.unbind(0))) if save else None
     cut = cut_steps(resets, reverse)  # resets come without lengths: the states are outputs' views
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         if cut is not None:  # a new sequence starts from zero
             h, c_prev = h.masked_fill(cut[t], 0.0), c_prev.masked_fill(cut[t], 0.0)
-        z = zs[t]
-        if direct:
-            c_t, h_t = cs[t], ys[t]
-            torch.addmm(xs[t], h, w_hh_t, out=z)  # (B, 4H), becomes (i, f, g, o) in place
-        else:
-            c_t, h_t = torch.empty_like(c_prev), x_proj.new_empty(B, P, dtype=acc)
-            torch.addmm(xs[t].to(acc), h, w_hh_t, out=z)
+        z, c_t = zs[t], c_steps[t]
+        h_t = ys[t] if direct else x_proj.new_empty(B, P, dtype=acc)
+        torch.addmm(xs[t] if direct else xs[t].to(acc), h, w_hh_t, out=z)  # (B, 4H), becomes (i, f, g, o)
         sig_if[t].sigmoid_()
         g = tanh_g[t].tanh_()
         o = sig_o[t].sigmoid_()
@@ -129,15 +124,31 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
             torch.where(valid[t], c_t, c_prev, out=c_prev)
         if not direct:
             ys[t].copy_(h_t)
-            cs[t].copy_(c_t)
-            gates[t].copy_(z)
+        if saved and not direct:
+            saved[t][0].copy_(c_t)
+            saved[t][1].copy_(z)
         if valid is not None:
-            for out in (ys[t], cs[t], gates[t]):
+            for out in (ys[t], *(saved[t] if saved else ())):
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
     # the final states: where they are steps of y and c (or h0, c0), copies
     h_n = h.clone() if direct and valid is None else h.to(x_proj.dtype)
-    c_n = c_prev.clone() if direct and valid is None else c_prev
-    return (y, c, gates, h_n, c_n) if save else (y, *no_steps(c, gates), h_n, c_n)
+    c_n = c_prev.clone() if valid is None else c_prev
+    return y, c, gates, h_n, c_n
+
+
+def _lstm_buffers(x_proj, P: int, acc, direct: bool, save: bool):
+    """The twin's outputs ``y (T, B, P)``, ``c`` and ``gates`` (with no steps without ``save``), and
+    where each step works: ``z_all (T, B, 4H)``, its pre-activations, then gates (the gates' own
+    steps where they are saved in the accumulator's dtype, else one (B, 4H) buffer for every step),
+    and ``c_steps``, each step's c_t in the accumulator's dtype (c's own steps likewise, else two
+    (B, H) buffers taking turns)."""
+    T, B, G = x_proj.shape
+    y = huge_pages(x_proj.new_empty(T, B, P))
+    c, gates = (huge_pages(x_proj.new_empty(T if save else 0, B, n)) for n in (G // 4, G))
+    if save and direct:
+        return y, c, gates, gates, c.unbind(0)
+    turns = x_proj.new_empty(2, B, G // 4, dtype=acc)
+    return y, c, gates, x_proj.new_empty(1, B, G, dtype=acc).expand(T, B, G), [turns[t % 2] for t in range(T)]
 
 
 def _step_factors(k, gates, c, c0, acc, reverse, lengths, resets):

@@ -56,17 +56,11 @@ def final_state(state: torch.Tensor, x: torch.Tensor, reverse: bool, lengths: to
     """A gated op's final state ``(B, N)`` from the one its loop carried (``state``, in the accumulator's
     precision, its own tensor): that tensor itself where ``x`` (T, B, N), the steps it was stored into,
     has its precision; else ``x`` at each sequence's last step, copied (fp16/bf16: exactly as stored,
-    as torch's modules return ``output[-1]``), or where ``x`` holds no steps (not saved: ``no_steps``)
+    as torch's modules return ``output[-1]``), or where ``x`` holds no steps (not saved: ``save=False``)
     ``state`` rounded as they were stored."""
     if state.dtype == x.dtype:
         return state
     return last_step(x, reverse, lengths) if x.shape[0] > 0 else state.to(x.dtype)
-
-
-def no_steps(*steps: torch.Tensor) -> list:
-    """Each of ``steps (T, B, N)`` as an empty ``(0, B, N)``: what a forward returns in place of the
-    steps only a backward reads, in a call none will follow (inference), the steps themselves freed."""
-    return [x.new_empty(0, *x.shape[1:]) for x in steps]
 
 
 def last_step(x: torch.Tensor, reverse: bool, lengths: torch.Tensor | None) -> torch.Tensor:
