@@ -132,7 +132,7 @@ def lstm_fwd_torch(x_proj, h0, c0, w_hh, w_hr=None, reverse=False, lengths=None,
                 out.masked_fill_(invalid[t], 0.0)  # zero past each sequence's end
     # the final states: where they are steps of y and c (or h0, c0), copies
     h_n = h.clone() if direct and valid is None else h.to(x_proj.dtype)
-    c_n = c_prev.clone() if valid is None else c_prev
+    c_n = c_prev.clone() if direct and valid is None else c_prev  # (else one of its own, or what the op rounds)
     return y, c, gates, h_n, c_n
 
 

@@ -61,11 +61,12 @@ class Differentiable:
 
     def keywords(self, args) -> dict:
         """The ``inference`` keywords where the call records no graph, and none where it may: recording
-        one, or traced or exported into a graph kept to run again (``torch.jit.trace``, ``torch.export``),
-        which may run with grad. (A compiled graph is guarded on grad mode and ``requires_grad``.)"""
+        one, or traced or exported into a graph kept to run again (``torch.jit.trace``, ``torch.export``,
+        ``make_fx`` and every other dispatch mode), which may run with grad. (A compiled graph is
+        guarded on grad mode and ``requires_grad``.)"""
         if differentiated(args) or _tracing() or torch.compiler.is_exporting():
             return {}
-        return self.inference
+        return self.inference if torch.compiler.is_compiling() or not _dispatch_modes() else {}
 
 
 def impl_through(op, impl):

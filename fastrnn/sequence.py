@@ -48,7 +48,7 @@ def one_step(step) -> bool:
 def at_step(x: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
     """``x[step[b], b]`` for each b: (T, B, N) -> (B, N)."""
     if one_step(step):
-        return x[step]
+        return x.select(0, step)  # (x[step] would fix a SymInt step to its value: a graph per length)
     return x[step, torch.arange(x.shape[1], device=x.device)]
 
 

@@ -560,18 +560,24 @@ def test_compiled_inference_forward_saves_nothing(cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_graph_traced_or_exported_under_no_grad_still_trains(cell, monkeypatch):
-    """A module traced (``torch.jit.trace``) or exported (``torch.export``, strict or not) under no_grad
-    keeps a graph that may run with grad later: its op saves, as a call recording a graph does, and
-    the graph trains as torch's module does."""
+    """A module traced (``torch.jit.trace``, ``make_fx``) or exported (``torch.export``, strict or not)
+    under no_grad keeps a graph that may run with grad later: its op saves, as a call recording a
+    graph does, and the graph trains as torch's module does."""
+    from functools import partial
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     monkeypatch.setenv("FASTRNN_BACKEND", "torch")  # (the twins: torch's own module is not a custom op)
     torch.manual_seed(0)
     model, x = fastrnn.CELLS[cell].module(4, 8), torch.randn(5, 3, 4)
     theirs = fastrnn.CELLS[cell].torch_module(4, 8)
     theirs.load_state_dict(model.state_dict())
     want = torch.autograd.grad(theirs(x)[0].sum(), theirs.weight_hh_l0)[0]
+    params = dict(model.named_parameters())
     with torch.no_grad():
         graphs = [torch.jit.trace(model, x, check_trace=False),
-                  *(torch.export.export(model, (x,), strict=strict).module() for strict in (False, True))]
+                  *(torch.export.export(model, (x,), strict=strict).module() for strict in (False, True)),
+                  partial(make_fx(lambda p, x: torch.func.functional_call(model, p, (x,)))(params, x), params)]
     for graph in graphs:
         got = torch.autograd.grad(graph(x)[0].sum(), model.weight_hh_l0)[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -580,14 +586,19 @@ def test_a_graph_traced_or_exported_under_no_grad_still_trains(cell, monkeypatch
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("cell,proj_size", [("rnn", 0), ("lstm", 0), ("lstm", 3), ("gru", 0)])
 def test_compiled_for_dynamic_shapes_trains(backend, cell, proj_size):
-    """Compiled for dynamic shapes (``dynamic=True``: T and B are symbols), a module's forward and
-    backward give eager's results at two lengths, the loss reading y and the final state (a final
-    step is then a SymInt, not an int: ``sequence.one_step``)."""
+    """Compiled for dynamic shapes (``dynamic=True``: T and B are symbols), a bidirectional module's
+    forward and backward give eager's results at three lengths from one graph, the loss reading y and
+    the final state (a final step is then a SymInt, neither taken for a tensor of steps nor fixed to
+    its value: ``sequence.one_step``, ``at_step``)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch.manual_seed(0)
     kwargs = dict(proj_size=proj_size) if proj_size else {}
-    model = fastrnn.CELLS[cell].module(4, 8, **kwargs)
-    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
-    for T, B in ((5, 2), (7, 3)):
+    model = fastrnn.CELLS[cell].module(4, 8, bidirectional=True, **kwargs)
+    graphs = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=graphs, dynamic=True, fullgraph=True)
+    compiles = []  # the backend's calls after each length (a first compile may restart its analysis)
+    for T, B in ((5, 2), (7, 3), (9, 2)):
         x = torch.randn(T, B, 4)
         results = []
         for run in (model, compiled):
@@ -595,6 +606,8 @@ def test_compiled_for_dynamic_shapes_trains(backend, cell, proj_size):
             h_n = state[0] if isinstance(state, tuple) else state
             results.append((y, *torch.autograd.grad(y.sum() + (h_n * h_n).sum(), list(model.parameters()))))
         torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+        compiles.append(graphs.frame_count)
+    assert compiles[0] >= 1 and compiles[-1] == compiles[0]  # no graph for a new length
 
 
 def test_a_forward_that_saves_nothing_cannot_be_differentiated():
