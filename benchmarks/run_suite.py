@@ -42,13 +42,14 @@ from benchmarks.timing import interleaved_rounds  # noqa: E402
 RESETS_AIM = {"loop": 10.0, "packed": 3.0}  # fastrnn's speedup aimed at over each baseline
 
 
-def peak_memory_mb(run) -> float:
+def peak_memory(run) -> tuple:
+    """``(MB, result)``: the memory one call of ``run`` takes at its peak, and what it returned."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    run()
+    out = run()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20, out
 
 
 def main(argv=None) -> int:
@@ -87,15 +88,18 @@ def suite_table(args) -> int:
 
 
 def suite_row(cell: str, shape_id: int, dtype: str, mode: str, rounds: int) -> dict:
-    """One cell of the suite, cuDNN and fastrnn in interleaved rounds (and fwd+bwd's peak memory)."""
+    """One cell of the suite, cuDNN and fastrnn in interleaved rounds, each one's peak memory and how far
+    fastrnn's results are from cuDNN's."""
     shape = SHAPES[shape_id]
     runs = {prov: make_case(prov, shape, DTYPES[dtype], mode, cell=cell) for prov in ("cudnn", "fastrnn")}
     times = interleaved_rounds({prov: lambda run=run: bench_ms(run) for prov, run in runs.items()}, rounds)
     row = dict(cell=cell, id=shape_id, B=shape[0], T=shape[1], I=shape[2], H=shape[3], dtype=dtype,
                mode=mode, cudnn_ms=statistics.median(times["cudnn"]), fastrnn_ms=statistics.median(times["fastrnn"]))
     row["speedup"] = row["cudnn_ms"] / row["fastrnn_ms"]
-    row["cudnn_mb"], row["fastrnn_mb"] = peak_memory_mb(runs["cudnn"]), peak_memory_mb(runs["fastrnn"])
-    row["rel_err"] = disagreement(runs)
+    results = {}  # (what the calls measured for memory returned: no further call for the check)
+    for prov, run in runs.items():
+        row[f"{prov}_mb"], results[prov] = peak_memory(run)
+    row["rel_err"] = disagreement(results)
     print(f"# {row}", file=sys.stderr, flush=True)
     return row
 

@@ -69,11 +69,11 @@ def make_case(provider: str, shape: tuple, dtype: torch.dtype, mode: str, device
     return run
 
 
-def disagreement(runs: dict) -> float:
+def disagreement(results: dict) -> float:
     """fastrnn's results against cuDNN's, the largest norm-wise relative difference of the output and
-    (a fwd run's) final states (``runs``: ``make_case``'s callables by provider, one call each): a
-    timed call that computes something else shows here."""
-    got, want = (_flat(runs[provider]()) for provider in ("fastrnn", "cudnn"))
+    (a fwd run's) final states (``results``: what a call of each provider's ``make_case`` callable
+    returned, by provider): a timed call that computes something else shows here."""
+    got, want = (_flat(results[provider]) for provider in ("fastrnn", "cudnn"))
     return max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
                for a, b in zip(got, want))
 

@@ -518,7 +518,7 @@ def step_smoke_suite(cell: str) -> int:
             runs = {provider: make_case(provider, shape, torch.float32, mode, device="cpu", cell=cell)
                     for provider in ("cudnn", "fastrnn")}  # "cudnn" is torch's own module, here on the CPU
             ms = {provider: statistics.median(timed(run) for _ in range(3)) for provider, run in runs.items()}
-            err = disagreement(runs)
+            err = disagreement({provider: run() for provider, run in runs.items()})
             ok &= err <= AGREEMENT["fp32"]
             B, T, _, H = shape
             print(f"| {cell} | {number} | {B} | {T} | {H} | fp32 | {mode} | {ms['cudnn']:.2f} | {ms['fastrnn']:.2f} | "
