@@ -11,7 +11,9 @@ records no graph (no_grad, or no input requiring grad, and no forward-mode AD) t
 Function (about 6 µs less), and with the op's ``inference`` keywords (the gated cells' ``save=False``:
 nothing kept that only a backward reads); torch.func transforms (grad of grad, jacrev, vmap, jvp)
 through a new-style one with a vmap rule; torch.compile through the custom op with the formula
-registered on it (the ``inference`` keywords where it records no graph).
+registered on it (the ``inference`` keywords where it records no graph); ``torch.jit.trace`` through
+the custom op in every grad mode (one graph whether traced with grad or, as its check does, without;
+a graph that ``torch.jit.save`` can write, which a Function's is not).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Differentiable:
             return self.transformable.apply(*args)
         if not differentiated(args):  # no graph to record (inference, no_grad): no Function either
             return self.impl(*args, **self.inference) if runs_directly(args) else self.op(*args, **self.keywords(args))
+        if _tracing():  # torch.jit.trace records the op as it does under no_grad (its check traces there)
+            return self.op(*args)
         return self.eager.apply(*args)
 
     def keywords(self, args) -> dict:

@@ -1,10 +1,12 @@
 """fastrnn in the PyTorch stack: torch.compile without graph breaks, custom-op checks, meta tensors,
-autocast, determinism, and module hygiene (copy, pickle, save, .to, DDP, functional_call)."""
+autocast, determinism, module hygiene (copy, pickle, save, .to, DDP, functional_call), and
+torch.jit.trace."""
 
 import copy
 import io
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastrnn
 from fastrnn import RNN
 from fastrnn.elman import elman_bwd_op, elman_fwd_op
 from fastrnn.op import runs_directly
@@ -54,6 +57,35 @@ class RecordedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+@BOTH
+@pytest.mark.parametrize("cell", list(fastrnn.CELLS))
+def test_jit_trace_checks_saves_and_trains_as_torchs_module(backend, cell):
+    """``torch.jit.trace`` with its defaults (its check traces again under no_grad and must find the
+    same graph) of a module recording autograd's graph; saved with ``torch.jit.save`` and loaded, the
+    graph gives torch's module's output, gradients and second derivatives on a fresh input."""
+    torch.manual_seed(0)
+    model = fastrnn.CELLS[cell].module(4, 5, 2, bidirectional=True, dtype=torch.float64)
+    theirs = fastrnn.CELLS[cell].torch_module(4, 5, 2, bidirectional=True, dtype=torch.float64)
+    theirs.load_state_dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # (Python values the graph fixes)
+        traced = torch.jit.trace(model, torch.randn(3, 2, 4, dtype=torch.float64))
+    saved = io.BytesIO()
+    torch.jit.save(traced, saved)
+    saved.seek(0)
+    loaded = torch.jit.load(saved)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for run in (loaded, theirs):
+        params = list(run.parameters())
+        y, state = run(x)
+        h_n = state[0] if isinstance(state, tuple) else state
+        grads = torch.autograd.grad(y.square().sum() + h_n.square().sum(), [x, *params], create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), params[1])  # (w_hh of layer 0)
+        results.append((y, h_n, *grads, *second))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-10)
 
 
 @BOTH
