@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .backend import memo, torch_module_runs
 from .export import in_onnx_export, onnx_forward
+from .op import outside_graph, run_eagerly
 from .sequence import check_resets
 
 
@@ -53,6 +54,8 @@ class FusedRNNBase(nn.RNNBase):
         segment's (forward direction) and the last one's (reverse direction), which take ``hx``. (Pass
         it by name; it is not keyword-only because torch's TorchScript exporter passes every default
         by position.)"""
+        if torch.compiler.is_compiling() and outside_graph():  # as Dynamo runs torch's modules: eagerly
+            return run_eagerly(self.forward, input, hx, resets)
         if in_onnx_export():  # the fused ops have no ONNX form: see fastrnn/export.py
             if resets is not None:
                 raise ValueError("resets: ONNX's recurrent operators cannot reset inside a sequence")

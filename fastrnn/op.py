@@ -11,9 +11,11 @@ records no graph (no_grad, or no input requiring grad, and no forward-mode AD) t
 Function (about 6 µs less), and with the op's ``inference`` keywords (the gated cells' ``save=False``:
 nothing kept that only a backward reads); torch.func transforms (grad of grad, jacrev, vmap, jvp)
 through a new-style one with a vmap rule; torch.compile through the custom op with the formula
-registered on it (the ``inference`` keywords where it records no graph); ``torch.jit.trace`` through
-the custom op in every grad mode (one graph whether traced with grad or, as its check does, without;
-a graph that ``torch.jit.save`` can write, which a Function's is not).
+registered on it (the ``inference`` keywords where it records no graph), but under a torch.func
+transform or forward-mode AD through the Functions, outside Dynamo's graph (``run_eagerly``: Dynamo
+traces neither through them); ``torch.jit.trace`` through the custom op in every grad mode (one graph
+whether traced with grad or, as its check does, without; a graph that ``torch.jit.save`` can write,
+which a Function's is not).
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ class Differentiable:
         op.register_autograd(backward, setup_context=setup_context)
 
     def __call__(self, *args):
+        if transforms_active():
+            return run_eagerly(self.transformable.apply, *args)
         if torch.compiler.is_compiling():  # Dynamo keeps the custom op in its graph
+            if forward_ad._current_level >= 0:  # (there, dual tensors would lose their tangents)
+                return run_eagerly(self.eager.apply, *args)
             return self.op(*args, **self.keywords(args))
-        if _transforms_active():
-            return self.transformable.apply(*args)
         if not differentiated(args):  # no graph to record (inference, no_grad): no Function either
             return self.impl(*args, **self.inference) if runs_directly(args) else self.op(*args, **self.keywords(args))
         if _tracing():  # torch.jit.trace records the op as it does under no_grad (its check traces there)
@@ -71,6 +75,19 @@ class Differentiable:
         if differentiated(args) or _tracing() or torch.compiler.is_exporting():
             return {}
         return self.inference if torch.compiler.is_compiling() or not _dispatch_modes() else {}
+
+
+def outside_graph() -> bool:
+    """Whether a compiled call runs outside Dynamo's graph (``run_eagerly``): under a torch.func
+    transform or forward-mode AD, which Dynamo traces through neither the cells' Functions (the
+    custom ops' included: under ``jvp`` it gave a wrong tangent) nor torch's modules."""
+    return transforms_active() or forward_ad._current_level >= 0
+
+
+@torch._dynamo.disable
+def run_eagerly(fn, *args):
+    """``fn(*args)`` outside Dynamo's graph (a graph break, as torch's modules make)."""
+    return fn(*args)
 
 
 def impl_through(op, impl):
@@ -118,7 +135,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled",
 
 # Whether a torch.func transform (grad, vmap, jvp, ...) is running; where this torch cannot tell,
 # always (the transformable Function serves every call).
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def vmap_by_loop(fn, info, in_dims, *args):
