@@ -21,10 +21,12 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, runs_directly, saved_for_backward, with_defaults
-from .sequence import (Walk, acc_dtype, add_final, as_dtype, at_step, carried_copy, check_operands, checked_steps,
-                       cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages, previous_states,
-                       shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc, valid_steps)
+from .op import (Differentiable, no_forward_mode, own_precision, runs_directly, saved_for_backward,
+                 transforms_active, with_defaults)
+from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
+                       checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
+                       previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
+                       valid_steps)
 
 # --------------------------------------------------------------------------------------------------
 # The reference: a plain loop over time, autograd gives the backward
@@ -405,9 +407,51 @@ def _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk):
     return walk.masked(d_act), d_y, d_h0
 
 
-GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward,
+# Forward mode (torch.func.jvp, jacfwd, dual tensors). The forward's tangent is the linear recurrence
+# the backward's adjoint walks (``_adjoint``), given X, the tangents of the pre-activations from outside
+# the carried state: x_proj's, plus those of h_{t-1} W^T + (0, 0, b_hn) through the weights, the bias
+# and h0 (``_outside_terms``), n's scaled by r; and h0's own tangent entering as P.
+
+
+@own_precision
+def _jvp(ctx, dx, dh0, dw_hh, db_hn, *_):
+    """The tangents of y, the gate activations (r, z, n, hn) and h_n from those of the inputs."""
+    y, gates, h0, w_hh, lengths, resets = ctx.saved_tensors
+    walk = Walk(y.shape[0], lengths, resets, ctx.reverse, y.device)
+    r, z, n, hn = gates.chunk(4, -1)
+    H = z.shape[-1]
+    h_prev = walk.masked(previous_states(y, h0, walk.reverse, lengths, walk.cut))
+    outside = _outside_terms(h_prev, dh0, dw_hh, db_hn, w_hh, walk)  # (T, B, 3H)
+    X = torch.cat((outside[..., :2 * H], outside[..., 2 * H:] * r), -1)
+    X = X + dx if dx is not None else X
+    e0 = enters(dh0 if dh0 is not None else torch.zeros_like(y[0]), walk.cut, walk.reverse)
+    k = ((1 - z) * (1 - n * n), (h_prev - n) * z * (1 - z), hn * r * (1 - r))  # k_n, k_z, k_r
+    D, R, Z, N, H_, _ = _adjoint(walk.masked(X), e0, k, r, z, w_hh, walk)
+    d_gates = torch.cat((R * r * (1 - r), Z * z * (1 - z), N * (1 - n * n), D[..., 2 * H:] + outside[..., 2 * H:]), -1)
+    return H_, walk.masked(d_gates), at_step(H_, walk.last)
+
+
+def _outside_terms(h_prev, dh0, dw_hh, db_hn, w_hh, walk):
+    """The tangent of ``h_{t-1} @ w_hh.T + (0, 0, b_hn)`` (T, B, 3H) but for the carried state's own:
+    through w_hh, b_hn and, at each first step, h0."""
+    out = h_prev @ dw_hh.T if dw_hh is not None else h_prev.new_zeros(*h_prev.shape[:2], w_hh.shape[0])
+    if db_hn is not None:
+        out = out + torch.cat((torch.zeros_like(db_hn), torch.zeros_like(db_hn), db_hn))
+    if dh0 is not None:
+        out = add_at(out, walk.first, enters(dh0, walk.cut, walk.reverse) @ w_hh.T)
+    return walk.masked(out)
+
+
+def _save_for_forward(ctx, inputs, output):
+    """What ``_jvp`` reads, as ``_setup_context`` saves it."""
+    x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets, save = with_defaults(inputs, 9)
+    ctx.save_for_forward(output[0], output[1], h0, w_hh, lengths, resets)
+
+
+GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward, _jvp, _save_for_forward,
                         inference={"save": False})
-GRU_BWD = Differentiable("GRUBackward", gru_bwd_op, gru_backward, _setup_context_bwd, _backward_of_backward)
+GRU_BWD = Differentiable("GRUBackward", gru_bwd_op, gru_backward, _setup_context_bwd, _backward_of_backward,
+                         no_forward_mode("GRU"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,9 +515,10 @@ class GRU(FusedRNNBase):
 def _gates_r_and_z(H: int, like: torch.Tensor) -> torch.Tensor:
     """``(3H,)`` bool on ``like``'s device, True at gates r and z: where a GRU's input projection adds
     both biases. Eager on plain tensors, one tensor per hidden size and device, made once (two
-    operations less a call); compiled, or where a mode or a tensor subclass watches (fake tensors:
-    what they make must not be kept for real calls), made each call."""
-    if torch.compiler.is_compiling() or not runs_directly((like,)):
+    operations less a call); compiled, under a torch.func transform, or where a mode or a tensor
+    subclass watches (fake tensors, a transform's wrappers: what they make must not be kept for real
+    calls), made each call."""
+    if torch.compiler.is_compiling() or transforms_active() or not runs_directly((like,)):
         return _r_and_z(H, like.device)
     return _r_and_z_kept(H, like.device)
 

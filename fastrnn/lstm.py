@@ -23,7 +23,7 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, saved_for_backward, with_defaults
+from .op import Differentiable, no_forward_mode, own_precision, saved_for_backward, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -408,9 +408,10 @@ def _factors(c, gates, c0, walk):
     return k, o * (1 - tc * tc), c_prev
 
 
-def _adjoint(E, e0, k, a, f, w_hh, w_hr, walk):
+def _adjoint(E, e0, k, a, f, w_hh, w_hr, walk, S=None):
     """The backward's adjoint, walking forward: ``E~`` (T, B, 4H), ``C^``, ``M^`` (T, B, H), ``H^`` (T, B, P)
-    and ``P`` (T, B, H), the gradient each step's c takes from the step before (see above)."""
+    and ``P`` (T, B, H), the gradient each step's c takes from the step before (see above); ``S``
+    (T, B, P), if given, added to each H^ (the forward's tangent through w_hr: ``_jvp``)."""
     H = k.shape[-1] // 4
     outs = [None] * walk.T
     C_prev, H_prev = torch.zeros_like(a[0]), E.new_zeros(E.shape[1], w_hh.shape[1])
@@ -420,6 +421,7 @@ def _adjoint(E, e0, k, a, f, w_hh, w_hr, walk):
         C_t = walk.masked((E_t[:, :3 * H] * k[t, :, :3 * H]).unflatten(-1, (3, H)).sum(1) + P_t * f[t], t)
         M_t = walk.masked(E_t[:, 3 * H:] * k[t, :, 3 * H:] + C_t * a[t], t)
         H_t = M_t @ w_hr.T if w_hr is not None else M_t
+        H_t = H_t + S[t] if S is not None else H_t
         outs[t] = (E_t, C_t, M_t, H_t, P_t)
         C_prev, H_prev = C_t, H_t
     return tuple(torch.stack(parts) for parts in zip(*outs))
@@ -442,9 +444,40 @@ def _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk):
     return walk.masked(d_act), d_c, d_c0
 
 
-LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward,
+# Forward mode (torch.func.jvp, jacfwd, dual tensors). The forward's tangent is the linear recurrence
+# the backward's adjoint walks (``_adjoint``: it is the transpose of the backward's): the tangents of
+# the pre-activations E~ (given E, x_proj's tangent plus h_{t-1} dW_hh^T, and dh0 W_hh^T at each first
+# step), of c (C^, dc0 entering as P), of o tanh(c) (M^) and of h (H^, plus o tanh(c) dW_hr^T).
+
+
+@own_precision
+def _jvp(ctx, dx, dh0, dc0, dw_hh, dw_hr, *_):
+    """The tangents of y, c, the gate activations, h_n and c_n from those of the inputs."""
+    y, c, gates, h0, c0, w_hh, w_hr, lengths, resets = ctx.saved_tensors
+    walk = Walk(c.shape[0], lengths, resets, ctx.reverse, c.device)
+    E = dx if dx is not None else torch.zeros_like(gates)  # (T, B, 4H)
+    if dw_hh is not None:
+        E = E + previous_states(y, h0, walk.reverse, lengths, walk.cut) @ dw_hh.T
+    if dh0 is not None:
+        E = add_at(E, walk.first, enters(dh0, walk.cut, walk.reverse) @ w_hh.T)
+    S = walk.masked(gates.chunk(4, -1)[3] * c.tanh()) @ dw_hr.T if dw_hr is not None else None  # (T, B, P)
+    e0 = enters(dc0 if dc0 is not None else torch.zeros_like(c[0]), walk.cut, walk.reverse)
+    k, a, _ = _factors(c, gates, c0, walk)
+    E_, C, _, H_, _ = _adjoint(walk.masked(E), e0, k, a, gates.chunk(4, -1)[1], w_hh, w_hr, walk, S)
+    return H_, C, gate_slopes(gates) * E_, at_step(H_, walk.last), at_step(C, walk.last)
+
+
+def _save_for_forward(ctx, inputs, output):
+    """What ``_jvp`` reads, as ``_setup_context`` saves it."""
+    x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, save = with_defaults(inputs, 10)
+    y, c, gates = output[:3]
+    ctx.save_for_forward(y, c, gates, h0, c0, w_hh, w_hr, lengths, resets)
+
+
+LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward, _jvp, _save_for_forward,
                          inference={"save": False})
-LSTM_BWD = Differentiable("LSTMBackward", lstm_bwd_op, lstm_backward, _setup_context_bwd, _backward_of_backward)
+LSTM_BWD = Differentiable("LSTMBackward", lstm_bwd_op, lstm_backward, _setup_context_bwd, _backward_of_backward,
+                          no_forward_mode("LSTM"))
 
 
 # --------------------------------------------------------------------------------------------------

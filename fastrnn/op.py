@@ -172,6 +172,18 @@ def saved_for_backward(save, op: str) -> None:
                            "requires grad: call it with save=True where a gradient is wanted")
 
 
+def no_forward_mode(cell: str):
+    """A backward op's ``jvp`` that says what is not supported: forward mode over reverse mode through
+    ``cell``'s backward (reverse over reverse is)."""
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"forward-mode derivatives of fastrnn.{cell}'s backward (forward over reverse: torch.func.hessian, "
+            "jacfwd of jacrev) are not supported: take second derivatives in reverse mode (jacrev of jacrev, "
+            "torch.autograd.grad with create_graph=True)")
+
+    return jvp
+
+
 def with_defaults(inputs, n: int) -> tuple:
     """A custom op's ``inputs`` padded with None to ``n``: the trailing optional arguments a call left
     out (setup_context sees only those given)."""
