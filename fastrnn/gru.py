@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
-from .op import (Differentiable, no_forward_mode, own_precision, runs_directly, saved_for_backward,
-                 transforms_active, with_defaults)
+from .op import (Differentiable, own_precision, runs_directly, save_outputs_like, saved_for_backward,
+                 transforms_active, transposed, with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -350,6 +350,14 @@ def _setup_context_bwd(ctx, inputs, output):
     ctx.reverse, ctx.sources = reverse, gates_src is not None
 
 
+def _save_for_forward_bwd(ctx, inputs, output):
+    """What forward mode over the backward (``transposed``: through ``_backward_of_backward``) reads, as
+    ``_setup_context_bwd`` saves it, and the outputs' shapes."""
+    dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets, gates_src = with_defaults(inputs, 11)
+    ctx.save_for_forward(dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0])
+    save_outputs_like(ctx, output)
+
+
 @own_precision
 def _backward_of_backward(ctx, X, e0):
     dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x = ctx.saved_tensors
@@ -451,7 +459,7 @@ def _save_for_forward(ctx, inputs, output):
 GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward, _jvp, _save_for_forward,
                         inference={"save": False})
 GRU_BWD = Differentiable("GRUBackward", gru_bwd_op, gru_backward, _setup_context_bwd, _backward_of_backward,
-                         no_forward_mode("GRU"))
+                         transposed(_backward_of_backward), _save_for_forward_bwd)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, no_forward_mode, own_precision, saved_for_backward, with_defaults
+from .op import Differentiable, own_precision, save_outputs_like, saved_for_backward, transposed, with_defaults
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -375,6 +375,15 @@ def _setup_context_bwd(ctx, inputs, output):
     ctx.reverse, ctx.sources = reverse, dc_src is not None or dz_src is not None
 
 
+def _save_for_forward_bwd(ctx, inputs, output):
+    """What forward mode over the backward (``transposed``: through ``_backward_of_backward``) reads, as
+    ``_setup_context_bwd`` saves it, and the outputs' shapes."""
+    dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, dc_src, dz_src = \
+        with_defaults(inputs, 16)
+    ctx.save_for_forward(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0])
+    save_outputs_like(ctx, output)
+
+
 @own_precision
 def _backward_of_backward(ctx, E, e0):
     dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates = ctx.saved_tensors
@@ -477,7 +486,7 @@ def _save_for_forward(ctx, inputs, output):
 LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward, _jvp, _save_for_forward,
                          inference={"save": False})
 LSTM_BWD = Differentiable("LSTMBackward", lstm_bwd_op, lstm_backward, _setup_context_bwd, _backward_of_backward,
-                          no_forward_mode("LSTM"))
+                          transposed(_backward_of_backward), _save_for_forward_bwd)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class FusedRNNBase(nn.RNNBase):
         it by name; it is not keyword-only because torch's TorchScript exporter passes every default
         by position.)"""
         if torch.compiler.is_compiling() and outside_graph():  # as Dynamo runs torch's modules: eagerly
-            return run_eagerly(self.forward, input, hx, resets)
+            return run_eagerly(FusedRNNBase.forward, self, input, hx, resets)  # (this forward: not a subclass's)
         if in_onnx_export():  # the fused ops have no ONNX form: see fastrnn/export.py
             if resets is not None:
                 raise ValueError("resets: ONNX's recurrent operators cannot reset inside a sequence")

@@ -84,10 +84,14 @@ def outside_graph() -> bool:
     return transforms_active() or forward_ad._current_level >= 0
 
 
-@torch._dynamo.disable
 def run_eagerly(fn, *args):
-    """``fn(*args)`` outside Dynamo's graph (a graph break, as torch's modules make)."""
-    return fn(*args)
+    """``fn(*args)``, where Dynamo is tracing outside its graph (as it runs torch's modules: a graph
+    break, the whole frame eager under a transform)."""
+    if not torch.compiler.is_compiling():
+        return fn(*args)
+    from .eagerly import call  # (a compile has imported Dynamo; fastrnn's import does not)
+
+    return call(fn, *args)
 
 
 def impl_through(op, impl):
@@ -172,16 +176,26 @@ def saved_for_backward(save, op: str) -> None:
                            "requires grad: call it with save=True where a gradient is wanted")
 
 
-def no_forward_mode(cell: str):
-    """A backward op's ``jvp`` that says what is not supported: forward mode over reverse mode through
-    ``cell``'s backward (reverse over reverse is)."""
+def transposed(backward):
+    """A backward op's ``jvp`` from its own ``backward`` (the backward of the backward, linear in the
+    upstream gradients ``u`` of the op's outputs: ``J^T u``): the tangent ``J t`` is the gradient in u
+    of ``<J^T u, t>`` (the double-vjp trick), taken by autograd through ``backward`` itself, at u = 0.
+    It reads the shapes of the op's outputs (``save_outputs_like``)."""
     def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            f"forward-mode derivatives of fastrnn.{cell}'s backward (forward over reverse: torch.func.hessian, "
-            "jacfwd of jacrev) are not supported: take second derivatives in reverse mode (jacrev of jacrev, "
-            "torch.autograd.grad with create_graph=True)")
+        with torch.enable_grad():
+            u = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+                 for shape, dtype, device in ctx.outputs_like]
+            grads = backward(ctx, *u)
+            terms = [(g * t).sum() for g, t in zip(grads, tangents) if g is not None and t is not None]
+            d = torch.autograd.grad(sum(terms), u, allow_unused=True) if terms else [None] * len(u)
+        return tuple(torch.zeros_like(x) if dx is None else dx for dx, x in zip(d, u))
 
     return jvp
+
+
+def save_outputs_like(ctx, output) -> None:
+    """The shape, dtype and device of each of an op's outputs, for ``transposed``."""
+    ctx.outputs_like = [(o.shape, o.dtype, o.device) for o in output]
 
 
 def with_defaults(inputs, n: int) -> tuple:

@@ -273,6 +273,29 @@ def test_func_transforms_compiled_as_in_eager(backend, cell):
         torch.testing.assert_close(compiled(), transform(y_of(theirs), w), rtol=1e-9, atol=1e-9, msg=name)
 
 
+def test_a_subclass_compiled_under_forward_mode_runs_its_forward_once():
+    """A subclass's forward around ours, compiled and called on dual tensors: ours runs outside the
+    graph, not the subclass's again (its input was doubled twice)."""
+    from torch.autograd import forward_ad
+
+    class Doubled(fastrnn.LSTM):
+        def forward(self, input, hx=None):
+            return super().forward(input * 2, hx)
+
+    torch.manual_seed(0)
+    ours, theirs = Doubled(3, 4, dtype=F64), nn.LSTM(3, 4, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    x, dx = torch.randn(5, 2, 3, dtype=F64), torch.randn(5, 2, 3, dtype=F64)
+
+    def y_and_tangent(run):
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(run(forward_ad.make_dual(x, dx))[0])
+
+    want = y_and_tangent(lambda x: theirs(x * 2))
+    got = y_and_tangent(torch.compile(ours, backend="aot_eager"))
+    torch.testing.assert_close((got.primal, got.tangent), (want.primal, want.tangent), rtol=1e-9, atol=1e-9)
+
+
 @BOTH
 def test_the_op_under_func_transforms_compiled_as_in_eager(backend):
     """The functional op inside ``torch.compile``: each transform of its reference's result (before,
@@ -335,7 +358,7 @@ def test_gated_forward_mode(backend, case, reverse, steps):
 
 
 @BOTH
-@pytest.mark.parametrize("case,reverse,steps", GATED_FLAGS[::3], ids=["-".join(map(str, f)) for f in GATED_FLAGS[::3]])
+@pytest.mark.parametrize("case,reverse,steps", GATED_FLAGS, ids=["-".join(map(str, f)) for f in GATED_FLAGS])
 def test_gated_forward_mode_gradcheck(backend, case, reverse, steps):
     """The op's tangents of all its outputs (c and the gates too, which a backward reads) agree with
     finite differences (``gradcheck``)."""
@@ -347,22 +370,35 @@ def test_gated_forward_mode_gradcheck(backend, case, reverse, steps):
                                     check_undefined_grad=False, fast_mode=backend == "triton")
 
 
-@pytest.mark.parametrize("backend", ["torch"], indirect=True)  # (the Functions' rule: every backend's)
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_gated_forward_over_reverse_says_so(backend, cell):
-    """Forward mode through the LSTM's or GRU's backward (``torch.func.hessian``) is not supported: a
-    NotImplementedError naming the cell and the reverse-mode way, where the forward has its tangent.
-    Nothing made inside the transform is kept: the module's Jacobian by forward mode is then its
-    Jacobian by reverse mode (the GRU kept a mask made there, which crashed later transforms)."""
-    torch.manual_seed(0)
-    module = fastrnn.CELLS[cell].module(3, 4, dtype=F64)
-    x = torch.randn(5, 2, 3, dtype=F64)
-    params = {name: p.detach() for name, p in module.named_parameters()}
+@BOTH
+@pytest.mark.parametrize("case,reverse,steps", GATED_FLAGS, ids=["-".join(map(str, f)) for f in GATED_FLAGS])
+def test_gated_forward_over_reverse(backend, case, reverse, steps):
+    """Forward mode over the LSTM's and GRU's backward (what ``torch.func.hessian`` takes): the
+    recurrence's against finite differences of its reverse mode (``gradgradcheck``, float64)."""
+    inputs, call, lengths, resets, ops = gated_case(case, steps, seed=8)
+    assert torch.autograd.gradgradcheck(call(ops[0], reverse, lengths, resets), inputs, check_fwd_over_rev=True,
+                                        check_rev_over_rev=False, check_undefined_grad=False,
+                                        fast_mode=backend == "triton")
 
-    def y(w):
-        return torch.func.functional_call(module, {**params, "weight_hh_l0": w}, (x,))[0]
+
+@BOTH
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gated_hessian_as_torchs_module(backend, cell):
+    """``torch.func.hessian`` (jacfwd of jacrev) of a loss of the module's weights is torch's module's;
+    then the module's Jacobian by forward mode is its Jacobian by reverse mode: nothing made inside a
+    transform is kept (the GRU kept a mask made there, which crashed a later transform)."""
+    torch.manual_seed(0)
+    ours = fastrnn.CELLS[cell].module(3, 4, dtype=F64)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, dtype=F64)
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+
+    def y_of(module):
+        return lambda w: torch.func.functional_call(module, {**params, "weight_hh_l0": w}, (x,))[0]
 
     w = params["weight_hh_l0"]
-    with pytest.raises(NotImplementedError, match=rf"fastrnn\.{cell.upper()}'s backward .*jacrev of jacrev"):
-        torch.func.hessian(lambda w: y(w).pow(2).sum())(w)
-    torch.testing.assert_close(torch.func.jacfwd(y)(w), torch.func.jacrev(y)(w), rtol=1e-9, atol=1e-9)
+    got, want = (torch.func.hessian(lambda w: y_of(m)(w).pow(3).sum())(w) for m in (ours, theirs))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    jacobians = [jacobian(y_of(ours))(w) for jacobian in (torch.func.jacfwd, torch.func.jacrev)]
+    torch.testing.assert_close(*jacobians, rtol=1e-9, atol=1e-9)

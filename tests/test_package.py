@@ -40,3 +40,12 @@ def test_plain_install_maps_kernels_under_fastrnn(tmp_path):
     for module in ("elman", "lstm", "gru", "gates", "common", "config", "launch", "__init__"):
         assert f"fastrnn/kernels/{module}.py" in names
     assert not [n for n in names if n.startswith("kernels/")]
+
+
+def test_import_leaves_dynamo_unimported():
+    """``import fastrnn`` does not import ``torch._dynamo`` (about a second; ``torch`` alone does not
+    either): only a compile that reaches ``op.run_eagerly`` does."""
+    code = ("import sys, torch; before = 'torch._dynamo' in sys.modules; import fastrnn; "
+            "print(before, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
