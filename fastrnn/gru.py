@@ -415,7 +415,8 @@ def _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk):
     return walk.masked(d_act), d_y, d_h0
 
 
-# Forward mode (torch.func.jvp, jacfwd, dual tensors). The forward's tangent is the linear recurrence
+# Forward mode (torch.func.jvp, jacfwd, dual tensors; over the backward, for torch.func.hessian, the
+# backward op's jvp is its own backward transposed: ``op.transposed``). The forward's tangent is the linear recurrence
 # the backward's adjoint walks (``_adjoint``), given X, the tangents of the pre-activations from outside
 # the carried state: x_proj's, plus those of h_{t-1} W^T + (0, 0, b_hn) through the weights, the bias
 # and h0 (``_outside_terms``), n's scaled by r; and h0's own tangent entering as P.

@@ -453,7 +453,8 @@ def _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk):
     return walk.masked(d_act), d_c, d_c0
 
 
-# Forward mode (torch.func.jvp, jacfwd, dual tensors). The forward's tangent is the linear recurrence
+# Forward mode (torch.func.jvp, jacfwd, dual tensors; over the backward, for torch.func.hessian, the
+# backward op's jvp is its own backward transposed: ``op.transposed``). The forward's tangent is the linear recurrence
 # the backward's adjoint walks (``_adjoint``: it is the transpose of the backward's): the tangents of
 # the pre-activations E~ (given E, x_proj's tangent plus h_{t-1} dW_hh^T, and dh0 W_hh^T at each first
 # step), of c (C^, dc0 entering as P), of o tanh(c) (M^) and of h (H^, plus o tanh(c) dW_hr^T).
