@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, with_defaults
+from .op import Differentiable, own_precision, refuse_nested, with_defaults
 from .sequence import (add_at, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
                        edge_step, enters, final_steps, previous_states, shifted, valid_steps)
 
@@ -244,6 +244,8 @@ def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths, cut):
 
 @own_precision
 def _jvp(ctx, dx, dh0, dw, *_):
+    refuse_nested("forward mode over forward mode through fastrnn.RNN (jvp of jvp, jacfwd of jacfwd: take "
+                  "torch.func.hessian, or jacrev of jacrev)")
     y, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, B, _ = y.shape
     cut = cut_steps(resets, ctx.reverse)
@@ -259,6 +261,7 @@ def _jvp(ctx, dx, dh0, dw, *_):
 
 @own_precision
 def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
+    refuse_nested("a third derivative through fastrnn.RNN by forward mode over forward mode (jacfwd of hessian)")
     dy, dh_n, y, w_hh, lengths, resets, d_pre = ctx.saved_tensors
     reverse = ctx.reverse
     cut = cut_steps(resets, reverse)

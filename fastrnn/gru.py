@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
-from .op import (Differentiable, own_precision, runs_directly, save_outputs_like, saved_for_backward,
-                 transforms_active, transposed, with_defaults)
+from .op import (Differentiable, own_precision, refuse_nested, runs_directly, save_outputs_like,
+                 saved_for_backward, transforms_active, transposed, with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -425,6 +425,8 @@ def _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk):
 @own_precision
 def _jvp(ctx, dx, dh0, dw_hh, db_hn, *_):
     """The tangents of y, the gate activations (r, z, n, hn) and h_n from those of the inputs."""
+    refuse_nested("forward mode over forward mode through fastrnn.GRU (jvp of jvp, jacfwd of jacfwd: take "
+                  "torch.func.hessian, or jacrev of jacrev)")
     y, gates, h0, w_hh, lengths, resets = ctx.saved_tensors
     walk = Walk(y.shape[0], lengths, resets, ctx.reverse, y.device)
     r, z, n, hn = gates.chunk(4, -1)
@@ -460,7 +462,7 @@ def _save_for_forward(ctx, inputs, output):
 GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward, _jvp, _save_for_forward,
                         inference={"save": False})
 GRU_BWD = Differentiable("GRUBackward", gru_bwd_op, gru_backward, _setup_context_bwd, _backward_of_backward,
-                         transposed(_backward_of_backward), _save_for_forward_bwd)
+                         transposed(_backward_of_backward, "GRU"), _save_for_forward_bwd)
 
 
 # --------------------------------------------------------------------------------------------------

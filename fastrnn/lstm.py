@@ -23,7 +23,8 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, save_outputs_like, saved_for_backward, transposed, with_defaults
+from .op import (Differentiable, own_precision, refuse_nested, save_outputs_like, saved_for_backward, transposed,
+                 with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -463,6 +464,8 @@ def _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk):
 @own_precision
 def _jvp(ctx, dx, dh0, dc0, dw_hh, dw_hr, *_):
     """The tangents of y, c, the gate activations, h_n and c_n from those of the inputs."""
+    refuse_nested("forward mode over forward mode through fastrnn.LSTM (jvp of jvp, jacfwd of jacfwd: take "
+                  "torch.func.hessian, or jacrev of jacrev)")
     y, c, gates, h0, c0, w_hh, w_hr, lengths, resets = ctx.saved_tensors
     walk = Walk(c.shape[0], lengths, resets, ctx.reverse, c.device)
     E = dx if dx is not None else torch.zeros_like(gates)  # (T, B, 4H)
@@ -487,7 +490,7 @@ def _save_for_forward(ctx, inputs, output):
 LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward, _jvp, _save_for_forward,
                          inference={"save": False})
 LSTM_BWD = Differentiable("LSTMBackward", lstm_bwd_op, lstm_backward, _setup_context_bwd, _backward_of_backward,
-                          transposed(_backward_of_backward), _save_for_forward_bwd)
+                          transposed(_backward_of_backward, "LSTM"), _save_for_forward_bwd)
 
 
 # --------------------------------------------------------------------------------------------------

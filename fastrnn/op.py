@@ -176,12 +176,29 @@ def saved_for_backward(save, op: str) -> None:
                            "requires grad: call it with save=True where a gradient is wanted")
 
 
-def transposed(backward):
+def refuse_nested(what: str, under_grad: bool = False) -> None:
+    """Raise ``NotImplementedError`` naming ``what`` where a forward-mode rule runs inside another
+    torch.func forward level (jvp of jvp, jacfwd of jacfwd), or, ``under_grad``, inside a reverse one:
+    the ops such a rule runs, torch hides from that level (forward grad is off inside a rule; an
+    ``autograd.grad`` inside one is a constant to it), so its derivative would silently be wrong."""
+    kinds = [level.key() for level in _functorch_levels() or ()]  # (the level running the rule included)
+    if kinds.count(_JVP) > 1 or (under_grad and _GRAD in kinds):
+        raise NotImplementedError(f"{what} is not supported")
+
+
+_functorch_levels = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)
+_JVP, _GRAD = torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Grad
+
+
+def transposed(backward, cell: str):
     """A backward op's ``jvp`` from its own ``backward`` (the backward of the backward, linear in the
     upstream gradients ``u`` of the op's outputs: ``J^T u``): the tangent ``J t`` is the gradient in u
     of ``<J^T u, t>`` (the double-vjp trick), taken by autograd through ``backward`` itself, at u = 0.
-    It reads the shapes of the op's outputs (``save_outputs_like``)."""
+    It reads the shapes of the op's outputs (``save_outputs_like``). Nested in a further transform it
+    refuses (``refuse_nested``): a third derivative of ``cell``."""
     def jvp(ctx, *tangents):
+        refuse_nested(f"a third derivative through fastrnn.{cell} (forward mode over a second derivative)",
+                      under_grad=True)
         with torch.enable_grad():
             u = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
                  for shape, dtype, device in ctx.outputs_like]

@@ -402,3 +402,40 @@ def test_gated_hessian_as_torchs_module(backend, cell):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     jacobians = [jacobian(y_of(ours))(w) for jacobian in (torch.func.jacfwd, torch.func.jacrev)]
     torch.testing.assert_close(*jacobians, rtol=1e-9, atol=1e-9)
+
+
+ORDERS = {  # derivatives of a scalar loss of w: (how, whether every cell has it; else refused for the gated ones)
+    "hessian": (lambda f: torch.func.hessian(f), True),
+    "jacrev of jacfwd": (lambda f: torch.func.jacrev(torch.func.jacfwd(f)), True),
+    "jacrev of jacrev": (lambda f: torch.func.jacrev(torch.func.jacrev(f)), True),
+    "jacfwd of jacfwd": (lambda f: torch.func.jacfwd(torch.func.jacfwd(f)), False),
+    "jacfwd of hessian": (lambda f: torch.func.jacfwd(torch.func.hessian(f)), False),
+    "jacrev of hessian": (lambda f: torch.func.jacrev(torch.func.hessian(f)), "rnn"),
+    "jacrev of jacrev of jacrev": (lambda f: torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(f))), "rnn"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)  # (the rules are the same on every backend)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_every_order_of_derivative_is_right_or_refused(backend, cell):
+    """Second and third derivatives through the op, each way torch.func composes them: the reference's
+    (float64), or a NotImplementedError where a rule would be invisible to an outer level (forward over
+    forward; the gated cells' third derivatives), never a silently wrong result (jacfwd of jacfwd gave
+    one through every cell, as did the gated cells' third derivatives by forward mode)."""
+    from fastrnn.gru import gru_recurrence, gru_reference
+    from fastrnn.lstm import lstm_recurrence, lstm_reference
+
+    torch.manual_seed(0)
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    x, w = torch.randn(3, 2, 2 * gates, dtype=F64), torch.randn(2 * gates, 2, dtype=F64)
+    run = {"rnn": (lambda fn: lambda w: fn(x, None, w, "tanh")[0], recurrence, recurrence_reference),
+           "lstm": (lambda fn: lambda w: fn(x, None, None, w)[0], lstm_recurrence, lstm_reference),
+           "gru": (lambda fn: lambda w: fn(x, None, w)[0], gru_recurrence, gru_reference)}[cell]
+    loss_ours, loss_ref = (lambda w, y=run[0](fn): y(w).pow(3).sum() for fn in run[1:])
+    for name, (order, everywhere) in ORDERS.items():
+        want = order(loss_ref)(w)
+        if everywhere is True or everywhere == cell:
+            torch.testing.assert_close(order(loss_ours)(w), want, rtol=1e-9, atol=1e-12, msg=name)
+        else:
+            with pytest.raises(NotImplementedError, match=rf"fastrnn\.{cell.upper() if cell != 'rnn' else 'RNN'}"):
+                order(loss_ours)(w)
