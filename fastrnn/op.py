@@ -34,14 +34,14 @@ class Differentiable:
 
     def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, save_for_forward=None,
                  inference=None):
-        def setup(ctx, inputs, output):
+        def setup(ctx, inputs, output, forward_mode=True):
             setup_context(ctx, inputs, output)
-            if save_for_forward is not None:
+            if save_for_forward is not None and forward_mode:
                 save_for_forward(ctx, inputs, output)
 
         def forward(ctx, *inputs):
             output = impl(*inputs) if runs_directly(inputs) else op(*inputs)  # (fake tensors: the op's fake runs)
-            setup(ctx, inputs, output)
+            setup(ctx, inputs, output, forward_ad._current_level >= 0)  # (jvp only where dual tensors may come)
             return output
 
         formulas = dict(backward=staticmethod(backward), **({"jvp": staticmethod(jvp)} if jvp else {}))
