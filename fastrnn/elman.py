@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, refuse_nested, with_defaults
+from .op import Differentiable, own_precision, save_for_derivatives, with_defaults
 from .sequence import (add_at, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
                        edge_step, enters, final_steps, previous_states, shifted, valid_steps)
 
@@ -162,7 +162,7 @@ def _(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
 
 def _setup_context(ctx, inputs, output):
     x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 8)
-    ctx.save_for_backward(output[0], h0, w_hh, lengths, resets)
+    save_for_derivatives(ctx, output[0], h0, w_hh, lengths, resets)
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
     ctx.set_materialize_grads(False)  # h_n's gradient stays None where the loss did not read it: no zeros made
 
@@ -200,7 +200,7 @@ def _backward(ctx, dy, dh_n):
 
 def _setup_context_bwd(ctx, inputs, output):
     dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 9)
-    ctx.save_for_backward(dy, dh_n, y, w_hh, lengths, resets, output)
+    save_for_derivatives(ctx, dy, dh_n, y, w_hh, lengths, resets, output)
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
 
 
@@ -244,8 +244,6 @@ def _backward_g(dy, dh_n, d_pre, w_hh, reverse, lengths, cut):
 
 @own_precision
 def _jvp(ctx, dx, dh0, dw, *_):
-    refuse_nested("forward mode over forward mode through fastrnn.RNN (jvp of jvp, jacfwd of jacfwd: take "
-                  "torch.func.hessian, or jacrev of jacrev)")
     y, h0, w_hh, lengths, resets = ctx.saved_tensors
     T, B, _ = y.shape
     cut = cut_steps(resets, ctx.reverse)
@@ -261,7 +259,6 @@ def _jvp(ctx, dx, dh0, dw, *_):
 
 @own_precision
 def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
-    refuse_nested("a third derivative through fastrnn.RNN by forward mode over forward mode (jacfwd of hessian)")
     dy, dh_n, y, w_hh, lengths, resets, d_pre = ctx.saved_tensors
     reverse = ctx.reverse
     cut = cut_steps(resets, reverse)
@@ -278,21 +275,9 @@ def _jvp_of_backward(ctx, d_dy, d_dh_n, d_y, d_w, *_):
     return u + s
 
 
-def _save_for_forward(ctx, inputs, output):
-    """What forward mode (``_jvp``) reads, as ``_setup_context`` saves it: y, h0, w_hh, lengths, resets."""
-    x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 8)
-    ctx.save_for_forward(output[0], h0, w_hh, lengths, resets)
-
-
-def _save_for_forward_bwd(ctx, inputs, output):
-    """What ``_jvp_of_backward`` reads, as ``_setup_context_bwd`` saves it."""
-    dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets = with_defaults(inputs, 9)
-    ctx.save_for_forward(dy, dh_n, y, w_hh, lengths, resets, output)
-
-
-ELMAN = Differentiable("Elman", elman_fwd_op, elman_forward, _setup_context, _backward, _jvp, _save_for_forward)
+ELMAN = Differentiable("Elman", elman_fwd_op, elman_forward, _setup_context, _backward, _jvp, cell="RNN")
 ELMAN_BWD = Differentiable("ElmanBackward", elman_bwd_op, elman_backward, _setup_context_bwd, _backward_of_backward,
-                           _jvp_of_backward, _save_for_forward_bwd)
+                           _jvp_of_backward, cell="RNN", of_backward=True)
 
 
 # --------------------------------------------------------------------------------------------------

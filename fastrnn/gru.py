@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
-from .op import (Differentiable, own_precision, refuse_nested, runs_directly, save_outputs_like,
-                 saved_for_backward, transforms_active, transposed, with_defaults)
+from .op import (Differentiable, own_precision, runs_directly, save_for_derivatives, saved_for_backward,
+                 transforms_active, transposed, with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -296,7 +296,7 @@ def _setup_context(ctx, inputs, output):
     x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets, save = with_defaults(inputs, 9)
     saved_for_backward(save, "gru_fwd")
     y, gates, _ = output
-    ctx.save_for_backward(y, gates, h0, w_hh, lengths, resets)
+    save_for_derivatives(ctx, y, gates, h0, w_hh, lengths, resets)
     ctx.has_b_hn, ctx.reverse, ctx.backend = b_hn is not None, reverse, backend
     ctx.set_materialize_grads(False)  # the gates' gradient stays None unless a second derivative has it
 
@@ -346,16 +346,8 @@ def _hidden_parts(d_x, gates, d_act=None):
 
 def _setup_context_bwd(ctx, inputs, output):
     dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets, gates_src = with_defaults(inputs, 11)
-    ctx.save_for_backward(dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0])
+    save_for_derivatives(ctx, dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0])
     ctx.reverse, ctx.sources = reverse, gates_src is not None
-
-
-def _save_for_forward_bwd(ctx, inputs, output):
-    """What forward mode over the backward (``transposed``: through ``_backward_of_backward``) reads, as
-    ``_setup_context_bwd`` saves it, and the outputs' shapes."""
-    dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets, gates_src = with_defaults(inputs, 11)
-    ctx.save_for_forward(dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0])
-    save_outputs_like(ctx, output)
 
 
 @own_precision
@@ -425,8 +417,6 @@ def _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk):
 @own_precision
 def _jvp(ctx, dx, dh0, dw_hh, db_hn, *_):
     """The tangents of y, the gate activations (r, z, n, hn) and h_n from those of the inputs."""
-    refuse_nested("forward mode over forward mode through fastrnn.GRU (jvp of jvp, jacfwd of jacfwd: take "
-                  "torch.func.hessian, or jacrev of jacrev)")
     y, gates, h0, w_hh, lengths, resets = ctx.saved_tensors
     walk = Walk(y.shape[0], lengths, resets, ctx.reverse, y.device)
     r, z, n, hn = gates.chunk(4, -1)
@@ -453,16 +443,10 @@ def _outside_terms(h_prev, dh0, dw_hh, db_hn, w_hh, walk):
     return walk.masked(out)
 
 
-def _save_for_forward(ctx, inputs, output):
-    """What ``_jvp`` reads, as ``_setup_context`` saves it."""
-    x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets, save = with_defaults(inputs, 9)
-    ctx.save_for_forward(output[0], output[1], h0, w_hh, lengths, resets)
-
-
-GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward, _jvp, _save_for_forward,
-                        inference={"save": False})
+GRU_OP = Differentiable("GRU", gru_fwd_op, gru_forward, _setup_context, _backward, _jvp,
+                        inference={"save": False}, cell="GRU")
 GRU_BWD = Differentiable("GRUBackward", gru_bwd_op, gru_backward, _setup_context_bwd, _backward_of_backward,
-                         transposed(_backward_of_backward, "GRU"), _save_for_forward_bwd)
+                         transposed(_backward_of_backward, "GRU"), cell="GRU", of_backward=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import (Differentiable, own_precision, refuse_nested, save_outputs_like, saved_for_backward, transposed,
+from .op import (Differentiable, own_precision, save_for_derivatives, saved_for_backward, transposed,
                  with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
@@ -316,7 +316,7 @@ def _setup_context(ctx, inputs, output):
     x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, save = with_defaults(inputs, 10)
     saved_for_backward(save, "lstm_fwd")
     y, c, gates = output[:3]
-    ctx.save_for_backward(y, c, gates, h0, c0, w_hh, w_hr, lengths, resets)
+    save_for_derivatives(ctx, y, c, gates, h0, c0, w_hh, w_hr, lengths, resets)
     ctx.reverse, ctx.backend = reverse, backend
     ctx.set_materialize_grads(False)  # c's and the gates' gradients stay None unless a second derivative has them
 
@@ -372,17 +372,8 @@ def _hidden_gradients(dy, dh_n, d_gates, w_hh, reverse, lengths, cut):
 def _setup_context_bwd(ctx, inputs, output):
     dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, dc_src, dz_src = \
         with_defaults(inputs, 16)
-    ctx.save_for_backward(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0])
+    save_for_derivatives(ctx, dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0])
     ctx.reverse, ctx.sources = reverse, dc_src is not None or dz_src is not None
-
-
-def _save_for_forward_bwd(ctx, inputs, output):
-    """What forward mode over the backward (``transposed``: through ``_backward_of_backward``) reads, as
-    ``_setup_context_bwd`` saves it, and the outputs' shapes."""
-    dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, dc_src, dz_src = \
-        with_defaults(inputs, 16)
-    ctx.save_for_forward(dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0])
-    save_outputs_like(ctx, output)
 
 
 @own_precision
@@ -464,8 +455,6 @@ def _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk):
 @own_precision
 def _jvp(ctx, dx, dh0, dc0, dw_hh, dw_hr, *_):
     """The tangents of y, c, the gate activations, h_n and c_n from those of the inputs."""
-    refuse_nested("forward mode over forward mode through fastrnn.LSTM (jvp of jvp, jacfwd of jacfwd: take "
-                  "torch.func.hessian, or jacrev of jacrev)")
     y, c, gates, h0, c0, w_hh, w_hr, lengths, resets = ctx.saved_tensors
     walk = Walk(c.shape[0], lengths, resets, ctx.reverse, c.device)
     E = dx if dx is not None else torch.zeros_like(gates)  # (T, B, 4H)
@@ -480,17 +469,10 @@ def _jvp(ctx, dx, dh0, dc0, dw_hh, dw_hr, *_):
     return H_, C, gate_slopes(gates) * E_, at_step(H_, walk.last), at_step(C, walk.last)
 
 
-def _save_for_forward(ctx, inputs, output):
-    """What ``_jvp`` reads, as ``_setup_context`` saves it."""
-    x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, save = with_defaults(inputs, 10)
-    y, c, gates = output[:3]
-    ctx.save_for_forward(y, c, gates, h0, c0, w_hh, w_hr, lengths, resets)
-
-
-LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward, _jvp, _save_for_forward,
-                         inference={"save": False})
+LSTM_OP = Differentiable("LSTM", lstm_fwd_op, lstm_forward, _setup_context, _backward, _jvp,
+                         inference={"save": False}, cell="LSTM")
 LSTM_BWD = Differentiable("LSTMBackward", lstm_bwd_op, lstm_backward, _setup_context_bwd, _backward_of_backward,
-                          transposed(_backward_of_backward, "LSTM"), _save_for_forward_bwd)
+                          transposed(_backward_of_backward, "LSTM"), cell="LSTM", of_backward=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,22 +29,28 @@ from torch.autograd import forward_ad
 
 class Differentiable:
     """``op`` (a custom op running ``impl``), differentiable by ``backward`` (and ``jvp``) after
-    ``setup_context`` (``save_for_forward`` where forward mode needs more), the same way in eager
-    mode, under torch.func transforms and under torch.compile."""
+    ``setup_context`` (which keeps its tensors with ``save_for_derivatives``: for forward mode too, where it may come),
+    the same way in eager mode, under torch.func transforms and under torch.compile. ``cell`` names the
+    module (``RNN``, ``LSTM``, ``GRU``) where a ``jvp`` refuses to nest (``refuse_nested``); a backward
+    op's (``of_backward``) is a further order."""
 
-    def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, save_for_forward=None,
-                 inference=None):
+    def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, inference=None, cell: str = "",
+                 of_backward: bool = False):
         def setup(ctx, inputs, output, forward_mode=True):
+            ctx.forward_mode = forward_mode
             setup_context(ctx, inputs, output)
-            if save_for_forward is not None and forward_mode:
-                save_for_forward(ctx, inputs, output)
+            if forward_mode:
+                save_outputs_like(ctx, output)
 
         def forward(ctx, *inputs):
-            output = impl(*inputs) if runs_directly(inputs) else op(*inputs)  # (fake tensors: the op's fake runs)
+            direct = not torch.compiler.is_compiling() and runs_directly(inputs)  # (Dynamo: the op, in its graph)
+            output = impl(*inputs) if direct else op(*inputs)  # (fake tensors: the op's fake runs)
             setup(ctx, inputs, output, forward_ad._current_level >= 0)  # (jvp only where dual tensors may come)
             return output
 
-        formulas = dict(backward=staticmethod(backward), **({"jvp": staticmethod(jvp)} if jvp else {}))
+        formulas = dict(backward=staticmethod(backward))
+        if jvp is not None:
+            formulas["jvp"] = staticmethod(unnested(jvp, cell, of_backward))
         self.op, self.impl = op, impl
         self.inference = inference or {}  # the keywords of a call that records no graph (save=False)
         self.eager = type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), **formulas))
@@ -176,6 +182,31 @@ def saved_for_backward(save, op: str) -> None:
                            "requires grad: call it with save=True where a gradient is wanted")
 
 
+def save_for_derivatives(ctx, *tensors) -> None:
+    """``ctx.save_for_backward(*tensors)``, and ``save_for_forward`` the same where forward mode may come
+    (``Differentiable`` sets ``ctx.forward_mode``): one list for both rules."""
+    ctx.save_for_backward(*tensors)
+    if getattr(ctx, "forward_mode", False):
+        ctx.save_for_forward(*tensors)
+
+
+def unnested(jvp, cell: str, of_backward: bool):
+    """``jvp``, refusing (``refuse_nested``) where it runs inside a further forward level: forward over
+    forward through fastrnn.``cell``, a third derivative where ``jvp`` is a backward op's."""
+    if of_backward:
+        what = f"a third derivative through fastrnn.{cell} by forward mode over forward mode (jacfwd of hessian)"
+    else:
+        what = (f"forward mode over forward mode through fastrnn.{cell} (jvp of jvp, jacfwd of jacfwd: take "
+                "torch.func.hessian, or jacrev of jacrev)")
+
+    @functools.wraps(jvp)
+    def checked(ctx, *tangents):
+        refuse_nested(what)
+        return jvp(ctx, *tangents)
+
+    return checked
+
+
 def refuse_nested(what: str, under_grad: bool = False) -> None:
     """Raise ``NotImplementedError`` naming ``what`` where a forward-mode rule runs inside another
     torch.func forward level (jvp of jvp, jacfwd of jacfwd), or, ``under_grad``, inside a reverse one:
@@ -194,11 +225,18 @@ def transposed(backward, cell: str):
     """A backward op's ``jvp`` from its own ``backward`` (the backward of the backward, linear in the
     upstream gradients ``u`` of the op's outputs: ``J^T u``): the tangent ``J t`` is the gradient in u
     of ``<J^T u, t>`` (the double-vjp trick), taken by autograd through ``backward`` itself, at u = 0.
-    It reads the shapes of the op's outputs (``save_outputs_like``). Nested in a further transform it
-    refuses (``refuse_nested``): a third derivative of ``cell``."""
+    It reads the shapes of the op's outputs (``save_outputs_like``). Inside a reverse level too it
+    refuses (``refuse_nested``): a third derivative of ``cell``; so it does where the backward's own
+    backward does (``ctx.sources``: the loss read c, the gates or a tangent), which autograd runs for a
+    gradient's tangent inside ``forward_ad.dual_level`` though nothing reads it."""
     def jvp(ctx, *tangents):
         refuse_nested(f"a third derivative through fastrnn.{cell} (forward mode over a second derivative)",
                       under_grad=True)
+        if getattr(ctx, "sources", False):
+            raise NotImplementedError(
+                f"third derivatives through fastrnn.{cell} are not supported: inside forward_ad.dual_level "
+                "autograd takes the tangent of every gradient, here of one of a loss that read c, the gates or "
+                "a tangent (take that gradient outside the dual level, or by torch.func.grad of torch.func.jvp)")
         with torch.enable_grad():
             u = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
                  for shape, dtype, device in ctx.outputs_like]
@@ -211,8 +249,10 @@ def transposed(backward, cell: str):
 
 
 def save_outputs_like(ctx, output) -> None:
-    """The shape, dtype and device of each of an op's outputs, for ``transposed``."""
-    ctx.outputs_like = [(o.shape, o.dtype, o.device) for o in output]
+    """The shape, dtype and device of each of an op's outputs, for ``transposed`` (``Differentiable``
+    keeps them where forward mode may come)."""
+    outputs = (output,) if isinstance(output, Tensor) else output
+    ctx.outputs_like = [(o.shape, o.dtype, o.device) for o in outputs]
 
 
 def with_defaults(inputs, n: int) -> tuple:

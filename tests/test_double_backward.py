@@ -273,6 +273,29 @@ def test_func_transforms_compiled_as_in_eager(backend, cell):
         torch.testing.assert_close(compiled(), transform(y_of(theirs), w), rtol=1e-9, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_vjp_in_the_initial_state_compiled_as_in_eager(backend, cell):
+    """``torch.func.vjp`` in h0, its pullback called inside ``torch.compile``: Dynamo compiles the
+    backward's frames one by one, and a frame it compiles takes the custom op into its graph (before,
+    the eager Function's frame ran the kernel's launcher under Dynamo: the interpreter raised)."""
+    torch.manual_seed(0)
+    ours = fastrnn.CELLS[cell].module(3, 4, dtype=F64)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    x, h0, dy = torch.randn(5, 2, 3, dtype=F64), torch.randn(1, 2, 4, dtype=F64), torch.randn(5, 2, 4, dtype=F64)
+
+    def pullback(module):
+        def y(h):
+            return module(x, (h, torch.zeros_like(h)) if cell == "lstm" else h)[0]
+
+        return lambda: torch.func.vjp(y, h0)[1](dy)[0]
+
+    torch._dynamo.reset()
+    got = torch.compile(pullback(ours), backend="aot_eager")()
+    torch.testing.assert_close(got, pullback(theirs)(), rtol=1e-9, atol=1e-9)
+
+
 def test_a_subclass_compiled_under_forward_mode_runs_its_forward_once():
     """A subclass's forward around ours, compiled and called on dual tensors: ours runs outside the
     graph, not the subclass's again (its input was doubled twice)."""

@@ -295,6 +295,37 @@ def test_third_derivative_is_a_clear_error(cell, monkeypatch):
 
 
 @BOTH
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_gradient_of_a_tangent_as_torchs_module_or_a_clear_error(backend, cell):
+    """The gradient of a loss of a forward-mode tangent (reverse over forward, a second derivative):
+    torch's module's, taken outside the dual level or by torch.func; inside the dual level, where
+    autograd takes that gradient's own tangent too (a third derivative), an error naming both ways."""
+    from torch.autograd import forward_ad
+
+    theirs, ours = pair(cell, 3, 4)
+    x, dx = torch.randn(5, 2, 3, dtype=F64), torch.randn(5, 2, 3, dtype=F64)
+
+    def grads(module, inside=False):
+        with forward_ad.dual_level():
+            tangent = forward_ad.unpack_dual(module(forward_ad.make_dual(x, dx))[0]).tangent
+            if inside:
+                return torch.autograd.grad(tangent.pow(2).sum(), module.weight_hh_l0)[0]
+        return torch.autograd.grad(tangent.pow(2).sum(), module.weight_hh_l0)[0]
+
+    def by_func(module):
+        def loss(w):
+            y = lambda x: torch.func.functional_call(module, {"weight_hh_l0": w}, (x,), strict=False)[0]
+            return torch.func.jvp(y, (x,), (dx,))[1].pow(2).sum()
+
+        return torch.func.grad(loss)(module.weight_hh_l0.detach())
+
+    torch.testing.assert_close(grads(ours), grads(theirs), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(by_func(ours), by_func(theirs), rtol=1e-9, atol=1e-12)
+    with pytest.raises(NotImplementedError, match=r"third derivatives .* outside the dual level, or by torch\.func"):
+        grads(ours, inside=True)
+
+
+@BOTH
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_dropout_draws_as_torch_draws(backend, cell, packed):
