@@ -488,6 +488,8 @@ class GRU(FusedRNNBase):
     """GRU, gate order r, z, n, ``n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))`` as
     ``torch.nn.GRU``; same arguments, shapes and results."""
 
+    cpu_autocast = False  # (torch's GRU is on none of the CPU autocast's lists: it runs in fp32 there)
+
     def __init__(self, *args, **kwargs) -> None:
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")

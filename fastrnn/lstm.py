@@ -338,7 +338,7 @@ def _backward(ctx, dy, d_c, d_act, dh_n, dc_n):
     dw_hr = None
     if w_hr is not None and need_w_hr:  # sum_t dh_t.T @ m_t, (P, H)
         dh = _hidden_gradients(dy, dh_n, d_gates, w_hh, reverse, lengths, cut)
-        dw_hr = dh.flatten(0, 1).T @ (gates.chunk(4, 2)[3] * c.tanh()).flatten(0, 1)
+        dw_hr = torch.tensordot(dh, gates.chunk(4, 2)[3] * c.tanh(), ([0, 1], [0, 1]))  # (legacy vmap: no flatten)
     dx_proj = d_gates if need_x else None
     dc0 = dc0 if c0 is not None and need_c0 else None
     return dx_proj, dh0, dc0, dw_hh, dw_hr, *[None] * (len(ctx.needs_input_grad) - 5)  # (the flags')

@@ -28,6 +28,8 @@ class FusedRNNBase(nn.RNNBase):
     """A cell says how one layer and direction runs (``_run_direction``) and what its state looks
     like (``_state_sizes``, ``_state_parts``, ``_public_state``: one part ``h`` unless it says more)."""
 
+    cpu_autocast = True  # whether torch's module lowers its precision under the CPU's autocast (not the GRU)
+
     def flatten_parameters(self) -> None:
         """Accepted for compatibility; the fused path needs no flat cuDNN weight buffer."""
 
@@ -69,6 +71,9 @@ class FusedRNNBase(nn.RNNBase):
             from .cells import cell_of  # (the registry imports the modules)
 
             return cell_of(self).torch_module.forward(self, input, hx)
+        if not self.cpu_autocast and data.is_cpu and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):  # in the module's own precision, as torch's
+                return FusedRNNBase.forward(self, input, hx, resets)
         x, state, packing, batched = self._prepare(input, hx)  # (T, B, I), parts (L * D, B, N)
         resets = self._time_major_resets(resets, input, x, batched)  # (T, B) or None
         output, state = self._run_layers(x, state, packing, resets)

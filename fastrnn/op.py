@@ -29,21 +29,22 @@ from torch.autograd import forward_ad
 
 class Differentiable:
     """``op`` (a custom op running ``impl``), differentiable by ``backward`` (and ``jvp``) after
-    ``setup_context`` (which keeps its tensors with ``save_for_derivatives``: for forward mode too, where it may come),
-    the same way in eager mode, under torch.func transforms and under torch.compile. ``cell`` names the
-    module (``RNN``, ``LSTM``, ``GRU``) where a ``jvp`` refuses to nest (``refuse_nested``); a backward
-    op's (``of_backward``) is a further order."""
+    ``setup_context`` (which keeps its tensors with ``save_for_derivatives``, for forward mode too where
+    it may come), the same way in eager mode, under torch.func transforms and under torch.compile.
+    Where ``jvp`` runs inside a further forward level it refuses (``unnested``), naming the module
+    ``cell`` (``RNN``, ``LSTM``, ``GRU``): forward over forward, or, for a backward op's
+    (``of_backward``), a third derivative."""
 
-    def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, inference=None, cell: str = "",
-                 of_backward: bool = False):
+    def __init__(self, name: str, op, impl, setup_context, backward, jvp=None, *, cell: str, of_backward=False,
+                 inference=None):
         def setup(ctx, inputs, output, forward_mode=True):
             ctx.forward_mode = forward_mode
             setup_context(ctx, inputs, output)
-            if forward_mode:
+            if forward_mode and getattr(jvp, "reads_outputs_like", False):
                 save_outputs_like(ctx, output)
 
         def forward(ctx, *inputs):
-            direct = not torch.compiler.is_compiling() and runs_directly(inputs)  # (Dynamo: the op, in its graph)
+            direct = not torch.compiler.is_compiling() and self.direct(inputs)  # (Dynamo: the op, in its graph)
             output = impl(*inputs) if direct else op(*inputs)  # (fake tensors: the op's fake runs)
             setup(ctx, inputs, output, forward_ad._current_level >= 0)  # (jvp only where dual tensors may come)
             return output
@@ -52,6 +53,7 @@ class Differentiable:
         if jvp is not None:
             formulas["jvp"] = staticmethod(unnested(jvp, cell, of_backward))
         self.op, self.impl = op, impl
+        self.direct = runs_directly if not of_backward else upstream_unbatched  # (may the impl run directly)
         self.inference = inference or {}  # the keywords of a call that records no graph (save=False)
         self.eager = type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), **formulas))
         self.transformable = type(name + "ForTransforms", (torch.autograd.Function,), dict(
@@ -68,7 +70,7 @@ class Differentiable:
                 return run_eagerly(self.eager.apply, *args)
             return self.op(*args, **self.keywords(args))
         if not differentiated(args):  # no graph to record (inference, no_grad): no Function either
-            return self.impl(*args, **self.inference) if runs_directly(args) else self.op(*args, **self.keywords(args))
+            return self.impl(*args, **self.inference) if self.direct(args) else self.op(*args, **self.keywords(args))
         if _tracing():  # torch.jit.trace records the op as it does under no_grad (its check traces there)
             return self.op(*args)
         return self.eager.apply(*args)
@@ -135,7 +137,19 @@ def runs_directly(inputs) -> bool:
     return True
 
 
+def upstream_unbatched(inputs) -> bool:
+    """``runs_directly`` for a backward op, whose first inputs are the upstream gradients, unless one
+    is batched by torch's legacy vmap (``autograd.grad(..., is_grads_batched=True)``,
+    ``jacobian(vectorize=True)``), which knows no Function's vmap rule: there the custom op, which the
+    dispatcher's fallback runs once per element. (About 0.8 µs a backward call.)"""
+    for g in inputs[:3]:
+        if isinstance(g, Tensor):
+            return "Batched" not in str(_dispatch_keys(g)) and runs_directly(inputs)
+    return runs_directly(inputs)
+
+
 _PLAIN = (Tensor, torch.nn.Parameter)
+_dispatch_keys = torch._C._dispatch_keys
 _dispatch_modes, _function_modes = torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled
 _tracing, _profiling = torch._C._get_tracing_state, torch._C._autograd._profiler_enabled
 
@@ -194,7 +208,7 @@ def unnested(jvp, cell: str, of_backward: bool):
     """``jvp``, refusing (``refuse_nested``) where it runs inside a further forward level: forward over
     forward through fastrnn.``cell``, a third derivative where ``jvp`` is a backward op's."""
     if of_backward:
-        what = f"a third derivative through fastrnn.{cell} by forward mode over forward mode (jacfwd of hessian)"
+        what = f"a third derivative through fastrnn.{cell} by forward mode over forward mode (jvp of jvp of grad)"
     else:
         what = (f"forward mode over forward mode through fastrnn.{cell} (jvp of jvp, jacfwd of jacfwd: take "
                 "torch.func.hessian, or jacrev of jacrev)")
@@ -224,11 +238,13 @@ _JVP, _GRAD = torch._C._functorch.TransformType.Jvp, torch._C._functorch.Transfo
 def transposed(backward, cell: str):
     """A backward op's ``jvp`` from its own ``backward`` (the backward of the backward, linear in the
     upstream gradients ``u`` of the op's outputs: ``J^T u``): the tangent ``J t`` is the gradient in u
-    of ``<J^T u, t>`` (the double-vjp trick), taken by autograd through ``backward`` itself, at u = 0.
-    It reads the shapes of the op's outputs (``save_outputs_like``). Inside a reverse level too it
-    refuses (``refuse_nested``): a third derivative of ``cell``; so it does where the backward's own
-    backward does (``ctx.sources``: the loss read c, the gates or a tangent), which autograd runs for a
-    gradient's tangent inside ``forward_ad.dual_level`` though nothing reads it."""
+    of ``<J^T u, t>`` (the double-vjp trick), taken by autograd through ``backward`` itself, at u = 0,
+    with its graph where grad mode records (so the gradient of a Hessian-vector product taken on dual
+    tensors, a third derivative, is right). It reads the shapes of the op's outputs
+    (``save_outputs_like``). Inside a reverse level too it refuses (``refuse_nested``): a third
+    derivative of ``cell``; so it does where the backward's own backward does (``ctx.sources``: the
+    loss read c, the gates or a tangent), which autograd runs for a gradient's tangent inside
+    ``forward_ad.dual_level`` though nothing reads it."""
     def jvp(ctx, *tangents):
         refuse_nested(f"a third derivative through fastrnn.{cell} (forward mode over a second derivative)",
                       under_grad=True)
@@ -237,22 +253,24 @@ def transposed(backward, cell: str):
                 f"third derivatives through fastrnn.{cell} are not supported: inside forward_ad.dual_level "
                 "autograd takes the tangent of every gradient, here of one of a loss that read c, the gates or "
                 "a tangent (take that gradient outside the dual level, or by torch.func.grad of torch.func.jvp)")
+        recorded = torch.is_grad_enabled()  # (then the tangent keeps its graph, for a third derivative)
         with torch.enable_grad():
             u = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
                  for shape, dtype, device in ctx.outputs_like]
             grads = backward(ctx, *u)
             terms = [(g * t).sum() for g, t in zip(grads, tangents) if g is not None and t is not None]
-            d = torch.autograd.grad(sum(terms), u, allow_unused=True) if terms else [None] * len(u)
+            d = [None] * len(u)
+            if terms:
+                d = torch.autograd.grad(sum(terms), u, allow_unused=True, create_graph=recorded)
         return tuple(torch.zeros_like(x) if dx is None else dx for dx, x in zip(d, u))
 
+    jvp.reads_outputs_like = True  # (Differentiable keeps them where forward mode may come)
     return jvp
 
 
 def save_outputs_like(ctx, output) -> None:
-    """The shape, dtype and device of each of an op's outputs, for ``transposed`` (``Differentiable``
-    keeps them where forward mode may come)."""
-    outputs = (output,) if isinstance(output, Tensor) else output
-    ctx.outputs_like = [(o.shape, o.dtype, o.device) for o in outputs]
+    """The shape, dtype and device of each of an op's outputs, for ``transposed``."""
+    ctx.outputs_like = [(o.shape, o.dtype, o.device) for o in output]
 
 
 def with_defaults(inputs, n: int) -> tuple:

@@ -348,15 +348,22 @@ def test_dropout_draws_as_torch_draws(backend, cell, packed):
     assert rel_err(outputs[1][1], outputs[0][1]) <= 1e-9
 
 
-@pytest.mark.parametrize("cell,proj_size", [("lstm", 0), ("lstm", 2), ("gru", 0)])
-def test_gradcheck_with_batched_gradients(cell, proj_size):
-    """vmap over the backward (torch.autograd.gradcheck's check_batched_grad, as PyTorch's own module
-    tests run it): the backward formulas work out of place."""
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell,proj_size", [("rnn", 0), ("lstm", 0), ("lstm", 2), ("gru", 0)])
+def test_gradcheck_with_batched_gradients(backend, cell, proj_size):
+    """vmap over the backward by torch's legacy vmap (gradcheck's check_batched_grad, as PyTorch's own
+    module tests run it; ``jacobian(vectorize=True)``): torch's module's Jacobian on every path (before,
+    the twins and the kernels' launchers ran on batched tensors and raised; on ``auto`` torch's own
+    module ran, as it does on the CPU)."""
     torch.manual_seed(0)
     kwargs = dict(proj_size=proj_size) if proj_size else {}
-    m = CELLS[cell][1](3, 4, 2, dtype=F64, **kwargs)
-    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: m(x)[0], (x,), check_batched_grad=True)
+    ours = fastrnn.CELLS[cell].module(3, 4, 2 if backend != "triton" else 1, dtype=F64, **kwargs)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, ours.num_layers, dtype=F64, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ours(x)[0], (x,), check_batched_grad=True)
+    jacobians = [torch.autograd.functional.jacobian(lambda x: m(x)[0], x, vectorize=True) for m in (ours, theirs)]
+    torch.testing.assert_close(*jacobians, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
