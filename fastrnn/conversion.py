@@ -10,6 +10,12 @@ holding the very same ``Parameter`` objects: an optimizer built before still upd
 * its hooks, in the very same dictionaries, so a ``RemovableHandle`` taken before still removes the
   hook (``torch.nn.utils.weight_norm`` and pruning, which work by hooks, keep working).
 
+``convert(model, to="torch")`` goes the other way, the same way: every fastrnn module becomes the
+torch module of its configuration. fastrnn's modules subclass ``torch.nn.RNNBase``, not torch's
+RNN, LSTM and GRU, so code that picks modules by class does not see them: converted back, a model
+takes ``torch.ao.quantization.quantize_dynamic``, ``torch.fx.symbolic_trace`` (which
+keeps torch's modules as leaves) and ``isinstance(m, nn.LSTM)`` as it did before.
+
 Left alone: subclasses of the torch modules (their own ``forward`` may rely on torch's; a
 parametrized module, ``torch.nn.utils.parametrize``, is one), fastrnn's own modules (so converting
 twice changes nothing), and references to a torch module from outside the module tree (a plain
@@ -23,7 +29,7 @@ import warnings
 
 from torch import nn
 
-from .cells import CELLS, Cell
+from .cells import CELLS
 
 # What holds a module's structure: copied, so that the old module and the new one stop changing
 # together. Every other attribute (hooks' dictionaries included) is carried over as the same object.
@@ -31,22 +37,27 @@ STRUCTURE = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules
              "_flat_weight_refs", "_flat_weights_names", "_all_weights")
 
 
-def convert(module: nn.Module) -> nn.Module:
-    """``module`` with every ``torch.nn.RNN`` / ``LSTM`` / ``GRU`` in it replaced by fastrnn's.
+def convert(module: nn.Module, to: str = "fastrnn") -> nn.Module:
+    """``module`` with every ``torch.nn.RNN`` / ``LSTM`` / ``GRU`` in it replaced by fastrnn's (``to=
+    "torch"``: every fastrnn module by torch's).
 
     Returns a new module when ``module`` itself is one of them, else ``module``, changed in place.
-    A torch module registered at several places becomes one fastrnn module registered at all of
-    them. Outputs, gradients and parameters are those of the model before; see the module's
-    docstring for what else is kept and what is left alone."""
-    cells = {cell.torch_module: cell for cell in CELLS.values()}
-    converted = {}  # id(torch module) -> its fastrnn module, so a shared module stays shared
+    A module registered at several places becomes one new module registered at all of them.
+    Outputs, gradients and parameters are those of the model before; see the module's docstring for
+    what else is kept and what is left alone."""
+    if to not in ("fastrnn", "torch"):
+        raise ValueError(f"to must be 'fastrnn' or 'torch', got {to!r}")
+    targets = {cell.torch_module: cell.module for cell in CELLS.values()}
+    if to == "torch":
+        targets = {new: old for old, new in targets.items()}
+    converted = {}  # id(module) -> its new module, so a shared module stays shared
     root = module
     for path, child in list(module.named_modules(remove_duplicate=False)):
-        cell = cells.get(type(child))
-        if cell is None:
+        target = targets.get(type(child))
+        if target is None:
             continue
         if id(child) not in converted:
-            converted[id(child)] = fastrnn_twin(child, cell)
+            converted[id(child)] = rebuilt(child, target)
         if path == "":
             root = converted[id(child)]
         else:
@@ -55,13 +66,13 @@ def convert(module: nn.Module) -> nn.Module:
     return root
 
 
-def fastrnn_twin(rnn: nn.RNNBase, cell: Cell) -> nn.RNNBase:
-    """A ``cell.module`` that is ``rnn`` with fastrnn's forward: built by fastrnn's constructor for
+def rebuilt(rnn: nn.RNNBase, target: type) -> nn.RNNBase:
+    """A ``target`` module that is ``rnn`` with ``target``'s forward: built by its constructor for
     ``rnn``'s configuration (on the meta device, so nothing is allocated and no random number is
     drawn), then given ``rnn``'s attributes: its parameters, buffers, hooks and the rest."""
-    with warnings.catch_warnings():  # the torch module gave them when it was built (dropout, ...)
+    with warnings.catch_warnings():  # the module gave them when it was built (dropout, ...)
         warnings.simplefilter("ignore", UserWarning)
-        twin = cell.module(**configuration(rnn), device="meta", dtype=rnn.weight_ih_l0.dtype)
+        twin = target(**configuration(rnn), device="meta", dtype=rnn.weight_ih_l0.dtype)
     for key, value in vars(rnn).items():
         twin.__dict__[key] = copy.copy(value) if key in STRUCTURE else value
     return twin

@@ -176,3 +176,42 @@ def test_device_and_dtype_are_kept_without_warnings_or_random_numbers():
         new = fastrnn.convert(lstm)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.device.type == "meta" and p.dtype == torch.float16 for p in new.parameters())
+
+
+@pytest.mark.parametrize("cell", CELLS.values(), ids=CELLS)
+def test_converted_back_is_torchs_module_again(cell):
+    """``convert(model, to="torch")`` undoes ``convert(model)``: torch's class, the same Parameter
+    objects and torch's very results; so code that picks modules by class sees it again
+    (``torch.fx.symbolic_trace`` keeps it as a leaf, which traced fastrnn's forward and failed)."""
+    torch.manual_seed(0)
+    model = Tagger(torch_rnn(cell))
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    want, params = model(x), list(model.parameters())
+    fastrnn.convert(model)
+    assert fastrnn.convert(model, to="torch") is model and type(model.rnn) is cell.torch_module
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert torch.equal(model(x), want)
+    assert torch.equal(torch.fx.symbolic_trace(model)(x), want)
+    with pytest.raises(ValueError, match="to must be 'fastrnn' or 'torch'"):
+        fastrnn.convert(model, to="cudnn")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_quantize_dynamic_after_converting_back(cell):
+    """``quantize_dynamic`` maps modules by their exact class: fastrnn's it leaves in float; converted
+    back, one is quantized as torch's module with its weights is."""
+    quantization = pytest.importorskip("torch.ao.quantization")
+
+    torch.manual_seed(0)
+    ours = CELLS[cell].module(4, 5)
+    theirs = CELLS[cell].torch_module(4, 5)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 4)
+    with warnings.catch_warnings():  # (torch.ao.quantization's deprecation)
+        warnings.simplefilter("ignore")
+        left = quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(ours)), {nn.LSTM, nn.GRU})
+        got = quantization.quantize_dynamic(nn.Sequential(fastrnn.convert(ours, to="torch")), {nn.LSTM, nn.GRU})
+        want = quantization.quantize_dynamic(nn.Sequential(theirs), {nn.LSTM, nn.GRU})
+    assert type(left[0]) is CELLS[cell].module
+    assert type(got[0]) is type(want[0]) and type(want[0]).__module__.startswith("torch.ao.nn.quantized")
+    assert torch.equal(got(x)[0], want(x)[0])
