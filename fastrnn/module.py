@@ -261,9 +261,11 @@ def _dropout(x: Tensor, p: float, packing) -> Tensor:
 
 def _check_batch_sizes(data: Tensor, batch_sizes: Tensor) -> None:
     """A packed batch layout torch.nn.RNN would choke on gets a clear error instead."""
-    if batch_sizes.dtype != torch.int64 or batch_sizes.dim() != 1 or batch_sizes.numel() == 0:
-        raise TypeError(f"packed input: batch_sizes must be a non-empty 1-D int64 tensor, got "
+    if batch_sizes.dtype != torch.int64 or batch_sizes.dim() != 1:
+        raise TypeError(f"packed input: batch_sizes must be a 1-D int64 tensor, got "
                         f"{batch_sizes.dtype} of shape {tuple(batch_sizes.shape)}")
+    if batch_sizes.numel() == 0:  # (torch's module: an IndexError too)
+        raise IndexError("packed input: batch_sizes is empty (no time step)")
     batch_sizes = batch_sizes.cpu()
     if (batch_sizes[1:] > batch_sizes[:-1]).any() or int(batch_sizes.min()) < 0:
         raise RuntimeError(f"packed input: batch_sizes must be non-increasing and >= 0 (sequences "

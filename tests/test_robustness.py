@@ -98,6 +98,7 @@ def test_batch_first_with_expanded_input(backend):
     ("increasing", RuntimeError, "non-increasing"),
     ("rows", RuntimeError, "rows"),
     ("float", TypeError, "int64"),
+    ("empty", IndexError, "empty"),  # (torch's module: an IndexError)
 ])
 def test_bad_packed_layout(backend, case, exc, words):
     ours = RNN(2, 3)
@@ -105,6 +106,7 @@ def test_bad_packed_layout(backend, case, exc, words):
         "increasing": PackedSequence(torch.randn(3, 2), torch.tensor([1, 2])),
         "rows": PackedSequence(torch.randn(4, 2), torch.tensor([2, 1])),
         "float": PackedSequence(torch.randn(3, 2), torch.tensor([2.0, 1.0])),
+        "empty": PackedSequence(torch.randn(0, 2), torch.tensor([], dtype=torch.int64)),
     }[case]
     with pytest.raises(exc, match=words):
         ours(packed)
