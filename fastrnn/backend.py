@@ -84,10 +84,14 @@ def get_backend(device: torch.device) -> str:
 
 def torch_module_runs(x: torch.Tensor, resets) -> bool:
     """Whether a module's call on ``x`` runs torch's own module: under ``auto``, for fp32/fp64 CPU
-    tensors, without resets, outside torch.compile (which keeps the fused ops in its graph). (A
-    GPU tensor is told by its flag, without reading the environment.)"""
-    return (x.is_cpu and resets is None and x.dtype in (torch.float32, torch.float64)
+    tensors (complex ones too, which only torch's module computes), without resets, outside
+    torch.compile (which keeps the fused ops in its graph). (A GPU tensor is told by its flag,
+    without reading the environment.)"""
+    return (x.is_cpu and resets is None and x.dtype in _TORCH_MODULE_DTYPES
             and requested_backend() == "auto" and not torch.compiler.is_compiling())
+
+
+_TORCH_MODULE_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
 @memo

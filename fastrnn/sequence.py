@@ -114,7 +114,7 @@ def valid_steps(T: int, lengths: torch.Tensor | None, device) -> torch.Tensor | 
     """(T, B, 1) bool mask of the steps each sequence takes, or None for full sequences."""
     if lengths is None:
         return None
-    lengths = lengths.to(device)
+    lengths = torch.as_tensor(lengths, device=device)  # (a list too, as the ops take)
     return (torch.arange(T, device=device)[:, None] < lengths[None, :]).unsqueeze(-1)
 
 
@@ -183,8 +183,12 @@ def _rows_index(x: torch.Tensor, step):
 
 
 def check_operands(x_proj: torch.Tensor, **operands: torch.Tensor | None) -> None:
-    """Each operand given (None skipped) has x_proj's dtype and device."""
+    """x_proj is floating point (as every path computes: the twins' too, which would drop a complex
+    input's imaginary part or round an integer one), and each operand given (None skipped) has its
+    dtype and device."""
     dtype, device = x_proj.dtype, x_proj.device
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"x_proj must be float16, bfloat16, float32 or float64, got {dtype}")
     for name, t in operands.items():
         if t is None:
             continue

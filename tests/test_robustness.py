@@ -112,6 +112,53 @@ def test_bad_packed_layout(backend, case, exc, words):
         ours(packed)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex128])
+def test_the_ops_refuse_what_they_cannot_compute(backend, dtype):
+    """Integer or complex operands: a TypeError naming the dtype on every path (before, the twins
+    returned the LSTM's and GRU's in int64, the GRU's all zeros, or dropped the imaginary part)."""
+    import fastrnn
+
+    x = torch.ones(3, 2, 12, dtype=dtype)
+    calls = {"rnn": lambda: fastrnn.recurrence(x[..., :4], None, torch.ones(4, 4, dtype=dtype)),
+             "lstm": lambda: fastrnn.lstm_recurrence(x, None, None, torch.ones(12, 3, dtype=dtype)),
+             "gru": lambda: fastrnn.gru_recurrence(x[..., :9], None, torch.ones(9, 3, dtype=dtype))}
+    for cell, call in calls.items():
+        with pytest.raises(TypeError, match=f"x_proj must be float16, bfloat16, float32 or float64, got {dtype}"):
+            call()
+
+
+def test_the_references_take_lengths_as_the_ops_do():
+    """A list of lengths, which the ops take, the references take too (they raised AttributeError)."""
+    import fastrnn
+
+    torch.manual_seed(0)
+    for cell in fastrnn.CELLS.values():
+        x, w = torch.randn(3, 2, 4 * cell.gates, dtype=F64), torch.randn(4 * cell.gates, 4, dtype=F64)
+        args = (x, None, None, w) if cell.name == "lstm" else (x, None, w)
+        torch.testing.assert_close(cell.reference(*args, lengths=[3, 2])[0],
+                                   cell.recurrence(*args, lengths=torch.tensor([3, 2]))[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_complex_modules_on_the_cpu(backend, cell):
+    """torch's modules compute complex128 on the CPU: an ``auto`` call runs torch's module (the same
+    results); a path that cannot (the twins, resets) refuses with a TypeError, never drops the
+    imaginary part."""
+    import fastrnn
+
+    torch.manual_seed(0)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, dtype=torch.complex128)
+    ours = fastrnn.CELLS[cell].module(3, 4, dtype=torch.complex128)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.complex128)
+    if backend == "auto":
+        assert torch.equal(ours(x)[0], theirs(x)[0])
+    with pytest.raises(TypeError, match="got torch.complex128"):
+        ours(x, resets=torch.zeros(5, 2, dtype=torch.bool))
+
+
 @BOTH
 def test_refusals_happen_before_any_kernel(backend, monkeypatch):
     import fastrnn.elman as ops
