@@ -286,7 +286,7 @@ def _unpack(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rows = torch.arange(T * B).view(T, B)[valid]  # (sum(lengths),)
     lengths, rows = _to_device(lengths, data.device), _to_device(rows, data.device)
     x = data.new_zeros(T * B, data.size(-1)).index_copy(0, rows, data)
-    return x.view(T, B, -1), lengths, rows
+    return x.view(T, B, data.size(-1)), lengths, rows
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -112,6 +112,21 @@ def test_bad_packed_layout(backend, case, exc, words):
         ours(packed)
 
 
+@BOTH
+def test_a_packed_batch_of_no_rows_gives_torchs_empty_results(backend):
+    """``batch_sizes=[0]`` (one step, no sequence in it): torch's module returns empty results; ours
+    raised from a reshape of zero elements."""
+    import fastrnn
+
+    packed = PackedSequence(torch.randn(0, 3), torch.tensor([0]))
+    for cell in fastrnn.CELLS.values():
+        theirs, ours = cell.torch_module(3, 4), cell.module(3, 4)
+        ours.load_state_dict(theirs.state_dict())
+        (y1, s1), (y2, s2) = theirs(packed), ours(packed)
+        assert y2.data.shape == y1.data.shape and torch.equal(y2.batch_sizes, y1.batch_sizes)
+        assert [t.shape for t in pytree.tree_leaves(s2)] == [t.shape for t in pytree.tree_leaves(s1)]
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex128])
 def test_the_ops_refuse_what_they_cannot_compute(backend, dtype):
