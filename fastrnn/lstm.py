@@ -539,6 +539,9 @@ class LSTM(FusedRNNBase):
         x_proj = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # (T, B, 4H)
         w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
         h0, c0 = start if start else (None, None)
+        c0_dtype = c0.dtype if c0 is not None else x.dtype
         w_hh, w_hr, h0, c0 = as_dtype(x_proj.dtype, w_hh, w_hr, h0, c0)
         y, h_n, c_n = lstm_recurrence(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, resets)
+        if w_hr is not None and x.is_cpu and torch.is_autocast_enabled("cpu"):  # as torch's, whose CPU path
+            c_n = c_n.to(torch.promote_types(c0_dtype, c_n.dtype))  # with a projection carries c in c0's dtype
         return y, (h_n, c_n)

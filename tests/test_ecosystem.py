@@ -163,22 +163,26 @@ def test_cpu_autocast_behaves_as_torch(backend):
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
-@pytest.mark.parametrize("cell,compiled", [("lstm", False), ("gru", False), ("gru", True)])
-def test_cpu_autocast_gives_torchs_dtypes_for_every_cell(backend, cell, compiled):
-    """Under the CPU's bf16 autocast torch's LSTM returns bf16 and its GRU, on none of the CPU
-    autocast's lists, fp32 (its products inside in bf16): ours gives the same dtypes, eager and
-    compiled, and results within bf16's tolerance (before, the twins' GRU returned bf16 there)."""
+@pytest.mark.parametrize("cell,proj_size,compiled", [("lstm", 0, False), ("lstm", 3, False), ("lstm", 3, True),
+                                                     ("gru", 0, False), ("gru", 0, True)])
+def test_cpu_autocast_gives_torchs_dtypes_for_every_cell(backend, cell, proj_size, compiled):
+    """Under the CPU's bf16 autocast torch's LSTM returns bf16 (but with a projection c_n in fp32: its
+    CPU path carries c in c0's dtype there) and its GRU, on none of the CPU autocast's lists, fp32
+    (its products inside in bf16): ours gives the same dtypes, eager and compiled, and results within
+    bf16's tolerance (before, the twins' GRU returned bf16 there, and the projected LSTM's c_n)."""
     torch.manual_seed(2)
-    ref = fastrnn.CELLS[cell].torch_module(6, 8, 2, bidirectional=True)
-    ours = fastrnn.CELLS[cell].module(6, 8, 2, bidirectional=True)
+    kwargs = dict(proj_size=proj_size) if proj_size else {}
+    ref = fastrnn.CELLS[cell].torch_module(6, 8, 2, bidirectional=True, **kwargs)
+    ours = fastrnn.CELLS[cell].module(6, 8, 2, bidirectional=True, **kwargs)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(5, 3, 6)
     run = torch.compile(ours, backend="aot_eager") if compiled else ours
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (y1, h1), (y2, h2) = ref(x), run(x)
-    states = zip(h1, h2) if cell == "lstm" else [(h1, h2)]
+    states = list(zip(h1, h2)) if cell == "lstm" else [(h1, h2)]
     assert y2.dtype == y1.dtype and all(a.dtype == b.dtype for a, b in states)
-    torch.testing.assert_close(y2.float(), y1.float(), rtol=3e-2, atol=3e-2)
+    for a, b in [(y1, y2), *states]:
+        torch.testing.assert_close(b.float(), a.float(), rtol=3e-2, atol=3e-2)
 
 
 @BOTH
