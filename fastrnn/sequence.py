@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import torch
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what every path computes in
+
+
+def check_floating(name: str, x: torch.Tensor) -> None:
+    """``x`` is in one of ``FLOATS``: a TypeError naming it (a twin would drop a complex input's
+    imaginary part or round an integer one; a kernel would read garbage)."""
+    if x.dtype not in FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision of states and sums: fp64 for fp64, else fp32 (as the kernels accumulate)."""
@@ -183,12 +192,10 @@ def _rows_index(x: torch.Tensor, step):
 
 
 def check_operands(x_proj: torch.Tensor, **operands: torch.Tensor | None) -> None:
-    """x_proj is floating point (as every path computes: the twins' too, which would drop a complex
-    input's imaginary part or round an integer one), and each operand given (None skipped) has its
+    """x_proj is floating point (``check_floating``), and each operand given (None skipped) has its
     dtype and device."""
+    check_floating("x_proj", x_proj)
     dtype, device = x_proj.dtype, x_proj.device
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"x_proj must be float16, bfloat16, float32 or float64, got {dtype}")
     for name, t in operands.items():
         if t is None:
             continue

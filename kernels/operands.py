@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the kernels compute in
+from ..sequence import FLOATS, check_floating
+
 INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)  # what lengths may be
 
 
@@ -20,8 +21,7 @@ def expect_sequence(name: str, x: torch.Tensor, gates: int = 1) -> tuple[int, in
     if x.dim() != 3 or x.shape[2] % gates != 0:
         units = f"{gates}H" if gates > 1 else "H"
         raise ValueError(f"{name} must be (T, B, {units}), got shape {tuple(x.shape)}")
-    if x.dtype not in FLOATS:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_floating(name, x)
     T, B, G = x.shape
     return T, B, G // gates
 
