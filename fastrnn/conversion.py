@@ -8,7 +8,10 @@ holding the very same ``Parameter`` objects: an optimizer built before still upd
 * its training mode, and its device and dtype (the parameters themselves are kept);
 * every attribute set on it, buffers and child modules included (``qconfig``, a pruning mask, ...);
 * its hooks, in the very same dictionaries, so a ``RemovableHandle`` taken before still removes the
-  hook (``torch.nn.utils.weight_norm`` and pruning, which work by hooks, keep working).
+  hook (``torch.nn.utils.weight_norm`` and pruning, which work by hooks, keep working);
+* its parametrizations (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``,
+  ``spectral_norm``, ``orthogonal``, your own): the new module is parametrized by the very same
+  parametrization modules, and ``remove_parametrizations`` leaves the new module's plain class.
 
 ``convert(model, to="torch")`` goes the other way, the same way: every fastrnn module becomes the
 torch module of its configuration. fastrnn's modules subclass ``torch.nn.RNNBase``, not torch's
@@ -16,9 +19,9 @@ RNN, LSTM and GRU, so code that picks modules by class does not see them: conver
 takes ``torch.ao.quantization.quantize_dynamic``, ``torch.fx.symbolic_trace`` (which
 keeps torch's modules as leaves) and ``isinstance(m, nn.LSTM)`` as it did before.
 
-Left alone: subclasses of the torch modules (their own ``forward`` may rely on torch's; a
-parametrized module, ``torch.nn.utils.parametrize``, is one), fastrnn's own modules (so converting
-twice changes nothing), and references to a torch module from outside the module tree (a plain
+Left alone: subclasses of the torch modules (their own ``forward`` may rely on torch's; the class
+``parametrize`` makes, which only adds the parametrized names, is not one of them), fastrnn's own
+modules (so converting twice changes nothing), and references to a torch module from outside the module tree (a plain
 list, an optimizer's closure): they keep the torch module, which shares its parameters and hooks.
 """
 
@@ -28,6 +31,7 @@ import copy
 import warnings
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .cells import CELLS
 
@@ -53,7 +57,7 @@ def convert(module: nn.Module, to: str = "fastrnn") -> nn.Module:
     converted = {}  # id(module) -> its new module, so a shared module stays shared
     root = module
     for path, child in list(module.named_modules(remove_duplicate=False)):
-        target = targets.get(type(child))
+        target = targets.get(class_before_parametrizations(child))
         if target is None:
             continue
         if id(child) not in converted:
@@ -72,10 +76,32 @@ def rebuilt(rnn: nn.RNNBase, target: type) -> nn.RNNBase:
     drawn), then given ``rnn``'s attributes: its parameters, buffers, hooks and the rest."""
     with warnings.catch_warnings():  # the module gave them when it was built (dropout, ...)
         warnings.simplefilter("ignore", UserWarning)
-        twin = target(**configuration(rnn), device="meta", dtype=rnn.weight_ih_l0.dtype)
+        # (the dtype from _flat_weights: reading a parametrized weight would run its parametrization)
+        twin = target(**configuration(rnn), device="meta", dtype=rnn._flat_weights[0].dtype)
     for key, value in vars(rnn).items():
         twin.__dict__[key] = copy.copy(value) if key in STRUCTURE else value
+    if parametrize.is_parametrized(rnn):
+        twin.__class__ = parametrized(target, type(rnn))
     return twin
+
+
+def class_before_parametrizations(module: nn.Module) -> type:
+    """``module``'s class, or, where ``parametrize`` made it (a subclass of the class before, with a
+    property for each parametrized name and, beside those, only ``__dunder__`` names), the class
+    before."""
+    cls = type(module)
+    if not parametrize.is_parametrized(module) or len(cls.__bases__) != 1:
+        return cls
+    own = {name: value for name, value in vars(cls).items() if not (name[:2] == name[-2:] == "__")}
+    made = all(isinstance(value, property) and name in module.parametrizations for name, value in own.items())
+    return cls.__bases__[0] if made else cls
+
+
+def parametrized(target: type, made: type) -> type:
+    """The class ``parametrize`` would have made for ``target``: ``made``'s properties and the rest of
+    what it put there, over ``target``."""
+    own = {name: value for name, value in vars(made).items() if name not in ("__dict__", "__weakref__", "__slotnames__")}
+    return type(f"Parametrized{target.__name__}", (target,), own)
 
 
 def configuration(rnn: nn.RNNBase) -> dict:

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 import fastrnn
 from fastrnn import CELLS
@@ -112,17 +113,59 @@ def test_converting_twice_changes_nothing():
 
 
 def test_subclasses_are_left_alone():
-    """A subclass may rely on torch's forward; a parametrized module is one."""
+    """A subclass may rely on torch's forward, parametrized or not."""
 
     class Encoder(nn.LSTM):
         def forward(self, x):
             return super().forward(x)[0]
 
-    parametrized = nn.GRU(4, 5)
-    nn.utils.parametrizations.orthogonal(parametrized, "weight_hh_l0")  # its class: ParametrizedGRU
+    parametrized = Encoder(4, 5)
+    parametrizations.orthogonal(parametrized, "weight_hh_l0")  # its class: ParametrizedEncoder
     model = nn.Sequential(Encoder(4, 5), parametrized)
     fastrnn.convert(model)
     assert type(model[0]) is Encoder and model[1] is parametrized
+
+
+class Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("cell", CELLS.values(), ids=CELLS)
+def test_parametrized_modules_are_converted_with_their_parametrizations(cell):
+    """``torch.nn.utils.parametrize`` gives a module a class of its own (``ParametrizedLSTM``, over
+    ``nn.LSTM``). Converted, it is fastrnn's under the very same parametrization modules: the same
+    state_dict, outputs and gradients as a copy of the torch module through two optimizer steps
+    (spectral norm's buffers included); removing the parametrizations leaves fastrnn's class;
+    converted back, torch's parametrized module again. (Spectral norm
+    without its power iteration: torch's module evaluates a parametrized weight twice or more a
+    call, fastrnn's own paths once, so a power-iteration step a call is where the two part.)"""
+    torch.manual_seed(0)
+    rnn = torch_rnn(cell)
+    parametrizations.weight_norm(rnn, "weight_hh_l0")
+    parametrizations.spectral_norm(rnn, "weight_ih_l1", n_power_iterations=3).parametrizations.weight_ih_l1.eval()
+    parametrize.register_parametrization(rnn, "bias_hh_l0", Doubled())
+    reference, x = copy.deepcopy(rnn), torch.randn(3, 6, 4, dtype=torch.float64)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (rnn, reference)]
+    new = fastrnn.convert(rnn)
+    assert type(new).__bases__ == (cell.module,) and parametrize.type_before_parametrizations(new) is cell.module
+    assert new.parametrizations is rnn.parametrizations
+    assert list(new.state_dict()) == list(reference.state_dict())
+    for step in range(2):
+        outputs = [m(x)[0] for m in (new, reference)]
+        assert rel_err(outputs[0], outputs[1]) <= TOL[torch.float64], step
+        for out, optimizer in zip(outputs, optimizers):
+            optimizer.zero_grad()
+            out.pow(2).sum().backward()
+            optimizer.step()
+        for (name, a), b in zip(new.state_dict().items(), reference.state_dict().values(), strict=True):
+            assert rel_err(a, b) <= TOL[torch.float64], (step, name)
+    back = fastrnn.convert(new, to="torch").eval()
+    assert parametrize.type_before_parametrizations(back) is cell.torch_module
+    assert rel_err(back(x)[0], reference.eval()(x)[0]) <= TOL[torch.float64]
+    for name in ("weight_hh_l0", "weight_ih_l1", "bias_hh_l0"):
+        parametrize.remove_parametrizations(new, name)
+    assert type(new) is cell.module and rel_err(new(x)[0], reference(x)[0]) <= TOL[torch.float64]
 
 
 def test_hooks_attributes_and_training_mode_come_along():
