@@ -93,14 +93,16 @@ def class_before_parametrizations(module: nn.Module) -> type:
     if not parametrize.is_parametrized(module) or len(cls.__bases__) != 1:
         return cls
     own = {name: value for name, value in vars(cls).items() if not (name[:2] == name[-2:] == "__")}
-    made = all(isinstance(value, property) and name in module.parametrizations for name, value in own.items())
+    made = all(isinstance(value, property) and name in module.parametrizations
+               for name, value in own.items())
     return cls.__bases__[0] if made else cls
 
 
 def parametrized(target: type, made: type) -> type:
     """The class ``parametrize`` would have made for ``target``: ``made``'s properties and the rest of
     what it put there, over ``target``."""
-    own = {name: value for name, value in vars(made).items() if name not in ("__dict__", "__weakref__", "__slotnames__")}
+    own = {name: value for name, value in vars(made).items()
+           if name not in ("__dict__", "__weakref__", "__slotnames__")}  # (type makes its own)
     return type(f"Parametrized{target.__name__}", (target,), own)
 
 
