@@ -18,6 +18,10 @@ if not torch.cuda.is_available():
     # every load and store of an interpreted kernel is checked to lie inside its launch's buffers
     # (fastrnn/kernels/bounds.py): an out-of-bounds access is an IndexError, not a corrupted heap
     os.environ.setdefault("FASTRNN_CHECK_BOUNDS", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":  # the language patched once a launch, not at every
+    from .interpreter_speed import patch_each_language_once  # nested call: 2x faster, same results
+
+    patch_each_language_once()
 
 import pytest  # noqa: E402
 
