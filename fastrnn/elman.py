@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, own_precision, save_for_derivatives, with_defaults
+from .op import Differentiable, count_flops, loop_flops, own_precision, save_for_derivatives, with_defaults
 from .sequence import (add_at, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
                        edge_step, enters, final_steps, previous_states, shifted, valid_steps)
 
@@ -143,6 +143,9 @@ def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
 
 
+count_flops(elman_fwd_op, lambda x_proj, h0, w_hh, *_, **__: loop_flops(*x_proj[:2], w_hh))  # h_{t-1} W_hh^T
+
+
 def elman_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: torch.Tensor, w_hh: torch.Tensor,
                    nonlinearity: str, reverse: bool, lengths: Optional[torch.Tensor], backend: str,
                    resets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -158,6 +161,9 @@ elman_bwd_op = torch.library.custom_op("fastrnn::elman_bwd", elman_backward, mut
 @elman_bwd_op.register_fake
 def _(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+count_flops(elman_bwd_op, lambda dy, dh_n, y, w_hh, *_, **__: loop_flops(y[0] - 1, y[1], w_hh))  # d_pre W_hh
 
 
 def _setup_context(ctx, inputs, output):

@@ -23,8 +23,8 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import (Differentiable, own_precision, save_for_derivatives, saved_for_backward, transposed,
-                 with_defaults)
+from .op import (Differentiable, count_flops, loop_flops, own_precision, save_for_derivatives, saved_for_backward,
+                 transposed, with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -287,6 +287,9 @@ def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None, save=T
             x_proj.new_empty(B, P), x_proj.new_empty(B, H))
 
 
+count_flops(lstm_fwd_op, lambda x_proj, h0, c0, w_hh, w_hr, *_, **__: loop_flops(*x_proj[:2], w_hh, w_hr))
+
+
 def lstm_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor],
                 y: torch.Tensor, c: torch.Tensor, gates: torch.Tensor, h0: Optional[torch.Tensor],
                 c0: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
@@ -310,6 +313,10 @@ lstm_bwd_op = torch.library.custom_op("fastrnn::lstm_bwd", lstm_backward, mutate
 def _(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None, dc_src=None,
       dz_src=None):
     return gates.new_empty(gates.shape), c.new_empty(c.shape[1:])
+
+
+count_flops(lstm_bwd_op, lambda dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, *_, **__:
+            loop_flops(y[0] - 1, y[1], w_hh) + loop_flops(y[0], y[1], w_hr))
 
 
 def _setup_context(ctx, inputs, output):

@@ -21,6 +21,7 @@ which a Function's is not).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -277,3 +278,21 @@ def with_defaults(inputs, n: int) -> tuple:
     """A custom op's ``inputs`` padded with None to ``n``: the trailing optional arguments a call left
     out (setup_context sees only those given)."""
     return (*inputs, *(None,) * (n - len(inputs)))
+
+
+def count_flops(op, formula) -> None:
+    """``formula(*arguments)`` (an op's arguments as it was called, each tensor as its shape) is the
+    count of the op's floating-point operations that ``torch.utils.flop_counter.FlopCounterMode``
+    reports (what MFU figures are made of), as it counts aten's matrix products. (torch's own RNN
+    modules count only their products that run as aten's: none of the LSTM's on the CPU, none of
+    cuDNN's.)"""
+    from torch.utils.flop_counter import register_flop_formula
+
+    packet = getattr(torch.ops.fastrnn, op._name)  # (the op as torch.ops.fastrnn.<name>)
+    register_flop_formula(packet)(lambda *arguments, out_shape=None, **keywords: formula(*arguments, **keywords))
+
+
+def loop_flops(steps: int, rows: int, *weights) -> int:
+    """The products of a loop of ``steps`` over ``rows`` rows with each of ``weights`` (shapes, None
+    where absent): a ``(rows, K) x (K, N)`` product a step and weight, ``2 rows K N`` each."""
+    return 2 * max(steps, 0) * rows * sum(math.prod(w) for w in weights if w is not None)

@@ -146,6 +146,48 @@ def test_fake_tensor_mode_gives_shapes():
     assert y.shape == (2, 9, 6) and h.shape == (1, 2, 6)
 
 
+def flops(fn, *inputs, backward: bool) -> int:
+    """What ``FlopCounterMode`` counts for ``fn(*inputs)`` (float64 leaves), and its backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    with FlopCounterMode(display=False) as counter:
+        outputs = fn(*leaves)
+        if backward:
+            sum(o.sum() for o in outputs).backward()
+    return counter.get_total_flops()
+
+
+@BOTH
+@pytest.mark.parametrize("cell,proj_size", [("rnn", 0), ("lstm", 0), ("lstm", 2), ("gru", 0)])
+def test_flop_counter_counts_the_loops_products_as_the_reference_does(backend, cell, proj_size):
+    """FlopCounterMode (MFU's source) counts the fused ops' products inside the loop: the op forward,
+    and forward and backward, count what the reference loop's aten products count. (The projected
+    LSTM's backward makes ``d_gates @ w_hh`` once more, outside the loop, for w_hr's gradient.)"""
+    torch.manual_seed(0)
+    T, B, H, P = 5, 3, 4, proj_size
+    entry, R = fastrnn.CELLS[cell], proj_size or H
+    x_proj, w_hh, h0 = torch.randn(T, B, entry.gates * H), torch.randn(entry.gates * H, R), torch.randn(B, R)
+    inputs = ((x_proj, h0, torch.randn(B, H), w_hh, torch.randn(P, H) if P else None) if cell == "lstm"
+              else (x_proj, h0, w_hh))
+    assert flops(entry.recurrence, *inputs, backward=False) == flops(entry.reference, *inputs, backward=False) > 0
+    outside = 2 * T * B * 4 * H * P
+    assert flops(entry.recurrence, *inputs, backward=True) == flops(entry.reference, *inputs, backward=True) + outside
+
+
+@BOTH
+def test_flop_counter_counts_a_module_as_torchs(backend):
+    """A training step's count for fastrnn's modules is torch's for its Elman and GRU (which torch's CPU
+    path runs as aten's products, step by step, as FlopCounterMode counts them)."""
+    torch.manual_seed(0)
+    x, h0 = torch.randn(6, 3, 4), torch.randn(4, 3, 5)
+    for cell in ("rnn", "gru"):
+        ours = fastrnn.CELLS[cell].module(4, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+        theirs = fastrnn.CELLS[cell].torch_module(4, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+        counts = [flops(lambda x, h0: (m(x, h0)[0],), x, h0, backward=True) for m in (ours, theirs)]
+        assert counts[0] == counts[1] > 0, cell
+
+
 @BOTH
 def test_cpu_autocast_behaves_as_torch(backend):
     torch.manual_seed(2)
