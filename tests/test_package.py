@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import fastrnn
 import fastrnn.kernels
 
@@ -42,10 +44,27 @@ def test_plain_install_maps_kernels_under_fastrnn(tmp_path):
     assert not [n for n in names if n.startswith("kernels/")]
 
 
-def test_import_leaves_dynamo_unimported():
-    """``import fastrnn`` does not import ``torch._dynamo`` (about a second; ``torch`` alone does not
-    either): only a compile that reaches ``op.run_eagerly`` does."""
-    code = ("import sys, torch; before = 'torch._dynamo' in sys.modules; import fastrnn; "
-            "print(before, 'torch._dynamo' in sys.modules)")
+def test_import_leaves_dynamo_triton_and_the_flop_counter_unimported():
+    """``import fastrnn`` imports none of ``torch._dynamo`` (about a second; ``torch`` alone does not
+    either: only a compile that reaches ``op.run_eagerly`` does), Triton (the first fused call does)
+    and the flop counter (which imports Triton: its formulas wait for its import)."""
+    names = ("torch._dynamo", "triton", "torch.utils.flop_counter")
+    code = (f"import sys, torch; names = {names}; print(*[n in sys.modules for n in names]); import fastrnn; "
+            "print(*[n in sys.modules for n in names])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "False"]
+    assert out == ["False"] * 6
+
+
+@pytest.mark.parametrize("first", ["fastrnn", "the flop counter"])
+def test_the_flop_counter_counts_the_ops_imported_before_or_after(first):
+    """The ops' flop formulas are registered whichever is imported first, fastrnn or the counter."""
+    imports = ["import fastrnn", "from torch.utils.flop_counter import FlopCounterMode"]
+    code = "\n".join([*(imports if first == "fastrnn" else imports[::-1]),
+                      "import torch",
+                      "x, w = torch.randn(5, 3, 16), torch.randn(16, 4)",
+                      "with FlopCounterMode(display=False) as counter:",
+                      "    fastrnn.CELLS['lstm'].recurrence(x, None, None, w)",
+                      "print(counter.get_total_flops())"])
+    env = {**os.environ, "FASTRNN_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert int(out) == 2 * 5 * 3 * 16 * 4
