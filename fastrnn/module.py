@@ -73,7 +73,11 @@ class FusedRNNBase(nn.RNNBase):
             return cell_of(self).torch_module.forward(self, input, hx)
         if not self.cpu_autocast and data.is_cpu and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):  # in the module's own precision, as torch's
-                return FusedRNNBase.forward(self, input, hx, resets)
+                return self._fused(input, hx, resets)
+        return self._fused(input, hx, resets)
+
+    def _fused(self, input: Tensor | PackedSequence, hx, resets: Tensor | None):
+        """``forward`` on the fused ops (the kernels, or their PyTorch twins)."""
         x, state, packing, batched = self._prepare(input, hx)  # (T, B, I), parts (L * D, B, N)
         resets = self._time_major_resets(resets, input, x, batched)  # (T, B) or None
         output, state = self._run_layers(x, state, packing, resets)

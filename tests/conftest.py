@@ -47,6 +47,16 @@ def fresh_launch_plans():
         launch.forget()
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test starts with nothing compiled: no test meets Dynamo's recompile limit (8 frames of
+    one code object, ``FusedRNNBase.forward`` compiled by earlier tests) or a guard another left."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
+
+
 @pytest.fixture
 def backend(request, monkeypatch):
     """Run a test on the path named by the parameter (``torch`` or ``triton``)."""
