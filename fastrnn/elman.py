@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import Differentiable, count_flops, loop_flops, own_precision, save_for_derivatives, with_defaults
+from .op import Differentiable, loop_flops, own_precision, register_flop_formula, save_for_derivatives, with_defaults
 from .sequence import (add_at, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
                        edge_step, enters, final_steps, previous_states, shifted, valid_steps)
 
@@ -143,7 +143,8 @@ def _(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(x_proj, memory_format=torch.contiguous_format), x_proj.new_empty(x_proj.shape[1:])
 
 
-count_flops(elman_fwd_op, lambda x_proj, h0, w_hh, *_, **__: loop_flops(*x_proj[:2], w_hh))  # h_{t-1} W_hh^T
+# FlopCounterMode's count: h_{t-1} W_hh^T at each of T steps
+register_flop_formula(elman_fwd_op, lambda x_proj, h0, w_hh, *_, **__: loop_flops(*x_proj[:2], w_hh))
 
 
 def elman_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: torch.Tensor, w_hh: torch.Tensor,
@@ -163,7 +164,8 @@ def _(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, backend, resets=None):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
-count_flops(elman_bwd_op, lambda dy, dh_n, y, w_hh, *_, **__: loop_flops(y[0] - 1, y[1], w_hh))  # d_pre W_hh
+# FlopCounterMode's count: d_pre_t W_hh at T - 1 steps (dh0's product comes after, outside)
+register_flop_formula(elman_bwd_op, lambda dy, dh_n, y, w_hh, *_, **__: loop_flops(y[0] - 1, y[1], w_hh))
 
 
 def _setup_context(ctx, inputs, output):

@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from .backend import get_backend, loop, memo
 from .module import FusedRNNBase, bias_sum
-from .op import (Differentiable, count_flops, loop_flops, own_precision, runs_directly, save_for_derivatives,
-                 saved_for_backward, transforms_active, transposed, with_defaults)
+from .op import (Differentiable, loop_flops, own_precision, register_flop_formula, runs_directly,
+                 save_for_derivatives, saved_for_backward, transforms_active, transposed, with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -269,7 +269,8 @@ def _(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets=None, save=True)
     return x_proj.new_empty(T, B, H), x_proj.new_empty(T if save else 0, B, 4 * H), x_proj.new_empty(B, H)
 
 
-count_flops(gru_fwd_op, lambda x_proj, h0, w_hh, *_, **__: loop_flops(*x_proj[:2], w_hh))  # h_{t-1} W_hh^T
+# FlopCounterMode's count: h_{t-1} W_hh^T at each of T steps
+register_flop_formula(gru_fwd_op, lambda x_proj, h0, w_hh, *_, **__: loop_flops(*x_proj[:2], w_hh))
 
 
 def gru_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: torch.Tensor, gates: torch.Tensor,
@@ -295,7 +296,8 @@ def _(dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets=None, gate
     return y.new_empty(T, B, 3 * H), y.new_empty(B, H)
 
 
-count_flops(gru_bwd_op, lambda dy, dh_n, y, gates, h0, w_hh, *_, **__: loop_flops(y[0] - 1, y[1], w_hh))
+# FlopCounterMode's count: d_gates_t W_hh at T - 1 steps (dh0's product comes after, outside)
+register_flop_formula(gru_bwd_op, lambda dy, dh_n, y, gates, h0, w_hh, *_, **__: loop_flops(y[0] - 1, y[1], w_hh))
 
 
 def _setup_context(ctx, inputs, output):

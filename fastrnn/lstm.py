@@ -23,8 +23,8 @@ from torch import nn
 
 from .backend import get_backend, loop
 from .module import FusedRNNBase, bias_sum
-from .op import (Differentiable, count_flops, loop_flops, own_precision, save_for_derivatives, saved_for_backward,
-                 transposed, with_defaults)
+from .op import (Differentiable, loop_flops, own_precision, register_flop_formula, save_for_derivatives,
+                 saved_for_backward, transposed, with_defaults)
 from .sequence import (Walk, acc_dtype, add_at, add_final, as_dtype, at_step, carried_copy, check_operands,
                        checked_steps, cut_after, cut_steps, edge_step, enters, final_state, final_steps, huge_pages,
                        previous_states, shifted, sigmoid_backward, step_rows, sum_with_previous, tanh_backward, to_acc,
@@ -287,7 +287,8 @@ def _(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets=None, save=T
             x_proj.new_empty(B, P), x_proj.new_empty(B, H))
 
 
-count_flops(lstm_fwd_op, lambda x_proj, h0, c0, w_hh, w_hr, *_, **__: loop_flops(*x_proj[:2], w_hh, w_hr))
+# FlopCounterMode's count: h_{t-1} W_hh^T (and the projection, m_t W_hr^T) at each of T steps
+register_flop_formula(lstm_fwd_op, lambda x_proj, h0, c0, w_hh, w_hr, *_, **__: loop_flops(*x_proj[:2], w_hh, w_hr))
 
 
 def lstm_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor],
@@ -315,8 +316,9 @@ def _(dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend
     return gates.new_empty(gates.shape), c.new_empty(c.shape[1:])
 
 
-count_flops(lstm_bwd_op, lambda dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, *_, **__:
-            loop_flops(y[0] - 1, y[1], w_hh) + loop_flops(y[0], y[1], w_hr))
+# FlopCounterMode's count: d_gates_t W_hh at T - 1 steps (dh0's product comes after, outside) and dh_t W_hr at T
+register_flop_formula(lstm_bwd_op, lambda dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, *_, **__:
+                      loop_flops(y[0] - 1, y[1], w_hh) + loop_flops(y[0], y[1], w_hr))
 
 
 def _setup_context(ctx, inputs, output):

@@ -21,9 +21,7 @@ which a Function's is not).
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import math
-import sys
 
 import torch
 from torch import Tensor
@@ -282,62 +280,19 @@ def with_defaults(inputs, n: int) -> tuple:
     return (*inputs, *(None,) * (n - len(inputs)))
 
 
-def count_flops(op, formula) -> None:
+def register_flop_formula(op, formula) -> None:
     """``formula(*arguments)`` (an op's arguments as it was called, each tensor as its shape) is the
     count of the op's floating-point operations that ``torch.utils.flop_counter.FlopCounterMode``
     reports (what MFU figures are made of), as it counts aten's matrix products. (torch's own RNN
     modules count only their products that run as aten's: none of the LSTM's on the CPU, none of
-    cuDNN's.) Registered once the flop counter is imported (``after_import``): importing it imports
-    Triton, which ``import fastrnn`` does not (0.13 s)."""
+    cuDNN's.) Registered at import, before any FlopCounterMode is made (each copies the registry):
+    the flop counter imports Triton, about 0.13 s of ``import fastrnn``."""
+    from torch.utils import flop_counter
 
-    def register(counter) -> None:
-        packet = getattr(getattr(torch.ops, op._namespace), op._name)  # (torch.ops.fastrnn.<name>)
-        if packet not in counter.flop_registry:  # (a formula registered before stays)
-            counter.register_flop_formula(packet)(
-                lambda *arguments, out_shape=None, **keywords: formula(*arguments, **keywords))
-
-    after_import("torch.utils.flop_counter", register)
-
-
-def after_import(name: str, then) -> None:
-    """``then(module)`` once the module ``name`` is imported: now if it is, else right after its import
-    (a finder first on ``sys.meta_path`` until then, which wraps the module's loader)."""
-    if name in sys.modules:
-        return then(sys.modules[name])
-    AfterImport.waiting.setdefault(name, []).append(then)
-    if not any(isinstance(finder, AfterImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, AfterImport())
-
-
-class AfterImport(importlib.abc.MetaPathFinder):
-    """The finder of ``after_import``: for a module waited for, the spec the other finders give, with
-    its loader running the waiting calls after the module's own code."""
-
-    waiting: dict = {}  # module name -> the calls waiting for its import
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in self.waiting:
-            return None
-        calls = self.waiting.pop(fullname)
-        if not self.waiting:
-            sys.meta_path.remove(self)
-        spec = None
-        for finder in sys.meta_path:  # the spec the finders after this one give
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            for then in calls:
-                then(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
+    packet = getattr(getattr(torch.ops, op._namespace), op._name)  # (torch.ops.fastrnn.<name>)
+    if packet not in flop_counter.flop_registry:  # (a formula registered before stays)
+        flop_counter.register_flop_formula(packet)(
+            lambda *arguments, out_shape=None, **keywords: formula(*arguments, **keywords))
 
 
 def loop_flops(steps: int, rows: int, *weights) -> int:

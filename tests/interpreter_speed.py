@@ -12,7 +12,9 @@ LSTM's forward and backward on T=6, B=3, H=5: the profile's ``_patch_lang`` took
 While a launch holds the language patched, a nested call whose function sees only language modules
 the launch (or an earlier nested call of it) patched patches nothing: what it would set is what is
 set. A function that sees another one (``triton.language.core`` where the kernel had only
-``triton.language``) patches it as before. Results are those of the interpreter as it is.
+``triton.language``), or none (which the interpreter refuses), patches as before, and only then is
+that module recorded as patched (a launch's programs may run in threads). Results, and errors, are
+those of the interpreter as it is.
 
 Private internals used (``supported()`` says whether they are there, as checked on Triton 3.6.0 and
 3.9.0; otherwise nothing is changed and the interpreter runs as it is):
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 
 
 def supported() -> bool:
@@ -32,8 +35,11 @@ def supported() -> bool:
 
     if not (hasattr(interpreter, "_patch_lang") and hasattr(interpreter, "_LangPatchScope")):
         return False
-    launch = inspect.getsource(interpreter.GridExecutor.__call__)
-    nested = inspect.getsource(interpreter.InterpretedFunction.__call__)
+    try:
+        launch = inspect.getsource(interpreter.GridExecutor.__call__)
+        nested = inspect.getsource(interpreter.InterpretedFunction.__call__)
+    except (OSError, TypeError):  # (installed without its sources)
+        return False
     return ("_patch_lang(self.fn)" in launch and ".restore()" in launch
             and "_patch_lang(self.fn)" in nested and ".restore()" not in nested)
 
@@ -51,28 +57,29 @@ def patch_each_language_once() -> bool:
     import triton.language as tl
 
     patch, languages = interpreter._patch_lang, (tl, tl.core)
-    seen: dict = {}  # function -> the ids of the language modules its globals hold
+    seen = weakref.WeakKeyDictionary()  # function -> the ids of the language modules its globals hold
     patched: list = []  # the ids patched by the launch running now: [set()] during a launch
     lock = threading.Lock()  # (a launch's programs may run in threads: tests/interpreter_threads.py)
 
     def languages_of(fn) -> frozenset:
-        if fn not in seen:
-            seen[fn] = frozenset(id(v) for v in fn.__globals__.values()
-                                 if inspect.ismodule(v) and v in languages)
-        return seen[fn]
+        found = seen.get(fn)
+        if found is None:
+            found = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in languages)
+            seen[fn] = found
+        return found
 
     def patch_once(fn):
         wanted = languages_of(fn)
         with lock:
             nested = bool(patched)
-            if nested and wanted <= patched[0]:
+            if nested and wanted and wanted <= patched[0]:
                 return interpreter._LangPatchScope()  # all it sees is patched: nothing to do
-            if nested:  # it sees a language module the launch did not patch: patched from now on
-                patched[0] |= wanted
-        scope = patch(fn)
-        if nested:
-            return scope
+        scope = patch(fn)  # (a function that sees no language module fails here, as it would)
         with lock:
+            if nested:  # it saw a language module the launch had not patched: patched from now on
+                if patched:
+                    patched[0] |= wanted
+                return scope
             patched.append(set(wanted))
         return LaunchScope(scope, patched, lock)
 

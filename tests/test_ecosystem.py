@@ -161,9 +161,10 @@ def flops(fn, *inputs, backward: bool) -> int:
 @BOTH
 @pytest.mark.parametrize("cell,proj_size", [("rnn", 0), ("lstm", 0), ("lstm", 2), ("gru", 0)])
 def test_flop_counter_counts_the_loops_products_as_the_reference_does(backend, cell, proj_size):
-    """FlopCounterMode (MFU's source) counts the fused ops' products inside the loop: the op forward,
-    and forward and backward, count what the reference loop's aten products count. (The projected
-    LSTM's backward makes ``d_gates @ w_hh`` once more, outside the loop, for w_hr's gradient.)"""
+    """FlopCounterMode (MFU's source) counts the fused ops' products inside the loop: with an initial
+    state given, the op forward, and forward and backward, count what the reference loop's aten
+    products count. (The projected LSTM's backward makes ``d_gates @ w_hh`` once more, outside the
+    loop, for w_hr's gradient.)"""
     torch.manual_seed(0)
     T, B, H, P = 5, 3, 4, proj_size
     entry, R = fastrnn.CELLS[cell], proj_size or H
@@ -177,8 +178,9 @@ def test_flop_counter_counts_the_loops_products_as_the_reference_does(backend, c
 
 @BOTH
 def test_flop_counter_counts_a_module_as_torchs(backend):
-    """A training step's count for fastrnn's modules is torch's for its Elman and GRU (which torch's CPU
-    path runs as aten's products, step by step, as FlopCounterMode counts them)."""
+    """A training step's count for fastrnn's modules, an initial state given, is torch's for its Elman
+    and GRU (which torch's CPU path runs as aten's products, step by step, as FlopCounterMode counts
+    them)."""
     torch.manual_seed(0)
     x, h0 = torch.randn(6, 3, 4), torch.randn(4, 3, 5)
     for cell in ("rnn", "gru"):

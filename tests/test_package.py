@@ -44,15 +44,13 @@ def test_plain_install_maps_kernels_under_fastrnn(tmp_path):
     assert not [n for n in names if n.startswith("kernels/")]
 
 
-def test_import_leaves_dynamo_triton_and_the_flop_counter_unimported():
-    """``import fastrnn`` imports none of ``torch._dynamo`` (about a second; ``torch`` alone does not
-    either: only a compile that reaches ``op.run_eagerly`` does), Triton (the first fused call does)
-    and the flop counter (which imports Triton: its formulas wait for its import)."""
-    names = ("torch._dynamo", "triton", "torch.utils.flop_counter")
-    code = (f"import sys, torch; names = {names}; print(*[n in sys.modules for n in names]); import fastrnn; "
-            "print(*[n in sys.modules for n in names])")
+def test_import_leaves_dynamo_unimported():
+    """``import fastrnn`` does not import ``torch._dynamo`` (about a second; ``torch`` alone does not
+    either): only a compile that reaches ``op.run_eagerly`` does."""
+    code = ("import sys, torch; before = 'torch._dynamo' in sys.modules; import fastrnn; "
+            "print(before, 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False"] * 6
+    assert out == ["False", "False"]
 
 
 @pytest.mark.parametrize("first", ["fastrnn", "the flop counter"])
