@@ -21,8 +21,9 @@ keeps torch's modules as leaves) and ``isinstance(m, nn.LSTM)`` as it did before
 
 Left alone: subclasses of the torch modules (their own ``forward`` may rely on torch's; the class
 ``parametrize`` makes, which only adds the parametrized names, is not one of them), fastrnn's own
-modules (so converting twice changes nothing), and references to a torch module from outside the module tree (a plain
-list, an optimizer's closure): they keep the torch module, which shares its parameters and hooks.
+modules (so converting twice changes nothing), and references to a torch module from outside the
+module tree (a plain list, an optimizer's closure): they keep the torch module, which shares its
+parameters and hooks.
 """
 
 from __future__ import annotations
