@@ -438,6 +438,16 @@ ORDERS = {  # derivatives of a scalar loss of w: (how, whether every cell has it
 }
 
 
+def outputs_of_w(cell: str, scale: float = 1.0):
+    """A float64 problem in ``w_hh`` alone for ``cell`` (3 steps, 2 rows, H=2, no initial state):
+    ``(w, ours, reference)``, each of the last two ``w -> y`` of the cell's op and of its reference."""
+    torch.manual_seed(0)
+    entry = fastrnn.CELLS[cell]
+    x, w = torch.randn(3, 2, 2 * entry.gates, dtype=F64), torch.randn(2 * entry.gates, 2, dtype=F64) * scale
+    states = (None,) * len(entry.state)  # (h0, and c0 for the LSTM)
+    return w, *(lambda w, fn=fn: fn(x, *states, w)[0] for fn in (entry.recurrence, entry.reference))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_gradient_of_a_hessian_vector_product_on_dual_tensors(backend, cell):
@@ -447,27 +457,17 @@ def test_gradient_of_a_hessian_vector_product_on_dual_tensors(backend, cell):
     2e-3)."""
     from torch.autograd import forward_ad
 
-    from fastrnn.gru import gru_recurrence, gru_reference
-    from fastrnn.lstm import lstm_recurrence, lstm_reference
+    w, *outputs = outputs_of_w(cell, scale=0.5)
 
-    torch.manual_seed(0)
-    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
-    x, w = torch.randn(3, 2, 2 * gates, dtype=F64), torch.randn(2 * gates, 2, dtype=F64) * 0.5
-    y_of = {"rnn": lambda fn: lambda w: fn(x, None, w, "tanh")[0],
-            "lstm": lambda fn: lambda w: fn(x, None, None, w)[0],
-            "gru": lambda fn: lambda w: fn(x, None, w)[0]}[cell]
-
-    def third(fn):
+    def third(y_of):
         w_ = w.clone().requires_grad_()
         with forward_ad.dual_level():
             dual = forward_ad.make_dual(w_, torch.ones_like(w))
-            (g,) = torch.autograd.grad(y_of(fn)(dual).pow(3).sum(), dual, create_graph=True)
+            (g,) = torch.autograd.grad(y_of(dual).pow(3).sum(), dual, create_graph=True)
             hvp = forward_ad.unpack_dual(g).tangent
         return torch.autograd.grad(hvp.pow(2).sum(), w_)[0]
 
-    ours, ref = ((recurrence, recurrence_reference), (lstm_recurrence, lstm_reference),
-                 (gru_recurrence, gru_reference))[["rnn", "lstm", "gru"].index(cell)]
-    torch.testing.assert_close(third(ours), third(ref), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(*(third(y_of) for y_of in outputs), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["torch"], indirect=True)  # (the rules are the same on every backend)
@@ -477,20 +477,12 @@ def test_every_order_of_derivative_is_right_or_refused(backend, cell):
     (float64), or a NotImplementedError where a rule would be invisible to an outer level (forward over
     forward; the gated cells' third derivatives), never a silently wrong result (jacfwd of jacfwd gave
     one through every cell, as did the gated cells' third derivatives by forward mode)."""
-    from fastrnn.gru import gru_recurrence, gru_reference
-    from fastrnn.lstm import lstm_recurrence, lstm_reference
-
-    torch.manual_seed(0)
-    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
-    x, w = torch.randn(3, 2, 2 * gates, dtype=F64), torch.randn(2 * gates, 2, dtype=F64)
-    run = {"rnn": (lambda fn: lambda w: fn(x, None, w, "tanh")[0], recurrence, recurrence_reference),
-           "lstm": (lambda fn: lambda w: fn(x, None, None, w)[0], lstm_recurrence, lstm_reference),
-           "gru": (lambda fn: lambda w: fn(x, None, w)[0], gru_recurrence, gru_reference)}[cell]
-    loss_ours, loss_ref = (lambda w, y=run[0](fn): y(w).pow(3).sum() for fn in run[1:])
+    w, ours, reference = outputs_of_w(cell)
+    loss_ours, loss_ref = (lambda w, y=y: y(w).pow(3).sum() for y in (ours, reference))
     for name, (order, everywhere) in ORDERS.items():
         want = order(loss_ref)(w)
         if everywhere is True or everywhere == cell:
             torch.testing.assert_close(order(loss_ours)(w), want, rtol=1e-9, atol=1e-12, msg=name)
         else:
-            with pytest.raises(NotImplementedError, match=rf"fastrnn\.{cell.upper() if cell != 'rnn' else 'RNN'}"):
+            with pytest.raises(NotImplementedError, match=rf"fastrnn\.{cell.upper()}"):
                 order(loss_ours)(w)
