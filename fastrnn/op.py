@@ -286,8 +286,12 @@ def register_flop_formula(op, formula) -> None:
     reports (what MFU figures are made of), as it counts aten's matrix products. (torch's own RNN
     modules count only their products that run as aten's: none of the LSTM's on the CPU, none of
     cuDNN's.) Registered at import, before any FlopCounterMode is made (each copies the registry):
-    the flop counter imports Triton, about 0.13 s of ``import fastrnn``."""
-    from torch.utils import flop_counter
+    the flop counter imports Triton, about 0.13 s of ``import fastrnn``. (Where it cannot be
+    imported, nothing is registered: nobody can count then.)"""
+    try:
+        from torch.utils import flop_counter
+    except Exception:  # (a broken Triton fails its import with more than ImportError)
+        return
 
     packet = getattr(getattr(torch.ops, op._namespace), op._name)  # (torch.ops.fastrnn.<name>)
     if packet not in flop_counter.flop_registry:  # (a formula registered before stays)
