@@ -66,3 +66,12 @@ def test_the_flop_counter_counts_the_ops_imported_before_or_after(first):
     env = {**os.environ, "FASTRNN_BACKEND": "torch"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert int(out) == 2 * 5 * 3 * 16 * 4
+
+
+def test_import_works_where_the_flop_counter_cannot_be_imported():
+    """The flop formulas are registered at import; a flop counter that fails to import (a broken
+    Triton) leaves ``import fastrnn`` and the modules working, with nothing registered."""
+    code = ("import sys; sys.modules['torch.utils.flop_counter'] = None; import torch, fastrnn; "
+            "print(fastrnn.LSTM(4, 5)(torch.randn(3, 2, 4))[0].shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "torch.Size([3, 2, 5])"
