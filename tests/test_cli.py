@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
@@ -278,6 +277,7 @@ def test_readme_lists_every_option_of_both_commands():
 def test_readme_install_command_gives_the_curve_and_figures_name_the_defaults():
     readme = " ".join((ROOT / "README.md").read_text().split())
     extras = re.search(r'pip install -e "\.\[([\w,]+)\]" && fastrnn train', readme)[1].split(",")
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11 on; the rest of the tests run on 3.10)
     optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("matplotlib") for extra in extras for dep in optional[extra])
     d = TrainConfig()
