@@ -286,17 +286,27 @@ def register_flop_formula(op, formula) -> None:
     reports (what MFU figures are made of), as it counts aten's matrix products. (torch's own RNN
     modules count only their products that run as aten's: none of the LSTM's on the CPU, none of
     cuDNN's.) Registered at import, before any FlopCounterMode is made (each copies the registry):
-    the flop counter imports Triton, about 0.13 s of ``import fastrnn``. (Where it cannot be
-    imported, nothing is registered: nobody can count then.)"""
-    try:
-        from torch.utils import flop_counter
-    except Exception:  # (a broken Triton fails its import with more than ImportError)
+    the flop counter imports Triton, about 0.13 s of ``import fastrnn`` (so Triton's settings read at
+    its import, ``TRITON_INTERPRET`` among them, are to be set before ``import fastrnn``). Where it
+    cannot be imported, nothing is registered: nobody can count then."""
+    flop_counter = importable_flop_counter()
+    if flop_counter is None:
         return
-
     packet = getattr(getattr(torch.ops, op._namespace), op._name)  # (torch.ops.fastrnn.<name>)
     if packet not in flop_counter.flop_registry:  # (a formula registered before stays)
         flop_counter.register_flop_formula(packet)(
             lambda *arguments, out_shape=None, **keywords: formula(*arguments, **keywords))
+
+
+@functools.cache
+def importable_flop_counter():
+    """``torch.utils.flop_counter``, or None where it fails to import (tried once: a broken Triton
+    fails it with more than ImportError)."""
+    try:
+        from torch.utils import flop_counter
+    except Exception:
+        return None
+    return flop_counter
 
 
 def loop_flops(steps: int, rows: int, *weights) -> int:
