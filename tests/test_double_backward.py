@@ -291,7 +291,6 @@ def test_vjp_in_the_initial_state_compiled_as_in_eager(backend, cell):
 
         return lambda: torch.func.vjp(y, h0)[1](dy)[0]
 
-    torch._dynamo.reset()
     got = torch.compile(pullback(ours), backend="aot_eager")()
     torch.testing.assert_close(got, pullback(theirs)(), rtol=1e-9, atol=1e-9)
 

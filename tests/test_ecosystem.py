@@ -31,7 +31,6 @@ def _grads(module, x, h0):
 @pytest.mark.parametrize("backend,compile_backend", [("torch", "inductor"), ("torch", "aot_eager"),
                                                      ("triton", "aot_eager")], indirect=["backend"])
 def test_compile_fullgraph_matches_eager(backend, compile_backend):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = RNN(5, 8, 2, bidirectional=True, batch_first=True)
     x = torch.randn(3, 6, 5, requires_grad=True)
@@ -43,7 +42,6 @@ def test_compile_fullgraph_matches_eager(backend, compile_backend):
 
 
 def test_compile_has_no_graph_break():
-    torch._dynamo.reset()
     rnn = RNN(4, 6)
     explanation = torch._dynamo.explain(lambda x: rnn(x)[0].sum())(torch.randn(5, 2, 4))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1

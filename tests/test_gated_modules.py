@@ -267,7 +267,6 @@ def test_compile_fullgraph_matches_eager(cell):
         loss = y.square().sum() + sum(s.sum() for s in state_parts(h))
         return [y, *state_parts(h), *torch.autograd.grad(loss, [x, *model.parameters()])]
 
-    torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for a, b in zip(outputs(compiled), outputs(model)):
         assert rel_err(a, b) <= 1e-6
@@ -667,7 +666,6 @@ def test_compile_traces_no_cache_dynamo_warns_about(backend, cell):
 
     torch.manual_seed(0)
     model = fastrnn.CELLS[cell].module(4, 6, 2, bidirectional=True)
-    torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(model, fullgraph=True, backend="eager")(torch.randn(5, 2, 4))
