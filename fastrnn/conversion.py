@@ -87,16 +87,16 @@ def rebuilt(rnn: nn.RNNBase, target: type) -> nn.RNNBase:
 
 
 def class_before_parametrizations(module: nn.Module) -> type:
-    """``module``'s class, or, where ``parametrize`` made it (a subclass of the class before, with a
-    property for each parametrized name and, beside those, only ``__dunder__`` names), the class
-    before."""
-    cls = type(module)
-    if not parametrize.is_parametrized(module) or len(cls.__bases__) != 1:
+    """``parametrize.type_before_parametrizations(module)`` where ``parametrize`` made ``module``'s class
+    (a subclass of the class before with a property for each parametrized name and, beside those,
+    only ``__dunder__`` names), else ``module``'s class."""
+    cls, before = type(module), parametrize.type_before_parametrizations(module)
+    if before is cls or cls.__bases__ != (before,):
         return cls
     own = {name: value for name, value in vars(cls).items() if not (name[:2] == name[-2:] == "__")}
     made = all(isinstance(value, property) and name in module.parametrizations
                for name, value in own.items())
-    return cls.__bases__[0] if made else cls
+    return before if made else cls
 
 
 def parametrized(target: type, made: type) -> type:
