@@ -1,9 +1,11 @@
-"""The character RNN from scratch, as the textbook teaches it: the readable oracle.
+"""The character RNN from scratch, as the textbook teaches it: the same function as ``fastrnn.RNN``
+and ``torch.nn.RNN`` given the same weights (``tests/test_scratch.py`` holds them equal).
 
 Everything is explicit: one-hot inputs, the five parameters ``W_xh, W_hh, b_h, W_hq, b_q``, the hidden
 state as a tuple, a Python loop over time steps, greedy prediction after a warm-up over a prefix,
-gradient clipping by global norm, and training with sequential or random partitioning (the state
-detached between batches), reported as perplexity.
+gradient clipping by global norm, and training with sequential partitioning (the state carried from
+batch to batch, detached from the graph at each: truncated BPTT) or random partitioning (every batch
+starts from a fresh state), reported as perplexity.
 
 Shapes: ``X`` is ``(batch, time)`` token indices; ``inputs`` after one-hot is ``(time, batch, vocab)``;
 the hidden state ``H`` is ``(batch, hidden)``; ``rnn`` returns outputs ``(time * batch, vocab)``.
@@ -152,8 +154,9 @@ class RNNModelScratch:
 
 
 def predict(prefix: str, num_preds: int, net, vocab: Vocab, device) -> str:
-    """Warm up on ``prefix`` (state carried, outputs ignored), then predict ``num_preds`` characters
-    greedily. Returns ``prefix`` followed by the predictions."""
+    """Warm up on ``prefix`` (state carried, outputs ignored), then predict ``num_preds`` tokens
+    greedily, each fed back as the next input. Returns ``prefix`` followed by the predictions (a
+    predicted ``<unk>``, index 0, is written as the five characters ``<unk>``)."""
     if not prefix:
         raise ValueError("predict needs a non-empty prefix to warm up on")
     state = net.begin_state(batch_size=1, device=device)
@@ -193,7 +196,9 @@ def grad_clipping(net, theta: float) -> float:
 
 def seq_data_iter_random(corpus: Sequence[int], batch_size: int, num_steps: int,
                          rng: random.Random | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Random partitioning: subsequences start anywhere; neighbouring batches are not adjacent."""
+    """Random partitioning: from a random offset, the corpus is cut into subsequences of ``num_steps``
+    tokens (none overlapping), which are shuffled: the rows of a batch, and neighbouring batches, are
+    in general not adjacent in the corpus, so every batch starts from a fresh state."""
     rng = rng or random
     corpus = corpus[rng.randint(0, num_steps - 1):]
     num_subseqs = (len(corpus) - 1) // num_steps
@@ -273,7 +278,9 @@ def train_epoch(net, train_iter, loss, updater, device, use_random_iter: bool,
 
 
 def perplexity(net, data_iter, device) -> float:
-    """exp of the mean cross-entropy per token over ``data_iter``, without training."""
+    """exp of the mean cross-entropy per token over ``data_iter``, without training. The state is
+    carried from batch to batch: ``data_iter`` is sequential partitioning's
+    (``seq_data_iter_sequential``), whose rows continue from one batch to the next."""
     total_loss, total_tokens, state = 0.0, 0, None
     with torch.no_grad():
         for X, Y in data_iter:

@@ -52,7 +52,7 @@ def test_params_and_state():
 def test_rnn_applies_tanh_and_concatenates_outputs():
     torch.manual_seed(0)
     V, H, B, T = 7, 5, 3, 4
-    params = [p.detach() * 300 for p in get_params(V, H, "cpu")]  # large: tanh must saturate
+    params = [torch.randn_like(p) * 3 for p in get_params(V, H, "cpu")]  # large, biases too: tanh saturates
     inputs = one_hot(torch.randint(0, V, (B, T)), V)
     outputs, (H_T,) = rnn(inputs, init_rnn_state(B, H, "cpu"), params)
     assert outputs.shape == (T * B, V)
@@ -74,22 +74,49 @@ def test_outputs_keep_the_graph():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.params[:2] + net.params[3:4])
 
 
-def test_scratch_matches_torch_nn_rnn():
-    """The oracle and torch.nn.RNN compute the same function with the same weights."""
-    torch.manual_seed(1)
-    V, H = 9, 5
-    net = RNNModelScratch(V, H, "cpu")
-    W_xh, W_hh, b_h, _, _ = net.params
-    layer = nn.RNN(V, H)
+def library_model(net: RNNModelScratch, layer: nn.RNN) -> scratch.RNNModel:
+    """``layer`` around the scratch net's weights: ``W_xh (V, H)`` is ``weight_ih_l0`` transposed,
+    ``W_hh`` ``weight_hh_l0`` transposed, ``b_h`` split at random into ``bias_ih_l0 + bias_hh_l0``;
+    the output layer is ``W_hq``, ``b_q``."""
+    W_xh, W_hh, b_h, W_hq, b_q = net.params
+    model = scratch.RNNModel(layer, net.vocab_size)
     with torch.no_grad():
-        layer.weight_ih_l0.copy_(W_xh.T)
-        layer.weight_hh_l0.copy_(W_hh.T)
-        layer.bias_ih_l0.copy_(b_h)
-        layer.bias_hh_l0.zero_()
-    X = torch.randint(0, V, (3, 6))
-    _, (H_scratch,) = net(X, net.begin_state(3, "cpu"))
-    _, h_n = layer(one_hot(X, V))
-    torch.testing.assert_close(H_scratch, h_n[0])
+        split = torch.randn_like(b_h)
+        for name, value in [("rnn.weight_ih_l0", W_xh.T), ("rnn.weight_hh_l0", W_hh.T),
+                            ("rnn.bias_ih_l0", b_h - split), ("rnn.bias_hh_l0", split),
+                            ("linear.weight", W_hq.T), ("linear.bias", b_q)]:
+            model.get_parameter(name).copy_(value)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
+@pytest.mark.parametrize("library", ["torch", "fastrnn"])
+def test_scratch_matches_the_library_rnn(library, backend):
+    """The lesson and ``torch.nn.RNN`` / ``fastrnn.RNN`` compute the same function with the same
+    weights, random and non-zero (biases too): every step's outputs, the final state, and every
+    parameter's gradient."""
+    import fastrnn
+
+    torch.manual_seed(1)
+    V, H, B, T = 9, 5, 3, 4
+    net = RNNModelScratch(V, H, "cpu")
+    with torch.no_grad():
+        for p in net.params:
+            p.copy_(torch.randn_like(p))
+    model = library_model(net, (fastrnn.RNN if library == "fastrnn" else nn.RNN)(V, H))
+    X = torch.randint(0, V, (B, T))
+    y_scratch, (h_scratch,) = net(X, net.begin_state(B, "cpu"))
+    y_library, h_library = model(X, model.begin_state(B, "cpu"))
+    torch.testing.assert_close(y_library, y_scratch)  # (T * B, V), time-major
+    torch.testing.assert_close(h_library[0], h_scratch)
+    (y_scratch ** 2).sum().backward()
+    (y_library ** 2).sum().backward()
+    W_xh, W_hh, b_h, W_hq, b_q = (p.grad for p in net.params)
+    rnn_layer, linear = model.rnn, model.linear
+    for library_grad, scratch_grad in [(rnn_layer.weight_ih_l0.grad.T, W_xh), (rnn_layer.weight_hh_l0.grad.T, W_hh),
+                                       (rnn_layer.bias_ih_l0.grad, b_h), (rnn_layer.bias_hh_l0.grad, b_h),
+                                       (linear.weight.grad.T, W_hq), (linear.bias.grad, b_q)]:
+        torch.testing.assert_close(library_grad, scratch_grad)
 
 
 @pytest.mark.parametrize("theta", [0.5, 1e6])
@@ -119,14 +146,57 @@ def test_grad_clipping_on_an_nn_module():
     assert total == pytest.approx(0.1, rel=1e-6)
 
 
-def test_predict_returns_prefix_plus_num_preds_and_warms_up():
+def greedy_by_hand(net, vocab: Vocab, prefix: str, num_preds: int) -> str:
+    """The prefix through the net as one sequence, then greedy steps, each prediction fed back."""
+    with torch.no_grad():
+        y, state = net(torch.tensor([vocab[list(prefix)]]), net.begin_state(1, "cpu"))  # (len(prefix), V)
+        tokens = []
+        for _ in range(num_preds):
+            tokens.append(int(y[-1].argmax()))
+            y, state = net(torch.tensor([[tokens[-1]]]), state)
+    return prefix + "".join(vocab.to_tokens(tokens))
+
+
+def test_predict_warms_up_on_the_prefix_then_predicts_greedily():
     torch.manual_seed(3)
     vocab = Vocab(TEXT)
     net = RNNModelScratch(len(vocab), 16, "cpu")
+    with torch.no_grad():
+        for p in net.params:
+            p.copy_(torch.randn_like(p))  # large enough that the state decides the predictions
     out = predict("time ", 10, net, vocab, "cpu")
-    assert out.startswith("time ") and len(out) == len("time ") + 10
+    assert out == greedy_by_hand(net, vocab, "time ", 10)
+    # the warm-up matters here: the last character alone predicts something else
+    assert out[len("time "):] != greedy_by_hand(net, vocab, " ", 10)[1:]
     with pytest.raises(ValueError):
         predict("", 3, net, vocab, "cpu")
+
+
+@pytest.mark.parametrize("use_random_iter", [False, True])
+def test_sequential_training_carries_the_state_random_starts_afresh(use_random_iter):
+    """Sequential partitioning: each batch starts from the state the previous one ended in; random
+    partitioning: each from zeros."""
+    torch.manual_seed(5)
+    vocab = Vocab(TEXT)
+    corpus = vocab[list(TEXT)]
+    given, returned = [], []
+
+    class Recording(RNNModelScratch):
+        def __call__(self, X, state):
+            given.append(state[0].detach().clone())
+            y, state = super().__call__(X, state)
+            returned.append(state[0].detach().clone())
+            return y, state
+
+    net = Recording(len(vocab), 8, "cpu")
+    iterator = seq_data_iter_random if use_random_iter else seq_data_iter_sequential
+    batches = list(iterator(corpus, 2, 5, rng=random.Random(0)))[:4]
+    scratch.train_epoch(net, batches, nn.CrossEntropyLoss(), torch.optim.SGD(net.params, lr=0.1), "cpu",
+                        use_random_iter)
+    assert len(given) == 4 and all(state.abs().sum() > 0 for state in returned)
+    assert torch.equal(given[0], torch.zeros(2, 8))
+    for before, after in zip(returned, given[1:]):
+        assert torch.equal(after, torch.zeros(2, 8) if use_random_iter else before)
 
 
 def test_data_iterators_partition_the_corpus():
@@ -138,11 +208,20 @@ def test_data_iterators_partition_the_corpus():
         seen.append(X)
     for a, b in zip(seen, seen[1:]):  # sequential: each row continues where it stopped
         assert torch.equal(b[:, 0], a[:, -1] + 1)
-    starts = set()
-    for X, Y in seq_data_iter_random(corpus, batch_size=2, num_steps=5, rng=random.Random(0)):
-        assert torch.equal(Y, X + 1)
-        starts.update(X[:, 0].tolist())
-    assert len(starts) >= 4
+    for seed in range(20):  # random: from one random offset, subsequences that never overlap
+        tokens, starts = [], set()
+        for X, Y in seq_data_iter_random(list(range(103)), batch_size=2, num_steps=5, rng=random.Random(seed)):
+            assert X.shape == (2, 5) and torch.equal(Y, X + 1)
+            tokens += X.flatten().tolist()
+            starts.update(X[:, 0].tolist())
+        assert len(tokens) == len(set(tokens)) >= 80
+        assert len({start % 5 for start in starts}) == 1  # one grid of num_steps, shuffled
+    # each epoch starts at a random offset: sequential anywhere in [0, num_steps], random in [0, num_steps)
+    firsts = {next(seq_data_iter_sequential(corpus, 2, 5, rng=random.Random(seed)))[0][0, 0].item()
+              for seed in range(60)}
+    grids = {next(seq_data_iter_random(corpus, 2, 5, rng=random.Random(seed)))[0][0, 0].item() % 5
+             for seed in range(60)}
+    assert firsts == set(range(6)) and grids == set(range(5))
 
 
 def test_zero_output_layer_has_perplexity_equal_to_vocab_size():
