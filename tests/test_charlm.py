@@ -174,6 +174,11 @@ BAD = {  # argv, a fragment of the one line on stderr; {run} is a trained run, {
     "sample device": (["sample", "{run}", "--prefix", "a", "--device", "tpu9"], "device"),
     "no checkpoint": (["sample", "{tmp}", "--prefix", "a"], "no checkpoint"),
     "not a checkpoint": (["sample", "{junk}", "--prefix", "a"], "cannot read"),
+    "not fastrnn's checkpoint": (["sample", "{tensor}", "--prefix", "a"], "not a fastrnn checkpoint"),
+    "resume not fastrnn's": (["train", "--out", "{tensor}", "--resume"], "not a fastrnn checkpoint"),
+    "a model its config does not fit": (["sample", "{misfit}", "--prefix", "a"], "does not fit its configuration"),
+    "negative min-freq": (["train", "--min-freq", "-1"], "--min-freq must be >= 0"),
+    "too short to hold one out": (["train", "--text", "{short}", "--batch-size", "1"], "too short"),
 }
 
 
@@ -201,10 +206,17 @@ def test_bad_arguments_give_one_clear_line(tmp_path, capsys, tiny_run, case):
         pytest.skip("this machine has CUDA")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    junk = tmp_path / "junk"
-    junk.mkdir()
+    junk, tensor, misfit = tmp_path / "junk", tmp_path / "tensor", tmp_path / "misfit"
+    for folder in (junk, tensor, misfit):
+        folder.mkdir()
     (junk / "checkpoint.pt").write_text("not a checkpoint")
-    argv = [a.format(empty=empty, run=tiny_run, tmp=tmp_path, junk=junk) for a in BAD[case][0]]
+    torch.save(torch.zeros(3), tensor / "checkpoint.pt")
+    checkpoint = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    torch.save({**checkpoint, "config": {**checkpoint["config"], "hidden": 9}}, misfit / "checkpoint.pt")
+    short = tmp_path / "short.txt"  # 360 characters to train on, 40 held out: too few for --seq-len 32
+    short.write_text("abcdefghij" * 40)
+    argv = [a.format(empty=empty, run=tiny_run, tmp=tmp_path, junk=junk, tensor=tensor, misfit=misfit,
+                     short=short) for a in BAD[case][0]]
     if argv[0] == "train" and "--out" not in argv:
         argv += ["--out", str(tmp_path / "x")]
     if argv[0] == "train":
@@ -251,6 +263,56 @@ def test_checkpoint_from_another_vocabulary_is_refused(tmp_path, capsys):
     a.write_text(b.read_text())  # the same file, another text
     assert main(["train", "--text", str(a), "--resume", *common]) == 2
     assert "another vocabulary" in capsys.readouterr().err
+
+
+def test_every_eval_every_step_is_evaluated_whatever_log_every(tmp_path):
+    """A row with the held-out perplexity every --eval-every steps and at the end, and a row every
+    --log-every steps, even where neither divides the other."""
+    train(TrainConfig(out=str(tmp_path), **{**SMALL, "steps": 20, "hidden": 8, "log_every": 3, "eval_every": 4}),
+          log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 4, 6, 8, 9, 12, 15, 16, 18, 20]
+    assert [r["step"] for r in rows if "heldout_perplexity" in r] == [4, 8, 12, 16, 20]
+
+
+def test_a_short_held_out_text_is_evaluated_in_fewer_rows(tmp_path):
+    """100 held-out characters hold 5 rows of --seq-len 16, not 8: the perplexity is a number (it was
+    NaN, which strict JSON readers refuse)."""
+    text = tmp_path / "t.txt"
+    text.write_text(("the quick brown fox jumps over the lazy dog. " * 30)[:1000])
+    last = train(TrainConfig(out=str(tmp_path / "run"), text=str(text), **{**SMALL, "steps": 4, "hidden": 8}),
+                 log=lambda *_: None)
+    assert 1 < last["heldout_perplexity"] < 100
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_resume_finds_its_text_from_any_folder_and_refuses_another(tmp_path, monkeypatch, capsys):
+    """The checkpoint keeps the text's absolute path and sha256: a run trained on a relative --text
+    resumes from another folder; --text may say where the same text is now, never name another one;
+    repeating a default (--lr 1.0 for sgd) is no conflict; a half-written metrics row is dropped."""
+    text = "the quick brown fox jumps over the lazy dog. " * 60
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "t.txt").write_text(text)
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--text", "t.txt", "--out", "run", "--steps", "2", "--hidden", "8", "--seq-len", "8",
+                 "--batch-size", "4", "--log-every", "1", "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    resume = ["train", "--out", "a/run", "--resume", "--no-progress", "--steps"]
+    assert main([*resume, "3", "--lr", "1.0"]) == 0
+    (tmp_path / "a" / "t.txt").rename(tmp_path / "moved.txt")
+    capsys.readouterr()
+    assert main([*resume, "4"]) == 2
+    assert "--text FILE names where it is now" in capsys.readouterr().err
+    (tmp_path / "other.txt").write_text(text[::-1])  # the same characters: the same vocabulary
+    assert main([*resume, "4", "--text", "other.txt"]) == 2
+    assert "other.txt is not the text the run in a/run was trained on" in capsys.readouterr().err
+    with open(tmp_path / "a" / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train_perpl')  # as a run killed while writing leaves it
+    assert main([*resume, "4", "--text", "moved.txt"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
 @pytest.mark.slow

@@ -254,6 +254,16 @@ def longest_run(text):
     return max(len(m.group()) for m in re.finditer(r"(.)\1*", text, re.S))
 
 
+def test_a_reader_that_stops_ends_the_command_with_one_line(trained):
+    """``fastrnn sample ... | head -c 0``: no traceback, exit code 141 (as SIGPIPE's)."""
+    run, _ = trained
+    p = start_fastrnn("sample", run, "--prefix", "a", "--num-chars", "5")
+    p.stdout.close()  # no reader: the command's first write fails
+    p.wait(timeout=120)
+    r = subprocess.CompletedProcess(p.args, p.returncode, "", p.stderr.read())
+    assert "nothing reads the output any more" in one_error_line(r, code=141)
+
+
 def test_default_sample_is_drawn_and_greedy_is_one_flag_away(trained):
     run, _ = trained
     common = ["sample", run, "--prefix", "def ", "--num-chars", 300]

@@ -3,12 +3,14 @@
     fastrnn train                       # a small char-LM on the stdlib source, on CPU in minutes
     fastrnn sample runs/charlm --prefix "def " --num-chars 200
 
-Exit codes: 0 done, 2 a usage error (one line on stderr), 130 interrupted by Ctrl-C.
+Exit codes: 0 done, 2 a usage error (one line on stderr), 130 interrupted by Ctrl-C, 141 stdout closed
+(a pipe's reader gone).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -66,6 +68,8 @@ def train_parser(sub) -> argparse.ArgumentParser:
     opt("--threads", "torch's CPU threads; 0 leaves torch's own choice (one per core)", type=int)
     opt("--seed", "seed of the initialisation and the batches", type=int)
     opt("--max-chars", "characters of the text used", type=int)
+    opt("--min-freq", "characters seen fewer times in the text share one token, <unk>, which samples "
+        "show as ?; 0 keeps every character", type=int)
     opt("--ckpt-every", "steps between checkpoints", type=int)
     opt("--eval-every", "steps between held-out evaluations", type=int)
     opt("--log-every", "steps between rows of metrics.jsonl", type=int)
@@ -146,13 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastrnn: {e}; {resume_command(e.out)} continues it", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
-        hint = ""
-        if args.command == "train":
-            out = args.out if args.out is not None else TrainConfig.out
-            hint = f"; {resume_command(out)} continues from the last checkpoint, if any"
-        print(f"fastrnn: interrupted{hint}", file=sys.stderr)
+        print(f"fastrnn: interrupted{resume_hint(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`fastrnn sample ... | head -c 100`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes it at exit)
+        print(f"fastrnn: stopped: nothing reads the output any more{resume_hint(args)}", file=sys.stderr)
+        return 141  # as a shell reports a process that SIGPIPE ended
     return 0
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """For ``train`` stopped outside the training loop's own Ctrl-C: how to go on."""
+    if args.command != "train":
+        return ""
+    out = args.out if args.out is not None else TrainConfig.out
+    return f"; {resume_command(out)} continues from the last checkpoint, if any"
 
 
 if __name__ == "__main__":

@@ -56,11 +56,13 @@ class TrainConfig:
 
 
 RESUMABLE = {"steps", "device", "threads", "ckpt_every", "eval_every", "log_every", "progress", "out",
-             "resume", "force"}
+             "resume", "force", "text"}
 """The options that may differ from the checkpoint's on --resume; every other one shapes the model,
-the data or the optimisation, and must match."""
+the data or the optimisation, and must match. (``--text`` may name the run's text where it is now:
+the text itself must be the same, which its fingerprint checks.)"""
 
-RESUMABLE_FLAGS = "--steps, --device, --threads, --ckpt-every, --eval-every, --log-every and --no-progress"
+RESUMABLE_FLAGS = ("--steps, --device, --threads, --ckpt-every, --eval-every, --log-every and --no-progress "
+                   "(and --text, naming the same text where it is now)")
 
 POSITIVE = ("steps", "hidden", "layers", "seq_len", "batch_size", "max_chars", "ckpt_every",
             "eval_every", "log_every")
@@ -82,7 +84,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_int("--threads", cfg.threads, low=0)
     check_int("--seed", cfg.seed, *SEED_RANGE)
     if cfg.min_freq < 0:
-        raise UsageError(f"min_freq must be >= 0, got {cfg.min_freq}")
+        raise UsageError(f"--min-freq must be >= 0, got {cfg.min_freq}")
     for name, allowed in (("model", MODELS), ("cell", tuple(CELLS)), ("optimizer", OPTIMIZERS),
                           ("lr_schedule", LR_SCHEDULES), ("partition", PARTITIONS)):
         value = getattr(cfg, name)

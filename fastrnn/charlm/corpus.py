@@ -57,11 +57,15 @@ def load_corpus(path: str | None, max_chars: int) -> str:
     return text[:max_chars]
 
 
+def fingerprint(text: str) -> str:
+    """The text's sha256: a resumed run checks that it reads the text it was trained on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def describe(text: str, path: str | None) -> str:
     """One line naming the text, its length and a fingerprint, to tell whether two runs read the same."""
     source = path if path is not None else str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    return f"{len(text)} characters of {source} (sha256 {digest})"
+    return f"{len(text)} characters of {source} (sha256 {fingerprint(text)[:12]})"
 
 
 def load_data(cfg: TrainConfig, saved_vocab: dict | None = None) -> tuple[str, Vocab, list[int], list[int]]:
@@ -69,7 +73,7 @@ def load_data(cfg: TrainConfig, saved_vocab: dict | None = None) -> tuple[str, V
     (held out). ``saved_vocab`` (a checkpoint's) must be the text's own vocabulary."""
     text = load_corpus(cfg.text, cfg.max_chars)
     split = int(len(text) * (1 - HELDOUT_FRACTION))
-    if split < cfg.seq_len * 2 + 2 or len(text) - split < cfg.seq_len + 2:
+    if split < cfg.seq_len * 2 + 2 or len(text) - split < cfg.seq_len * 2 + 1:  # (the held-out: one row)
         raise UsageError(f"the text ({len(text)} characters) is too short for --seq-len {cfg.seq_len}")
     vocab = Vocab(text, min_freq=cfg.min_freq)
     if saved_vocab is not None and saved_vocab["idx_to_token"] != vocab.idx_to_token:

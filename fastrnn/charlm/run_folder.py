@@ -15,9 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .config import RESUMABLE, RESUMABLE_FLAGS, TrainConfig, UsageError, check_resume_or_force, flag
+from .config import (RESUMABLE, RESUMABLE_FLAGS, TrainConfig, UsageError, check_resume_or_force, default_lr,
+                     flag)
+from .corpus import fingerprint
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curve.png")
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "vocab", "step", "epoch", "batch_in_epoch", "state", "rng", "config")
+MODEL_KEYS = ("model", "hidden", "layers", "dropout")  # what the configuration must say to build the model
 
 
 def read_checkpoint(out: str | Path) -> dict:
@@ -26,9 +32,47 @@ def read_checkpoint(out: str | Path) -> dict:
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: torch raises several kinds
         raise UsageError(f"cannot read {path} as a checkpoint: {type(e).__name__}") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{path} is not a fastrnn checkpoint (it holds a {type(checkpoint).__name__}, "
+                         "not a dictionary)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if not missing:
+        config = checkpoint["config"]
+        missing = [f"config {k}" for k in MODEL_KEYS if k not in config] if isinstance(config, dict) else ["config"]
+    if missing:
+        raise UsageError(f"{path} is not a fastrnn checkpoint (it lacks {', '.join(missing)})")
+    return checkpoint
+
+
+def load_model_state(model: torch.nn.Module, state: dict, out: str | Path) -> None:
+    """The checkpoint's parameters into ``model``, built from its configuration."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if lines and lines[0].startswith("Error(s) in loading state_dict"):
+            lines = lines[1:]  # (the first of the reasons that follow)
+        reason = lines[0] if lines else type(e).__name__
+        raise UsageError(f"{Path(out) / 'checkpoint.pt'}: its model does not fit its configuration "
+                         f"({reason})") from None
+
+
+def text_record(text: str, path: str | None) -> dict:
+    """What a checkpoint keeps of its text: where it was (absolute) and its fingerprint."""
+    return {"path": str(Path(path).resolve()) if path is not None else None, "sha256": fingerprint(text)}
+
+
+def check_same_text(checkpoint: dict, text: str, path: str | None, out: Path) -> None:
+    """A resumed run reads the text it was trained on, wherever it is now (a checkpoint written
+    before fastrnn kept the fingerprint is not checked)."""
+    saved = checkpoint.get("text")
+    if saved is not None and saved["sha256"] != fingerprint(text):
+        source = path if path is not None else "the default corpus"
+        raise UsageError(f"--resume: {source} is not the text the run in {out} was trained on (sha256 "
+                         f"{fingerprint(text)[:12]}, the run's {saved['sha256'][:12]})")
 
 
 def save_checkpoint(checkpoint: dict, out: Path) -> None:
@@ -44,19 +88,32 @@ def resume_config(out: str, given: dict) -> TrainConfig:
     """The configuration saved in OUT/checkpoint.pt with ``given`` (the options set on the command
     line) applied; an option outside RESUMABLE that differs from the saved one is a UsageError."""
     check_resume_or_force(True, given.get("force", False))
-    saved = read_checkpoint(out)["config"]
+    checkpoint = read_checkpoint(out)
+    saved = checkpoint["config"]
     check_resumable(saved, given, Path(out))
+    text = (checkpoint.get("text") or {}).get("path")  # absolute: the run resumes from anywhere
+    if "text" not in given and text is not None:
+        if not Path(text).is_file():
+            raise UsageError(f"--resume: the run's text {text} is not there any more; --text FILE names "
+                             "where it is now")
+        given = {**given, "text": text}
     known = {f.name for f in fields(TrainConfig)}
     this_call = {"resume": True, "force": False, "progress": True}  # never taken from the checkpoint
     return TrainConfig(**{k: v for k, v in {**saved, **this_call, **given}.items() if k in known})
 
 
 def check_resumable(saved: dict, given: dict, out: Path) -> None:
-    """Refuse any option outside RESUMABLE whose value differs from the saved run's."""
-    differ = [k for k, v in given.items() if k not in RESUMABLE and k in saved and v != saved[k]]
+    """Refuse any option outside RESUMABLE whose value differs from the saved run's (``--lr`` as the
+    rate it stands for: unset is the optimizer's default)."""
+    def value(config, k):
+        if k == "lr" and config[k] is None:
+            return default_lr(config.get("optimizer", saved["optimizer"]))
+        return config[k]
+
+    differ = [k for k in given if k not in RESUMABLE and k in saved and value(given, k) != value(saved, k)]
     if differ:
         def flags(config):
-            return ", ".join(f"{flag(k)} {config[k]}" for k in differ)
+            return ", ".join(f"{flag(k)} {value(config, k)}" for k in differ)
 
         raise UsageError(f"--resume: the run in {out} has {flags(saved)}, not {flags(given)}; "
                          f"only {RESUMABLE_FLAGS} may change on resume")
@@ -84,8 +141,18 @@ def prepare_out(out: Path, resume: bool, step: int) -> None:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     elif metrics.exists():
-        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
-        metrics.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+        rows = [row for row in map(metrics_row, metrics.read_text().splitlines()) if row is not None]
+        metrics.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+
+
+def metrics_row(line: str) -> dict | None:
+    """A line of metrics.jsonl as its row; None for a blank one, or one a killed run left half
+    written."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 def append_metrics(out: Path, row: dict) -> None:
@@ -127,7 +194,7 @@ def plot_curve(metrics_file: Path, png: Path, log=print) -> bool:
     except ImportError:
         log("notice: matplotlib is not installed, so no curve.png (pip install matplotlib)")
         return False
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = [row for row in map(metrics_row, metrics_file.read_text().splitlines()) if row is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["train_perplexity"] for r in rows], label="train")
     held = [r for r in rows if "heldout_perplexity" in r]

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from ..scratch import Vocab
 from .config import SEED_RANGE, UsageError, check_float, check_int
 from .model import build_model
-from .run_folder import read_checkpoint
+from .run_folder import load_model_state, read_checkpoint
 
 
 def load_for_sampling(run_dir: str, device):
@@ -19,7 +19,7 @@ def load_for_sampling(run_dir: str, device):
     vocab = Vocab.from_state_dict(ckpt["vocab"])
     model = build_model(cfg["model"], len(vocab), cfg["hidden"], cfg["layers"], cfg["dropout"],
                         cfg.get("cell", "rnn"))
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt["model"], run_dir)
     return model.to(device).eval(), vocab
 
 

@@ -23,8 +23,9 @@ from ..scratch import grad_clipping
 from .config import TrainConfig, UsageError, check_config, default_lr, resolve_device
 from .corpus import batches, describe, load_data
 from .model import build_model
-from .run_folder import (append_metrics, check_resumable, plot_curve, prepare_out, read_checkpoint,
-                         refuse_existing_run, rng_state, save_checkpoint, set_rng_state, to_cpu)
+from .run_folder import (append_metrics, check_resumable, check_same_text, load_model_state, plot_curve,
+                         prepare_out, read_checkpoint, refuse_existing_run, rng_state, save_checkpoint,
+                         set_rng_state, text_record, to_cpu)
 
 
 class Interrupted(Exception):
@@ -73,13 +74,19 @@ def cpu_threads(threads: int):
         torch.set_num_threads(before)
 
 
+def heldout_rows(num_tokens: int, cfg: TrainConfig) -> int:
+    """Sequences per held-out batch: up to 8 (and --batch-size), fewer where the held-out text is too
+    short for that many rows of --seq-len (its offset may take up to --seq-len + 1 tokens first)."""
+    return min(cfg.batch_size, 8, (num_tokens - cfg.seq_len - 1) // cfg.seq_len)
+
+
 def evaluate(model, corpus: list[int], cfg: TrainConfig, device, stop: StopOnCtrlC | None = None):
-    """Perplexity on the held-out token ids ``corpus``: sequential batches of up to 8 sequences, the
-    state carried from batch to batch. None if ``stop`` was requested before the end."""
+    """Perplexity on the held-out token ids ``corpus``: sequential batches of ``heldout_rows``
+    sequences, the state carried from batch to batch. None if ``stop`` was requested before the end."""
     model.eval()
     total, count, state = 0.0, 0, None
     with torch.no_grad():
-        for X, Y in scratch.seq_data_iter_sequential(corpus, min(cfg.batch_size, 8), cfg.seq_len,
+        for X, Y in scratch.seq_data_iter_sequential(corpus, heldout_rows(len(corpus), cfg), cfg.seq_len,
                                                      rng=random.Random(0)):
             if stop is not None and stop.requested:
                 break
@@ -112,7 +119,9 @@ class Trainer:
         self.cfg, self.device, self.rank, self.world, self.out = cfg, device, rank, world, Path(cfg.out)
         text, self.vocab, self.train_ids, self.heldout_ids = load_data(
             cfg, checkpoint["vocab"] if checkpoint is not None else None)
-        self.text_line = describe(text, cfg.text)
+        if checkpoint is not None:
+            check_same_text(checkpoint, text, cfg.text, self.out)
+        self.text_line, self.text_saved = describe(text, cfg.text), text_record(text, cfg.text)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, len(self.vocab), cfg.hidden, cfg.layers, cfg.dropout,
                                  cfg.cell).to(device)
@@ -142,7 +151,7 @@ class Trainer:
         if len(checkpoint["state"]) != self.world:
             raise UsageError(f"{self.out} was trained by {len(checkpoint['state'])} processes; "
                              f"resume it with as many, not {self.world}")
-        self.model.load_state_dict(checkpoint["model"])
+        load_model_state(self.model, checkpoint["model"], self.out)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.step, self.epoch = checkpoint["step"], checkpoint["epoch"]
         self.batch_in_epoch = checkpoint["batch_in_epoch"]
@@ -165,7 +174,7 @@ class Trainer:
                              "vocab": self.vocab.state_dict(), "step": self.step, "epoch": self.epoch,
                              "batch_in_epoch": self.batch_in_epoch, "state": to_cpu(states),
                              "rng": rng_state(), "config": asdict(self.cfg), "heldout": self.heldout,
-                             "unlogged": self.unlogged}, self.out)
+                             "unlogged": self.unlogged, "text": self.text_saved}, self.out)
 
     def stop(self) -> None:
         """Ctrl-C: write a checkpoint at this step and raise Interrupted."""
@@ -203,11 +212,11 @@ class Trainer:
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         while self.step < cfg.steps:
             window_loss, window_steps = window_loss + self.train_step(), window_steps + 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            due = self.step % cfg.eval_every == 0 or self.step == cfg.steps  # a held-out evaluation
+            if due or self.step % cfg.log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": self.step, "train_perplexity": math.exp(window_loss / window_steps),
                        "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
-                due = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 last = self.log_row(row, due, stop, progress)
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             if progress is not None:
