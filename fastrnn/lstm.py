@@ -544,9 +544,9 @@ class LSTM(FusedRNNBase):
         return (parts[0], parts[1])
 
     def _run_direction(self, x, suffix, start, reverse, lengths, resets):
-        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+        w_ih, w_hh, b_ih, b_hh, *w_hr = self._weights(suffix, projection=self.proj_size > 0)
         x_proj = F.linear(x, w_ih, bias_sum(b_ih, b_hh))  # (T, B, 4H)
-        w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
+        w_hr = w_hr[0] if w_hr else None
         h0, c0 = start if start else (None, None)
         c0_dtype = c0.dtype if c0 is not None else x.dtype
         w_hh, w_hr, h0, c0 = as_dtype(x_proj.dtype, w_hh, w_hr, h0, c0)

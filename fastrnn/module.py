@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .backend import memo, torch_module_runs
 from .export import in_onnx_export, onnx_forward
-from .op import outside_graph, run_eagerly
+from .op import any_autocast, outside_graph, run_eagerly
 from .sequence import check_resets
 
 
@@ -192,11 +192,24 @@ class FusedRNNBase(nn.RNNBase):
                 layer_input = _dropout(layer_input, self.dropout, packing)
         return layer_input, tuple(_stacked(parts) for parts in zip(*finals))
 
-    def _weights(self, suffix: str):
-        """``[w_ih, w_hh, b_ih, b_hh]`` of one layer and direction (biases None without bias). (A
+    def _weights(self, suffix: str, projection: bool = False):
+        """``[w_ih, w_hh, b_ih, b_hh]`` (and ``w_hr`` where ``projection``) of one layer and direction
+        (biases None without bias), in one dtype outside autocast, as torch's products require. (A
         parameter is read from ``_parameters``, as ``getattr`` finds it; a weight that is no longer a
         parameter there, reparametrised or set as a plain tensor, through ``getattr``.)"""
-        return [self._parameter(name) if name else None for name in _weight_names(suffix, self.bias)]
+        names = _weight_names(suffix, self.bias, projection)
+        weights = [self._parameter(name) if name else None for name in names]
+        if not any_autocast():  # (under it, the op casts them all to the autocast dtype)
+            dtype = weights[0].dtype
+            for w in weights:
+                if w is not None and w.dtype != dtype:
+                    self._refuse_mixed_dtypes(names, weights)
+        return weights
+
+    def _refuse_mixed_dtypes(self, names, weights):
+        name, w = next((n, w) for n, w in zip(names, weights) if w is not None and w.dtype != weights[0].dtype)
+        raise RuntimeError(f"{self._name}: {name} is {w.dtype}, {names[0]} {weights[0].dtype}: a module's "
+                           "weights share one dtype (module.to(dtype) converts them all)")
 
     def _parameter(self, name: str) -> Tensor:
         p = self._parameters.get(name)
@@ -232,20 +245,22 @@ def bias_sum(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
 def _stacked(parts) -> Tensor:
     """A final state's part ``(L * D, B, N)`` from each layer and direction's ``(B, N)``: stacked, or,
     for one layer and direction, the op's own tensor given its leading dimension in place (no copy,
-    and no view either: as torch's module returns it, so ``detach_()`` works). A view (a zero-size
-    batch's state, which is the given one), a tensor not contiguous and a compiled call are stacked."""
+    and no view either: as torch's module returns it, so ``detach_()`` works). A view, a tensor not
+    contiguous, a zero-size batch's state (the given one, or the reference loop's, which autograd may
+    have saved: tanh's output) and a compiled call are stacked."""
     part = parts[0]
-    if torch.compiler.is_compiling() or len(parts) > 1 or part._is_view() or not part.is_contiguous():
+    if (torch.compiler.is_compiling() or len(parts) > 1 or part._is_view() or not part.is_contiguous()
+            or part.numel() == 0):
         return torch.stack(parts)
     return part.unsqueeze_(0)
 
 
 @memo  # (a few distinct suffixes; built once, not at every layer of every call)
-def _weight_names(suffix: str, bias: bool) -> tuple:
-    """The names of ``(w_ih, w_hh, b_ih, b_hh)`` for ``suffix`` (``_l0``, ``_l1_reverse``, ...), the
-    biases' "" without bias."""
-    return tuple(name + suffix if bias or name.startswith("weight") else ""
-                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+def _weight_names(suffix: str, bias: bool, projection: bool) -> tuple:
+    """The names of ``(w_ih, w_hh, b_ih, b_hh)`` (and ``w_hr`` where ``projection``) for ``suffix``
+    (``_l0``, ``_l1_reverse``, ...), the biases' "" without bias."""
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if projection else ())
+    return tuple(name + suffix if bias or name.startswith("weight") else "" for name in names)
 
 
 def _count(n: int) -> str:

@@ -468,6 +468,39 @@ def test_final_state_is_contiguous_whatever_the_given_states_layout(backend, cel
         assert all(f.is_contiguous() for f in finals)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_zero_size_batch_trains_as_torchs(backend, cell, batch_first):
+    """A batch of no sequences (a data loader's last, a filter's leftover): empty outputs and final
+    state, and zero gradients, as torch's module gives (the Elman module's backward raised: its final
+    state, the reference loop's tanh output, was given its leading dimension in place)."""
+    ours = fastrnn.CELLS[cell].module(3, 4, batch_first=batch_first)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, batch_first=batch_first)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn((0, 5, 3) if batch_first else (5, 0, 3), requires_grad=True)
+    grads = []
+    for module in (ours, theirs):
+        y, state = module(x)
+        parts = state if isinstance(state, tuple) else (state,)
+        grads.append(torch.autograd.grad(y.sum() + sum(p.sum() for p in parts), [x, *module.parameters()]))
+        assert y.shape == (x.shape[0], x.shape[1], 4) and all(p.shape == (1, 0, 4) for p in parts)
+    torch.testing.assert_close(*grads, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell,weight", [(cell, weight) for cell in ("rnn", "lstm", "gru")
+                                         for weight in ("weight_hh_l0", "bias_hh_l0", "weight_hr_l0")
+                                         if cell == "lstm" or weight != "weight_hr_l0"])
+def test_weights_of_mixed_dtypes_are_refused_as_torchs(backend, cell, weight):
+    """A weight whose dtype differs from the others' (``p.data = p.data.float()`` on a float64 module)
+    is a RuntimeError naming it, as torch's module refuses it, never silently cast."""
+    module = fastrnn.CELLS[cell].module(3, 4, **({"proj_size": 2} if weight == "weight_hr_l0" else {})).double()
+    getattr(module, weight).data = getattr(module, weight).data.float()
+    with pytest.raises(RuntimeError, match=weight if backend != "auto" else "dtype"):
+        module(torch.randn(5, 2, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("steps", ["whole", "lengths", "resets"])
