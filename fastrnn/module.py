@@ -149,7 +149,12 @@ class FusedRNNBase(nn.RNNBase):
                            f"({parts[0].dim()}-D, {parts[1].dim()}-D) tensors")
 
     def _check_state_matches(self, x: Tensor, hx, state) -> None:
-        """Refuse what the torch modules refuse deeper down: a state of another count, dtype or device."""
+        """Refuse what the torch modules refuse deeper down: parameters on another device than the
+        input, a state of another count, dtype or device."""
+        w = self._parameters.get("weight_ih_l0")  # (a reparametrised one: F.linear refuses it, in its words)
+        if w is not None and w.device != x.device:
+            raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{x.device} and parameter tensor at {w.device}")
         if isinstance(hx, (tuple, list)) and len(hx) != len(self._state_sizes()):
             raise RuntimeError(f"{self._name.lower()} expects {_count(len(self._state_sizes()))} hidden states")
         for s in state or ():

@@ -220,6 +220,7 @@ FORWARD_ERRORS = {  # (cell) -> name -> (make args, exception type)
         "input dtype": (lambda: (torch.randn(5, 2, 4, dtype=F64),), ValueError),
         "state dtype": (lambda: (torch.randn(5, 2, 4), lstm_state(2, 2, 3, 3, dtype=F64)), RuntimeError),
         "zero steps": (lambda: (torch.randn(0, 2, 4),), RuntimeError),
+        "input device": (lambda: (torch.randn(5, 2, 4, device="meta"),), RuntimeError),
         "three states": (lambda: (torch.randn(5, 2, 4), lstm_state(2, 2, 3, 3) + (torch.zeros(2, 2, 3),)),
                          RuntimeError),
         "one state": (lambda: (torch.randn(5, 2, 4), lstm_state(2, 2, 3, 3)[:1]), IndexError),
@@ -234,6 +235,7 @@ FORWARD_ERRORS = {  # (cell) -> name -> (make args, exception type)
         "input dtype": (lambda: (torch.randn(5, 2, 4, dtype=F64),), ValueError),
         "h0 dtype": (lambda: (torch.randn(5, 2, 4), torch.zeros(2, 2, 3, dtype=F64)), RuntimeError),
         "zero steps": (lambda: (torch.randn(0, 2, 4),), RuntimeError),
+        "input device": (lambda: (torch.randn(5, 2, 4, device="meta"),), RuntimeError),
     },
 }
 

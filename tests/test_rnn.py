@@ -262,6 +262,7 @@ FORWARD_ERRORS = {
     "h0 device": (lambda: (torch.randn(5, 2, 4), torch.zeros(2, 2, 3, device="meta")), RuntimeError,
                   "device"),
     "zero steps": (lambda: (torch.randn(0, 2, 4),), RuntimeError, "sequence length"),
+    "input device": (lambda: (torch.randn(5, 2, 4, device="meta"),), RuntimeError, "parameter tensor at cpu"),
 }
 
 
