@@ -66,8 +66,11 @@ def assert_resume_is_exact(tmp_path, monkeypatch, base, step, how):
     assert full["step"] == cut["step"] == 60
     for k, v in full["model"].items():
         assert torch.equal(v, cut["model"][k]), k
-    rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == [10, 20, 30, 40, 50, 60]  # none twice
+    rows, full_rows = ([json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                       for run in ("cut", "full"))
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]  # none twice
+    for key in ("train_perplexity", "heldout_perplexity"):  # the row after the cut averages its steps
+        assert [r.get(key) for r in rows] == [r.get(key) for r in full_rows], key  # before it too
 
 
 @pytest.mark.parametrize("partition,model", [("sequential", "fastrnn"), ("random", "scratch")])

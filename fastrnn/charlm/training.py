@@ -130,6 +130,7 @@ class Trainer:
         self.optimizer = optimizer(self.model.parameters(), lr=self.lr)
         self.step, self.epoch, self.batch_in_epoch, self.state = 0, 0, 0, None
         self.heldout, self.unlogged = None, None
+        self.window = [0.0, 0]  # the loss summed over the steps since the last metrics row, and their count
         if checkpoint is not None:
             self.restore(checkpoint)
         self.ddp_model = self.model
@@ -156,6 +157,7 @@ class Trainer:
         self.step, self.epoch = checkpoint["step"], checkpoint["epoch"]
         self.batch_in_epoch = checkpoint["batch_in_epoch"]
         self.heldout, self.unlogged = checkpoint.get("heldout"), checkpoint.get("unlogged")
+        self.window = list(checkpoint.get("window", self.window))
         state = checkpoint["state"][self.rank]  # a tensor, a tuple of them (LSTM, scratch) or None
         if isinstance(state, tuple):
             self.state = tuple(s.to(self.device) for s in state)
@@ -174,7 +176,8 @@ class Trainer:
                              "vocab": self.vocab.state_dict(), "step": self.step, "epoch": self.epoch,
                              "batch_in_epoch": self.batch_in_epoch, "state": to_cpu(states),
                              "rng": rng_state(), "config": asdict(self.cfg), "heldout": self.heldout,
-                             "unlogged": self.unlogged, "text": self.text_saved}, self.out)
+                             "unlogged": self.unlogged, "text": self.text_saved, "window": self.window},
+                            self.out)
 
     def stop(self) -> None:
         """Ctrl-C: write a checkpoint at this step and raise Interrupted."""
@@ -209,16 +212,18 @@ class Trainer:
         cfg, tokens_per_step = self.cfg, self.cfg.batch_size * self.cfg.seq_len
         first_step, start = self.step, time.perf_counter()
         last = self.log_row(self.unlogged, True, stop, progress) if self.unlogged is not None else {}
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window_start, timed_steps = time.perf_counter(), 0  # (a resumed window's earlier steps: not timed here)
         while self.step < cfg.steps:
-            window_loss, window_steps = window_loss + self.train_step(), window_steps + 1
+            loss = self.train_step()
+            self.window, timed_steps = [self.window[0] + loss, self.window[1] + 1], timed_steps + 1
             due = self.step % cfg.eval_every == 0 or self.step == cfg.steps  # a held-out evaluation
             if due or self.step % cfg.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                row = {"step": self.step, "train_perplexity": math.exp(window_loss / window_steps),
-                       "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+                row = {"step": self.step, "train_perplexity": math.exp(self.window[0] / self.window[1]),
+                       "tokens_per_s": timed_steps * tokens_per_step / max(elapsed, 1e-9)}
+                self.window = [0.0, 0]
                 last = self.log_row(row, due, stop, progress)
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                window_start, timed_steps = time.perf_counter(), 0
             if progress is not None:
                 progress.update(1)
             if stop.requested:
