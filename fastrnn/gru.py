@@ -354,31 +354,49 @@ def _hidden_parts(d_x, gates, d_act=None):
 
 def _setup_context_bwd(ctx, inputs, output):
     dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets, gates_src = with_defaults(inputs, 11)
-    save_for_derivatives(ctx, dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0])
+    save_for_derivatives(ctx, dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0], gates_src)
     ctx.reverse, ctx.sources = reverse, gates_src is not None
 
 
 @own_precision
 def _backward_of_backward(ctx, X, e0):
-    dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x = ctx.saved_tensors
-    if ctx.sources:
-        raise NotImplementedError("third derivatives through fastrnn.GRU are not supported")
+    """The backward's gradients from those of d_x (``X``) and dh0_local (``e0``). A backward given
+    ``gates_src`` (a second derivative's) is linear in it too (``_source_gradients``), and its hn part
+    joins d_hh (so reverse mode differentiates any number of times)."""
+    dy, dh_n, y, gates, h0, w_hh, lengths, resets, d_x, gates_src = ctx.saved_tensors
     walk = Walk(y.shape[0], lengths, resets, ctx.reverse, y.device)
     X = walk.masked(torch.zeros_like(d_x) if X is None else X)
     e0 = enters(torch.zeros_like(y[0]) if e0 is None else e0, walk.cut, walk.reverse)
     r, z, n, hn = gates.chunk(4, -1)
     h_prev = walk.masked(previous_states(y, h0, walk.reverse, lengths, walk.cut))
-    d_hh = torch.cat(_hidden_parts(d_x, gates), -1)  # (T, B, 3H)
+    src = walk.masked(gates_src) if gates_src is not None else None  # (T, B, 4H)
+    d_hh = torch.cat(_hidden_parts(d_x, gates, src), -1)  # (T, B, 3H)
     u = shifted(d_hh @ w_hh, later=not walk.reverse, cut=cut_after(walk.cut, walk.reverse))
     u = dy + u if dy is not None else u
     dh = walk.carried_back(u, dh_n, z)  # the first backward's dh at every step
     k = ((1 - z) * (1 - n * n), (h_prev - n) * z * (1 - z), hn * r * (1 - r))  # k_n, k_z, k_r
     D, R, Z, N, H_, P = _adjoint(X, e0, k, r, z, w_hh, walk)
     d_act, d_y, d_h0 = _second_order(D, R, Z, N, P, dh, d_x, gates, h_prev, walk)
+    d_src = None
+    if src is not None:
+        d_src, d_slopes = _source_gradients(D, R, Z, N, src, gates)
+        d_act = d_act + d_slopes
     d_w = d_hh.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)  # (3H, H)
     d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
     return (H_ if dy is not None else None, d_dh_n, d_y, d_act, d_h0 if h0 is not None else None, d_w, None, None, None,
-            None, None)
+            None, d_src)
+
+
+def _source_gradients(D, R, Z, N, src, gates):
+    """For a backward given ``src`` (gates_src, masked): its gradient, the adjoints of dr, dz, dn and of
+    d_hh's n part (R^, Z^, N^, D_n) through the gates' slopes; and the gates' share through the slopes'
+    own derivatives. Each (T, B, 4H), zero past each end as the adjoints are."""
+    r, z, n, _ = gates.chunk(4, -1)
+    H = z.shape[-1]
+    slopes = torch.cat((r * (1 - r), z * (1 - z), 1 - n * n, torch.ones_like(r)), -1)
+    adjoints = torch.cat((R, Z, N, D[..., 2 * H:]), -1)
+    curvature = torch.cat((1 - 2 * r, 1 - 2 * z, -2 * n, torch.zeros_like(r)), -1)
+    return adjoints * slopes, adjoints * src * curvature
 
 
 def _adjoint(X, e0, k, r, z, w_hh, walk):

@@ -381,15 +381,18 @@ def _hidden_gradients(dy, dh_n, d_gates, w_hh, reverse, lengths, cut):
 def _setup_context_bwd(ctx, inputs, output):
     dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, dc_src, dz_src = \
         with_defaults(inputs, 16)
-    save_for_derivatives(ctx, dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0])
+    save_for_derivatives(ctx, dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0], dc_src)
     ctx.reverse, ctx.sources = reverse, dc_src is not None or dz_src is not None
+    ctx.has_dz_src = dz_src is not None
 
 
 @own_precision
 def _backward_of_backward(ctx, E, e0):
-    dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates = ctx.saved_tensors
-    if ctx.sources:
-        raise NotImplementedError("third derivatives through fastrnn.LSTM are not supported")
+    """The backward's gradients from those of d_gates (``E``) and dc0 (``e0``). A backward given
+    sources (a second derivative's) is linear in them too: dc_src's gradient is C^, dz_src's E~; the
+    sources' share of dc takes part in the second-order terms (so reverse mode differentiates any
+    number of times)."""
+    dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, d_gates, dc_src = ctx.saved_tensors
     walk = Walk(c.shape[0], lengths, resets, ctx.reverse, c.device)
     E = walk.masked(torch.zeros_like(d_gates) if E is None else E)
     e0 = enters(torch.zeros_like(c[0]) if e0 is None else e0, walk.cut, walk.reverse)
@@ -397,15 +400,16 @@ def _backward_of_backward(ctx, E, e0):
     dm = dh @ w_hr if w_hr is not None else dh  # (T, B, H)
     k, a, c_prev = _factors(c, gates, c0, walk)
     f = gates.chunk(4, -1)[1]
-    dc = walk.carried_back(dm * a, dc_n, f)  # the first backward's dc at every step
+    dc = walk.carried_back(dm * a if dc_src is None else dm * a + dc_src, dc_n, f)  # the first backward's dc
     E_, C, M, H_, P = _adjoint(E, e0, k, a, f, w_hh, w_hr, walk)
     d_act, d_c, d_c0 = _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk)
     d_w_hh = d_gates.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)
     d_w_hr = dh.flatten(0, 1).T @ M.flatten(0, 1) if w_hr is not None else None
     d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
     d_dc_n = at_step(C, walk.last) if dc_n is not None else None
+    d_dc_src, d_dz_src = C if dc_src is not None else None, E_ if ctx.has_dz_src else None
     return (H_ if dy is not None else None, d_dh_n, d_dc_n, None, d_c, d_act, None,
-            d_c0 if c0 is not None else None, d_w_hh, d_w_hr, None, None, None, None, None, None)
+            d_c0 if c0 is not None else None, d_w_hh, d_w_hr, None, None, None, None, d_dc_src, d_dz_src)
 
 
 def _factors(c, gates, c0, walk):

@@ -242,18 +242,13 @@ def transposed(backward, cell: str):
     of ``<J^T u, t>`` (the double-vjp trick), taken by autograd through ``backward`` itself, at u = 0,
     with its graph where grad mode records (so the gradient of a Hessian-vector product taken on dual
     tensors, a third derivative, is right). It reads the shapes of the op's outputs
-    (``save_outputs_like``). Inside a reverse level too it refuses (``refuse_nested``): a third
-    derivative of ``cell``; so it does where the backward's own backward does (``ctx.sources``: the
-    loss read c, the gates or a tangent), which autograd runs for a gradient's tangent inside
-    ``forward_ad.dual_level`` though nothing reads it."""
+    (``save_outputs_like``). Inside a torch.func reverse level it refuses (``refuse_nested``): a third
+    derivative of ``cell`` whose ops torch would hide from that level. (Autograd runs it for a
+    gradient's tangent inside ``forward_ad.dual_level``, where a backward given sources, a loss that
+    read c, the gates or a tangent, is transposed as any other.)"""
     def jvp(ctx, *tangents):
         refuse_nested(f"a third derivative through fastrnn.{cell} (forward mode over a second derivative)",
                       under_grad=True)
-        if getattr(ctx, "sources", False):
-            raise NotImplementedError(
-                f"third derivatives through fastrnn.{cell} are not supported: inside forward_ad.dual_level "
-                "autograd takes the tangent of every gradient, here of one of a loss that read c, the gates or "
-                "a tangent (take that gradient outside the dual level, or by torch.func.grad of torch.func.jvp)")
         recorded = torch.is_grad_enabled()  # (then the tangent keeps its graph, for a third derivative)
         with torch.enable_grad():
             u = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)

@@ -433,7 +433,7 @@ ORDERS = {  # derivatives of a scalar loss of w: (how, whether every cell has it
     "jacfwd of jacfwd": (lambda f: torch.func.jacfwd(torch.func.jacfwd(f)), False),
     "jacfwd of hessian": (lambda f: torch.func.jacfwd(torch.func.hessian(f)), False),
     "jacrev of hessian": (lambda f: torch.func.jacrev(torch.func.hessian(f)), "rnn"),
-    "jacrev of jacrev of jacrev": (lambda f: torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(f))), "rnn"),
+    "jacrev of jacrev of jacrev": (lambda f: torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(f))), True),
 }
 
 
