@@ -45,7 +45,8 @@ _ENCODED = {name: os.environ.encodekey(name) for name in ("FASTRNN_BACKEND", "FA
 def memo(fn):
     """``fn`` with its result kept per arguments, for functions of a few distinct arguments asked at
     every call. (A dict of its own, not ``functools.cache``: Dynamo warns at every such cache it
-    traces, as it cannot tell whether the cache goes stale.)"""
+    traces, as it cannot tell whether the cache goes stale. Dynamo takes its result as a constant
+    rather than reading the dict, whose every new entry would make it compile again.)"""
     results = {}
 
     def cached(*args):
@@ -55,7 +56,7 @@ def memo(fn):
             value = results[args] = fn(*args)
             return value
 
-    return functools.update_wrapper(cached, fn)
+    return torch.compiler.assume_constant_result(functools.update_wrapper(cached, fn))
 
 
 def requested_backend() -> str:

@@ -47,6 +47,22 @@ def test_compile_has_no_graph_break():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+def test_compiled_modules_compile_once_each():
+    """Each compiled module compiles once, whatever is compiled beside it: the names of its weights,
+    kept per layer (``backend.memo``), are a constant to Dynamo, not a dict it guards on (a module's
+    first call compiled twice, and compiling another module, which adds names, made both again)."""
+    from torch._dynamo.testing import CompileCounter
+
+    x = torch.randn(5, 2, 3)
+    counts = {"gru": CompileCounter(), "lstm": CompileCounter()}
+    gru = torch.compile(fastrnn.GRU(3, 4), backend=counts["gru"], fullgraph=True)
+    lstm = torch.compile(fastrnn.LSTM(3, 4, 3, bias=False, bidirectional=True, proj_size=2), backend=counts["lstm"],
+                         fullgraph=True)
+    for _ in range(2):
+        gru(x), lstm(x), gru(x)
+    assert {name: c.frame_count for name, c in counts.items()} == {"gru": 1, "lstm": 1}
+
+
 class RecordedOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
