@@ -257,7 +257,9 @@ def longest_run(text):
 def test_a_reader_that_stops_ends_the_command_with_one_line(trained):
     """``fastrnn sample ... | head -c 0``: no traceback, exit code 141 (as SIGPIPE's)."""
     run, _ = trained
-    p = start_fastrnn("sample", run, "--prefix", "a", "--num-chars", "5")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (stdout buffered, as usual)
+    p = subprocess.Popen([sys.executable, "-m", "fastrnn", "sample", str(run), "--prefix", "a", "--num-chars", "5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     p.stdout.close()  # no reader: the command's first write fails
     p.wait(timeout=120)
     r = subprocess.CompletedProcess(p.args, p.returncode, "", p.stderr.read())

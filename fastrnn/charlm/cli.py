@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         run_train(args) if args.command == "train" else run_sample(args)
+        sys.stdout.flush()  # (here, so that a reader gone is this command's BrokenPipeError, not Python's at exit)
     except UsageError as e:
         print(f"fastrnn: error: {e}", file=sys.stderr)
         return 2
