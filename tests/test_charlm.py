@@ -12,6 +12,7 @@ import torch
 
 from fastrnn.charlm import Interrupted, TrainConfig, default_corpus, train
 from fastrnn.charlm.cli import main
+from fastrnn.charlm.config import UsageError
 from fastrnn.charlm.corpus import stdlib_sources
 from fastrnn.charlm.training import Trainer
 from fastrnn.scratch import Vocab
@@ -73,12 +74,15 @@ def assert_resume_is_exact(tmp_path, monkeypatch, base, step, how):
         assert [r.get(key) for r in rows] == [r.get(key) for r in full_rows], key  # before it too
 
 
-@pytest.mark.parametrize("partition,model", [("sequential", "fastrnn"), ("random", "scratch")])
+@pytest.mark.parametrize("partition,model,ckpt_every,step", [("sequential", "fastrnn", 20, 35),
+                                                               ("random", "scratch", 20, 35),
+                                                               ("sequential", "fastrnn", 15, 25)])
 def test_resume_after_a_kill_reaches_the_same_parameters_bit_for_bit(tmp_path, monkeypatch, partition,
-                                                                      model):
-    base = dict(SMALL, partition=partition, model=model, layers=1, dropout=0.0)
-    # killed at step 35: checkpoint at 20, metrics rows up to 30, which the resumed run writes again
-    assert_resume_is_exact(tmp_path, monkeypatch, base, 35, "kill")
+                                                                      model, ckpt_every, step):
+    base = dict(SMALL, partition=partition, model=model, layers=1, dropout=0.0, ckpt_every=ckpt_every)
+    # killed at step 35: checkpoint at 20, metrics rows up to 30, which the resumed run writes again;
+    # killed at 25 with checkpoints every 15: resumed at 15, in the middle of the row for step 20
+    assert_resume_is_exact(tmp_path, monkeypatch, base, step, "kill")
 
 
 def test_resume_after_ctrl_c_with_dropout_is_exact_too(tmp_path, monkeypatch):
@@ -231,6 +235,17 @@ def test_bad_arguments_give_one_clear_line(tmp_path, capsys, tiny_run, case):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
+def test_sampling_needs_only_the_model_vocabulary_and_configuration(tiny_run, tmp_path, capsys):
+    """A checkpoint slimmed for serving (no optimizer, data position or generators) still samples."""
+    checkpoint = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    (tmp_path / "slim").mkdir()
+    torch.save({k: checkpoint[k] for k in ("model", "vocab", "config")}, tmp_path / "slim" / "checkpoint.pt")
+    for run in (tiny_run, tmp_path / "slim"):
+        assert main(["sample", str(run), "--prefix", "def ", "--num-chars", "20", "--seed", "1"]) == 0
+    full, slim = capsys.readouterr().out.splitlines()
+    assert full == slim and len(full) == 24
+
+
 def test_a_tiny_temperature_is_greedy_rather_than_an_error(tiny_run, capsys):
     args = ["sample", str(tiny_run), "--prefix", "def ", "--num-chars", "30"]
     assert main([*args, "--temperature", "0"]) == 0
@@ -256,16 +271,28 @@ def test_the_library_never_imports_the_application():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
 
 
-def test_checkpoint_from_another_vocabulary_is_refused(tmp_path, capsys):
+def test_resume_on_another_text_is_refused(tmp_path, capsys):
+    """Another text in the run's file is refused by its sha256; a checkpoint written before fastrnn
+    kept the sha256 is checked as then: the same --text, and the text's vocabulary."""
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("abcabcabc " * 400)
     b.write_text("xyzxyzxyz " * 400)
     common = ["--out", str(tmp_path / "run"), "--hidden", "8", "--seq-len", "8", "--batch-size", "4",
               "--no-progress", "--steps", "3"]
     assert main(["train", "--text", str(a), *common]) == 0
+    original = a.read_text()
     a.write_text(b.read_text())  # the same file, another text
     assert main(["train", "--text", str(a), "--resume", *common]) == 2
+    assert "a.txt is not the text the run in" in capsys.readouterr().err
+    checkpoint_file = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = torch.load(checkpoint_file, weights_only=True)
+    torch.save({k: v for k, v in checkpoint.items() if k not in ("text", "window")}, checkpoint_file)  # an older one
+    assert main(["train", "--text", str(a), "--resume", *common]) == 2
     assert "another vocabulary" in capsys.readouterr().err
+    a.write_text(original)
+    b.write_text(original)  # the same text, at another path: then refused
+    assert main(["train", "--text", str(b), "--resume", *common]) == 2
+    assert "b.txt" in capsys.readouterr().err
 
 
 def test_every_eval_every_step_is_evaluated_whatever_log_every(tmp_path):
@@ -303,6 +330,8 @@ def test_resume_finds_its_text_from_any_folder_and_refuses_another(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     resume = ["train", "--out", "a/run", "--resume", "--no-progress", "--steps"]
     assert main([*resume, "3", "--lr", "1.0"]) == 0
+    with pytest.raises(UsageError, match=r"has --text \S*t\.txt, not --text None;"):  # (the API's: the default corpus)
+        train(TrainConfig(out="a/run", resume=True, steps=3, hidden=8, seq_len=8, batch_size=4, progress=False))
     (tmp_path / "a" / "t.txt").rename(tmp_path / "moved.txt")
     capsys.readouterr()
     assert main([*resume, "4"]) == 2

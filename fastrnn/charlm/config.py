@@ -56,10 +56,10 @@ class TrainConfig:
 
 
 RESUMABLE = {"steps", "device", "threads", "ckpt_every", "eval_every", "log_every", "progress", "out",
-             "resume", "force", "text"}
+             "resume", "force"}
 """The options that may differ from the checkpoint's on --resume; every other one shapes the model,
 the data or the optimisation, and must match. (``--text`` may name the run's text where it is now:
-the text itself must be the same, which its fingerprint checks.)"""
+the text itself must be the same, which its fingerprint checks: ``run_folder.check_resumable``.)"""
 
 RESUMABLE_FLAGS = ("--steps, --device, --threads, --ckpt-every, --eval-every, --log-every and --no-progress "
                    "(and --text, naming the same text where it is now)")

@@ -68,15 +68,33 @@ def describe(text: str, path: str | None) -> str:
     return f"{len(text)} characters of {source} (sha256 {fingerprint(text)[:12]})"
 
 
-def load_data(cfg: TrainConfig, saved_vocab: dict | None = None) -> tuple[str, Vocab, list[int], list[int]]:
+def text_record(text: str, path: str | None) -> dict:
+    """What a checkpoint keeps of its text: where it was (absolute) and its fingerprint."""
+    return {"path": str(Path(path).resolve()) if path is not None else None, "sha256": fingerprint(text)}
+
+
+def check_same_text(checkpoint: dict, text: str, path: str | None, out: Path) -> None:
+    """A resumed run reads the text it was trained on, wherever it is now. (A checkpoint written
+    before fastrnn kept the fingerprint resumes on the same --text only: ``check_resumable``.)"""
+    saved = checkpoint.get("text")
+    if saved is not None and saved["sha256"] != fingerprint(text):
+        source = path if path is not None else "the default corpus"
+        raise UsageError(f"--resume: {source} is not the text the run in {out} was trained on (sha256 "
+                         f"{fingerprint(text)[:12]}, the run's {saved['sha256'][:12]})")
+
+
+def load_data(cfg: TrainConfig, checkpoint: dict | None = None) -> tuple[str, Vocab, list[int], list[int]]:
     """The text, its vocabulary, and the token ids of its first 90 % (training) and of the rest
-    (held out). ``saved_vocab`` (a checkpoint's) must be the text's own vocabulary."""
+    (held out). A resumed run's (``checkpoint``) must be the text it was trained on, and so its
+    vocabulary the checkpoint's."""
     text = load_corpus(cfg.text, cfg.max_chars)
+    if checkpoint is not None:
+        check_same_text(checkpoint, text, cfg.text, Path(cfg.out))
     split = int(len(text) * (1 - HELDOUT_FRACTION))
     if split < cfg.seq_len * 2 + 2 or len(text) - split < cfg.seq_len * 2 + 1:  # (the held-out: one row)
         raise UsageError(f"the text ({len(text)} characters) is too short for --seq-len {cfg.seq_len}")
     vocab = Vocab(text, min_freq=cfg.min_freq)
-    if saved_vocab is not None and saved_vocab["idx_to_token"] != vocab.idx_to_token:
+    if checkpoint is not None and checkpoint["vocab"]["idx_to_token"] != vocab.idx_to_token:
         raise UsageError(f"{Path(cfg.out) / 'checkpoint.pt'} was trained on a text with another vocabulary")
     return text, vocab, vocab[list(text[:split])], vocab[list(text[split:])]
 

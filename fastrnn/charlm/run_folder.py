@@ -17,7 +17,6 @@ import torch
 
 from .config import (RESUMABLE, RESUMABLE_FLAGS, TrainConfig, UsageError, check_resume_or_force, default_lr,
                      flag)
-from .corpus import fingerprint
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "curve.png")
 
@@ -26,8 +25,9 @@ CHECKPOINT_KEYS = ("model", "optimizer", "vocab", "step", "epoch", "batch_in_epo
 MODEL_KEYS = ("model", "hidden", "layers", "dropout")  # what the configuration must say to build the model
 
 
-def read_checkpoint(out: str | Path) -> dict:
-    """OUT/checkpoint.pt, loaded on the CPU with torch.load's weights_only=True."""
+def read_checkpoint(out: str | Path, keys: tuple = CHECKPOINT_KEYS) -> dict:
+    """OUT/checkpoint.pt, loaded on the CPU with torch.load's weights_only=True; it must hold ``keys``
+    (sampling needs only the model, the vocabulary and the configuration)."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}")
@@ -38,7 +38,7 @@ def read_checkpoint(out: str | Path) -> dict:
     if not isinstance(checkpoint, dict):
         raise UsageError(f"{path} is not a fastrnn checkpoint (it holds a {type(checkpoint).__name__}, "
                          "not a dictionary)")
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    missing = [k for k in keys if k not in checkpoint]
     if not missing:
         config = checkpoint["config"]
         missing = [f"config {k}" for k in MODEL_KEYS if k not in config] if isinstance(config, dict) else ["config"]
@@ -60,21 +60,6 @@ def load_model_state(model: torch.nn.Module, state: dict, out: str | Path) -> No
                          f"({reason})") from None
 
 
-def text_record(text: str, path: str | None) -> dict:
-    """What a checkpoint keeps of its text: where it was (absolute) and its fingerprint."""
-    return {"path": str(Path(path).resolve()) if path is not None else None, "sha256": fingerprint(text)}
-
-
-def check_same_text(checkpoint: dict, text: str, path: str | None, out: Path) -> None:
-    """A resumed run reads the text it was trained on, wherever it is now (a checkpoint written
-    before fastrnn kept the fingerprint is not checked)."""
-    saved = checkpoint.get("text")
-    if saved is not None and saved["sha256"] != fingerprint(text):
-        source = path if path is not None else "the default corpus"
-        raise UsageError(f"--resume: {source} is not the text the run in {out} was trained on (sha256 "
-                         f"{fingerprint(text)[:12]}, the run's {saved['sha256'][:12]})")
-
-
 def save_checkpoint(checkpoint: dict, out: Path) -> None:
     """Write OUT/checkpoint.pt atomically: a reader sees the old checkpoint or the new one, never
     half of one."""
@@ -90,7 +75,7 @@ def resume_config(out: str, given: dict) -> TrainConfig:
     check_resume_or_force(True, given.get("force", False))
     checkpoint = read_checkpoint(out)
     saved = checkpoint["config"]
-    check_resumable(saved, given, Path(out))
+    check_resumable(saved, given, Path(out), checkpoint.get("text") is not None)
     text = (checkpoint.get("text") or {}).get("path")  # absolute: the run resumes from anywhere
     if "text" not in given and text is not None:
         if not Path(text).is_file():
@@ -102,18 +87,22 @@ def resume_config(out: str, given: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in {**saved, **this_call, **given}.items() if k in known})
 
 
-def check_resumable(saved: dict, given: dict, out: Path) -> None:
+def check_resumable(saved: dict, given: dict, out: Path, text_kept: bool = False) -> None:
     """Refuse any option outside RESUMABLE whose value differs from the saved run's (``--lr`` as the
-    rate it stands for: unset is the optimizer's default)."""
+    rate it stands for: unset is the optimizer's default). Where the checkpoint keeps its text's
+    fingerprint (``text_kept``), ``--text`` may name another path: the text's sha256 decides
+    (``corpus.check_same_text``); not the default corpus for a file, nor a file for it."""
     def value(config, k):
         if k == "lr" and config[k] is None:
             return default_lr(config.get("optimizer", saved["optimizer"]))
+        if k == "text" and text_kept:
+            return config[k] is None  # (a path: which one, the fingerprint checks)
         return config[k]
 
     differ = [k for k in given if k not in RESUMABLE and k in saved and value(given, k) != value(saved, k)]
     if differ:
         def flags(config):
-            return ", ".join(f"{flag(k)} {value(config, k)}" for k in differ)
+            return ", ".join(f"{flag(k)} {config[k] if k != 'lr' else value(config, k)}" for k in differ)
 
         raise UsageError(f"--resume: the run in {out} has {flags(saved)}, not {flags(given)}; "
                          f"only {RESUMABLE_FLAGS} may change on resume")

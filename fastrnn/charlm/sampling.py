@@ -14,7 +14,7 @@ from .run_folder import load_model_state, read_checkpoint
 def load_for_sampling(run_dir: str, device):
     """The model of the run in ``run_dir`` (from its checkpoint), in eval mode on ``device``, and
     its vocabulary."""
-    ckpt = read_checkpoint(run_dir)
+    ckpt = read_checkpoint(run_dir, keys=("model", "vocab", "config"))
     cfg = ckpt["config"]
     vocab = Vocab.from_state_dict(ckpt["vocab"])
     model = build_model(cfg["model"], len(vocab), cfg["hidden"], cfg["layers"], cfg["dropout"],

@@ -21,11 +21,10 @@ from torch.nn import functional as F
 from .. import scratch
 from ..scratch import grad_clipping
 from .config import TrainConfig, UsageError, check_config, default_lr, resolve_device
-from .corpus import batches, describe, load_data
+from .corpus import batches, describe, load_data, text_record
 from .model import build_model
-from .run_folder import (append_metrics, check_resumable, check_same_text, load_model_state, plot_curve,
-                         prepare_out, read_checkpoint, refuse_existing_run, rng_state, save_checkpoint,
-                         set_rng_state, text_record, to_cpu)
+from .run_folder import (append_metrics, check_resumable, load_model_state, plot_curve, prepare_out,
+                         read_checkpoint, refuse_existing_run, rng_state, save_checkpoint, set_rng_state, to_cpu)
 
 
 class Interrupted(Exception):
@@ -76,7 +75,8 @@ def cpu_threads(threads: int):
 
 def heldout_rows(num_tokens: int, cfg: TrainConfig) -> int:
     """Sequences per held-out batch: up to 8 (and --batch-size), fewer where the held-out text is too
-    short for that many rows of --seq-len (its offset may take up to --seq-len + 1 tokens first)."""
+    short for that many rows of --seq-len (after an offset of up to --seq-len tokens, and the one
+    token the targets run ahead)."""
     return min(cfg.batch_size, 8, (num_tokens - cfg.seq_len - 1) // cfg.seq_len)
 
 
@@ -117,10 +117,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, checkpoint: dict | None, device, rank: int, world: int) -> None:
         self.cfg, self.device, self.rank, self.world, self.out = cfg, device, rank, world, Path(cfg.out)
-        text, self.vocab, self.train_ids, self.heldout_ids = load_data(
-            cfg, checkpoint["vocab"] if checkpoint is not None else None)
-        if checkpoint is not None:
-            check_same_text(checkpoint, text, cfg.text, self.out)
+        text, self.vocab, self.train_ids, self.heldout_ids = load_data(cfg, checkpoint)
         self.text_line, self.text_saved = describe(text, cfg.text), text_record(text, cfg.text)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, len(self.vocab), cfg.hidden, cfg.layers, cfg.dropout,
@@ -291,7 +288,7 @@ def start(cfg: TrainConfig, log) -> Trainer:
     out = Path(cfg.out)
     checkpoint = read_checkpoint(out) if cfg.resume else None
     if checkpoint is not None:
-        check_resumable(checkpoint["config"], asdict(cfg), out)
+        check_resumable(checkpoint["config"], asdict(cfg), out, checkpoint.get("text") is not None)
     elif not cfg.force:
         refuse_existing_run(out)
     trainer = Trainer(cfg, checkpoint, device, rank, world)
