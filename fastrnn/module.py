@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .backend import memo, torch_module_runs
 from .export import in_onnx_export, onnx_forward
-from .op import any_autocast, outside_graph, run_eagerly
+from .op import outside_graph, run_eagerly
 from .sequence import check_resets
 
 
@@ -204,14 +204,17 @@ class FusedRNNBase(nn.RNNBase):
         parameter there, reparametrised or set as a plain tensor, through ``getattr``.)"""
         names = _weight_names(suffix, self.bias, projection)
         weights = [self._parameter(name) if name else None for name in names]
-        if not any_autocast():  # (under it, the op casts them all to the autocast dtype)
-            dtype = weights[0].dtype
-            for w in weights:
-                if w is not None and w.dtype != dtype:
-                    self._refuse_mixed_dtypes(names, weights)
+        dtype = weights[0].dtype
+        for w in weights:
+            if w is not None and w.dtype != dtype:
+                self._refuse_mixed_dtypes(names, weights)
         return weights
 
-    def _refuse_mixed_dtypes(self, names, weights):
+    def _refuse_mixed_dtypes(self, names, weights) -> None:
+        """Weights of several dtypes: a RuntimeError naming one, unless autocast lowers them all to its
+        own (on for their device; it leaves float64 as it is)."""
+        if all(w.dtype != torch.float64 and torch.is_autocast_enabled(w.device.type) for w in weights if w is not None):
+            return
         name, w = next((n, w) for n, w in zip(names, weights) if w is not None and w.dtype != weights[0].dtype)
         raise RuntimeError(f"{self._name}: {name} is {w.dtype}, {names[0]} {weights[0].dtype}: a module's "
                            "weights share one dtype (module.to(dtype) converts them all)")

@@ -512,11 +512,14 @@ def test_a_zero_size_batch_trains_as_torchs(backend, cell, batch_first):
                                          if cell == "lstm" or weight != "weight_hr_l0"])
 def test_weights_of_mixed_dtypes_are_refused_as_torchs(backend, cell, weight):
     """A weight whose dtype differs from the others' (``p.data = p.data.float()`` on a float64 module)
-    is a RuntimeError naming it, as torch's module refuses it, never silently cast."""
+    is a RuntimeError naming it, as torch's module refuses it, never silently cast; under the CPU's
+    autocast too, which leaves float64 as it is."""
     module = fastrnn.CELLS[cell].module(3, 4, **({"proj_size": 2} if weight == "weight_hr_l0" else {})).double()
     getattr(module, weight).data = getattr(module, weight).data.float()
-    with pytest.raises(RuntimeError, match=weight if backend != "auto" else "dtype"):
-        module(torch.randn(5, 2, 3, dtype=torch.float64))
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with pytest.raises(RuntimeError, match=weight if backend != "auto" else "dtype"):
+                module(torch.randn(5, 2, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
