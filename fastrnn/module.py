@@ -53,7 +53,8 @@ class FusedRNNBase(nn.RNNBase):
         ``resets`` (bool, ``(T, B)``, ``(B, T)`` with batch_first, ``(T,)`` unbatched): True at step t
         of row b starts a new, independent sequence there. The result equals running the module on
         each such segment separately: the state entering a segment is zero, except the first
-        segment's (forward direction) and the last one's (reverse direction), which take ``hx``. (Pass
+        segment's (forward direction, unless a reset is at step 0) and the last one's (reverse
+        direction), which take ``hx``. (Pass
         it by name; it is not keyword-only because torch's TorchScript exporter passes every default
         by position.)"""
         if torch.compiler.is_compiling() and outside_graph():  # as Dynamo runs torch's modules: eagerly
