@@ -56,7 +56,9 @@ def memo(fn):
             value = results[args] = fn(*args)
             return value
 
-    return torch.compiler.assume_constant_result(functools.update_wrapper(cached, fn))
+    cached = functools.update_wrapper(cached, fn)
+    cached._dynamo_marked_constant = True  # torch.compiler.assume_constant_result's mark (which imports Dynamo)
+    return cached
 
 
 def requested_backend() -> str:
