@@ -514,7 +514,8 @@ class GRU(FusedRNNBase):
     """GRU, gate order r, z, n, ``n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))`` as
     ``torch.nn.GRU``; same arguments, shapes and results."""
 
-    cpu_autocast = False  # (torch's GRU is on none of the CPU autocast's lists: it runs in fp32 there)
+    def _lowered_by_cpu_autocast(self, packed: bool) -> bool:
+        return False  # (its results take the state's dtype there: module._outside_cpu_autocast)
 
     def __init__(self, *args, **kwargs) -> None:
         if "proj_size" in kwargs:

@@ -538,6 +538,9 @@ class LSTM(FusedRNNBase):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
+    def _lowered_by_cpu_autocast(self, packed: bool) -> bool:
+        return not packed  # (on packed input torch's results take the state's dtype: as the GRU's)
+
     def _state_sizes(self):
         return (self.proj_size or self.hidden_size, self.hidden_size)
 

@@ -28,7 +28,9 @@ class FusedRNNBase(nn.RNNBase):
     """A cell says how one layer and direction runs (``_run_direction``) and what its state looks
     like (``_state_sizes``, ``_state_parts``, ``_public_state``: one part ``h`` unless it says more)."""
 
-    cpu_autocast = True  # whether torch's module lowers its precision under the CPU's autocast (not the GRU)
+    def _lowered_by_cpu_autocast(self, packed: bool) -> bool:
+        """Whether the CPU's autocast lowers torch's module's precision (RNN; LSTM, not on packed input)."""
+        return True
 
     def flatten_parameters(self) -> None:
         """Accepted for compatibility; the fused path needs no flat cuDNN weight buffer."""
@@ -72,10 +74,29 @@ class FusedRNNBase(nn.RNNBase):
             from .cells import cell_of  # (the registry imports the modules)
 
             return cell_of(self).torch_module.forward(self, input, hx)
-        if not self.cpu_autocast and data.is_cpu and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):  # in the module's own precision, as torch's
-                return self._fused(input, hx, resets)
+        if (data.is_cpu and not self._lowered_by_cpu_autocast(data is not input)
+                and torch.is_autocast_enabled("cpu")):
+            return self._outside_cpu_autocast(input, hx, resets)
         return self._fused(input, hx, resets)
+
+    def _outside_cpu_autocast(self, input, hx, resets):
+        """As torch's module where the CPU's autocast leaves it alone: the input and state in autocast's
+        dtype (where they are) taken in the weights' dtype, with autocast off, and the results in the
+        state's dtype, hx's or else the input's (the dtype torch's state carries)."""
+        data, low = input.data if isinstance(input, PackedSequence) else input, torch.get_autocast_dtype("cpu")
+        dtype = self._parameter("weight_ih_l0").dtype
+        state = hx[0] if isinstance(hx, (tuple, list)) and hx else hx
+        result = state.dtype if isinstance(state, Tensor) else data.dtype
+
+        def raised(t):  # (a tensor or a packed sequence in autocast's dtype: in the weights')
+            values = t.data if isinstance(t, PackedSequence) else t
+            return t.to(dtype) if isinstance(values, Tensor) and values.dtype == low else t
+
+        if hx is not None:
+            hx = type(hx)(raised(s) for s in hx) if isinstance(hx, (tuple, list)) else raised(hx)
+        with torch.autocast("cpu", enabled=False):
+            output, final = self._fused(raised(input), hx, resets)
+        return output.to(result), self._map_state(final, lambda s: s.to(result))
 
     def _fused(self, input: Tensor | PackedSequence, hx, resets: Tensor | None):
         """``forward`` on the fused ops (the kernels, or their PyTorch twins)."""

@@ -243,6 +243,37 @@ def test_cpu_autocast_gives_torchs_dtypes_for_every_cell(backend, cell, proj_siz
         torch.testing.assert_close(b.float(), a.float(), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("packed,x_dtype,h_dtype", [
+    (False, torch.bfloat16, None), (False, torch.float32, torch.bfloat16), (False, torch.bfloat16, torch.float32),
+    (True, torch.float32, None), (True, torch.bfloat16, torch.float32)])
+def test_cpu_autocast_takes_what_torchs_modules_take(backend, cell, packed, x_dtype, h_dtype):
+    """A bf16 input (a Linear's under autocast: a CRNN), a bf16 state, a packed batch: under the CPU's
+    autocast each cell takes what torch's takes and returns its dtypes, values within bf16's tolerance,
+    and the gradients' dtypes (the GRU refused a bf16 input or state; the packed LSTM returned bf16
+    where torch's, which autocast leaves alone there, returns the state's dtype)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(4)
+    ref, ours = fastrnn.CELLS[cell].torch_module(5, 6), fastrnn.CELLS[cell].module(5, 6)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 5, dtype=x_dtype, requires_grad=True)
+    h = torch.randn(1, 3, 6, dtype=h_dtype) if h_dtype is not None else None
+    hx = (h, torch.randn(1, 3, 6, dtype=h_dtype)) if cell == "lstm" and h is not None else h
+    results = []
+    for module in (ref, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, state = module(pack_padded_sequence(x, torch.tensor([4, 3, 1])) if packed else x, hx)
+        y = y.data if packed else y
+        parts = state if isinstance(state, tuple) else (state,)
+        grads = torch.autograd.grad(y.float().sum(), [x, *module.parameters()])
+        results.append([y, *parts, *grads])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(b.float(), a.float(), rtol=5e-2, atol=5e-2)
+
+
 @BOTH
 def test_deterministic_mode_and_bitwise_repeatability(backend):
     torch.use_deterministic_algorithms(True)
