@@ -80,20 +80,25 @@ class FusedRNNBase(nn.RNNBase):
         return self._fused(input, hx, resets)
 
     def _outside_cpu_autocast(self, input, hx, resets):
-        """As torch's module where the CPU's autocast leaves it alone: the input and state in autocast's
-        dtype (where they are) taken in the weights' dtype, with autocast off, and the results in the
-        state's dtype, hx's or else the input's (the dtype torch's state carries)."""
-        data, low = input.data if isinstance(input, PackedSequence) else input, torch.get_autocast_dtype("cpu")
-        dtype = self._parameter("weight_ih_l0").dtype
-        state = hx[0] if isinstance(hx, (tuple, list)) and hx else hx
+        """As torch's module where the CPU's autocast leaves it alone: with autocast off, fp32 weights
+        take a bf16 or fp16 input and state in fp32 (as autocast's products inside torch's do), and the
+        results come in the dtype torch's state carries: the last part of hx's (the LSTM's c0), or else
+        the input's."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        lower = self._parameter("weight_ih_l0").dtype == torch.float32
+        state = hx[-1] if isinstance(hx, (tuple, list)) and hx else hx
         result = state.dtype if isinstance(state, Tensor) else data.dtype
 
-        def raised(t):  # (a tensor or a packed sequence in autocast's dtype: in the weights')
+        def raised(t):  # (a tensor or packed sequence in bf16 or fp16: in fp32, where the weights are)
             values = t.data if isinstance(t, PackedSequence) else t
-            return t.to(dtype) if isinstance(values, Tensor) and values.dtype == low else t
+            low = isinstance(values, Tensor) and values.dtype in (torch.bfloat16, torch.float16)
+            return t.to(torch.float32) if lower and low else t
 
-        if hx is not None:
-            hx = type(hx)(raised(s) for s in hx) if isinstance(hx, (tuple, list)) else raised(hx)
+        if isinstance(hx, (tuple, list)):
+            parts = [raised(s) for s in hx]
+            hx = hx._make(parts) if hasattr(hx, "_make") else type(hx)(parts)  # (a namedtuple too)
+        elif hx is not None:
+            hx = raised(hx)
         with torch.autocast("cpu", enabled=False):
             output, final = self._fused(raised(input), hx, resets)
         return output.to(result), self._map_state(final, lambda s: s.to(result))

@@ -274,6 +274,30 @@ def test_cpu_autocast_takes_what_torchs_modules_take(backend, cell, packed, x_dt
         torch.testing.assert_close(b.float(), a.float(), rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"], indirect=True)
+def test_cpu_autocast_left_alone_follows_c0_takes_a_namedtuple_and_refuses_float64(backend):
+    """Where autocast leaves torch's module alone (a packed LSTM, the GRU): its results take c0's dtype,
+    a namedtuple state works, and a float64 module refuses a bf16 input, as torch's do."""
+    from collections import namedtuple
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(5)
+    ref, ours = nn.LSTM(3, 4), fastrnn.LSTM(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    packed = pack_padded_sequence(torch.randn(5, 2, 3, dtype=torch.bfloat16), torch.tensor([5, 3]))
+    State = namedtuple("State", "h c")
+    for h_dtype, c_dtype in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        hx = State(torch.randn(1, 2, 4, dtype=h_dtype), torch.randn(1, 2, 4, dtype=c_dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (y1, (h1, c1)), (y2, (h2, c2)) = ref(packed, hx), ours(packed, hx)
+        assert y1.data.dtype == y2.data.dtype == c_dtype and h1.dtype == h2.dtype and c1.dtype == c2.dtype
+        torch.testing.assert_close(y2.data.float(), y1.data.float(), rtol=3e-2, atol=3e-2)
+    for module in (nn.GRU(3, 4).double(), fastrnn.GRU(3, 4).double()):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises((RuntimeError, ValueError), match="dtype"):
+            module(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+
+
 @BOTH
 def test_deterministic_mode_and_bitwise_repeatability(backend):
     torch.use_deterministic_algorithms(True)
