@@ -355,7 +355,7 @@ def _hidden_parts(d_x, gates, d_act=None):
 def _setup_context_bwd(ctx, inputs, output):
     dy, dh_n, y, gates, h0, w_hh, reverse, lengths, backend, resets, gates_src = with_defaults(inputs, 11)
     save_for_derivatives(ctx, dy, dh_n, y, gates, h0, w_hh, lengths, resets, output[0], gates_src)
-    ctx.reverse, ctx.sources = reverse, gates_src is not None
+    ctx.reverse = reverse
 
 
 @own_precision

@@ -382,8 +382,7 @@ def _setup_context_bwd(ctx, inputs, output):
     dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets, dc_src, dz_src = \
         with_defaults(inputs, 16)
     save_for_derivatives(ctx, dy, dh_n, dc_n, c, gates, c0, w_hh, w_hr, lengths, resets, output[0], dc_src)
-    ctx.reverse, ctx.sources = reverse, dc_src is not None or dz_src is not None
-    ctx.has_dz_src = dz_src is not None
+    ctx.reverse, ctx.has_dz_src = reverse, dz_src is not None
 
 
 @own_precision

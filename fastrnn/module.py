@@ -226,7 +226,7 @@ class FusedRNNBase(nn.RNNBase):
 
     def _weights(self, suffix: str, projection: bool = False):
         """``[w_ih, w_hh, b_ih, b_hh]`` (and ``w_hr`` where ``projection``) of one layer and direction
-        (biases None without bias), in one dtype outside autocast, as torch's products require. (A
+        (biases None without bias), in one dtype as torch's products require (``_refuse_mixed_dtypes``). (A
         parameter is read from ``_parameters``, as ``getattr`` finds it; a weight that is no longer a
         parameter there, reparametrised or set as a plain tensor, through ``getattr``.)"""
         names = _weight_names(suffix, self.bias, projection)

@@ -155,7 +155,7 @@ _dispatch_modes, _function_modes = torch._C._len_torch_dispatch_stack, torch._C.
 _tracing, _profiling = torch._C._get_tracing_state, torch._C._autograd._profiler_enabled
 
 # Whether autocast is on for any device (one call; where this torch lacks it, CUDA's or the CPU's).
-any_autocast = getattr(torch._C, "_is_any_autocast_enabled",
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled",
                         lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
 
 # Whether a torch.func transform (grad, vmap, jvp, ...) is running; where this torch cannot tell,
@@ -181,7 +181,7 @@ def own_precision(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if not any_autocast():
+        if not _any_autocast():
             return fn(*args, **kwargs)  # (the usual case: no context to enter)
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             return fn(*args, **kwargs)
