@@ -234,10 +234,14 @@ def gru_bwd_torch(dy, dh_n, y, gates, h0, w_hh, reverse=False, lengths=None, res
 def _source_terms(gates_src, gates, valid):
     """The gradients of the pre-activations r, z, n from those of the activations r, z, n (and of hn
     as it is): (T, B, 4H), zero past each end."""
-    r, z, n, _ = gates.chunk(4, -1)
-    slopes = torch.cat((r * (1 - r), z * (1 - z), 1 - n * n, torch.ones_like(r)), -1)
-    src = gates_src.to(gates.dtype) * slopes
+    src = gates_src.to(gates.dtype) * _activation_slopes(gates)
     return src if valid is None else src.masked_fill(~valid, 0.0)
+
+
+def _activation_slopes(gates):
+    """Each gate's derivative from its activation: r (1-r), z (1-z), 1-n^2, and 1 for hn (T, B, 4H)."""
+    r, z, n, _ = gates.chunk(4, -1)
+    return torch.cat((r * (1 - r), z * (1 - z), 1 - n * n, torch.ones_like(r)), -1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,10 +397,9 @@ def _source_gradients(D, R, Z, N, src, gates):
     own derivatives. Each (T, B, 4H), zero past each end as the adjoints are."""
     r, z, n, _ = gates.chunk(4, -1)
     H = z.shape[-1]
-    slopes = torch.cat((r * (1 - r), z * (1 - z), 1 - n * n, torch.ones_like(r)), -1)
     adjoints = torch.cat((R, Z, N, D[..., 2 * H:]), -1)
     curvature = torch.cat((1 - 2 * r, 1 - 2 * z, -2 * n, torch.zeros_like(r)), -1)
-    return adjoints * slopes, adjoints * src * curvature
+    return adjoints * _activation_slopes(gates), adjoints * src * curvature
 
 
 def _adjoint(X, e0, k, r, z, w_hh, walk):

@@ -62,10 +62,11 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def describe(text: str, path: str | None) -> str:
-    """One line naming the text, its length and a fingerprint, to tell whether two runs read the same."""
+def describe(text: str, path: str | None, digest: str) -> str:
+    """One line naming the text, its length and its fingerprint ``digest``, to tell whether two runs
+    read the same."""
     source = path if path is not None else str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
-    return f"{len(text)} characters of {source} (sha256 {fingerprint(text)[:12]})"
+    return f"{len(text)} characters of {source} (sha256 {digest[:12]})"
 
 
 def text_record(text: str, path: str | None) -> dict:
@@ -77,10 +78,13 @@ def check_same_text(checkpoint: dict, text: str, path: str | None, out: Path) ->
     """A resumed run reads the text it was trained on, wherever it is now. (A checkpoint written
     before fastrnn kept the fingerprint resumes on the same --text only: ``check_resumable``.)"""
     saved = checkpoint.get("text")
-    if saved is not None and saved["sha256"] != fingerprint(text):
+    if saved is None:
+        return
+    digest = fingerprint(text)
+    if saved["sha256"] != digest:
         source = path if path is not None else "the default corpus"
         raise UsageError(f"--resume: {source} is not the text the run in {out} was trained on (sha256 "
-                         f"{fingerprint(text)[:12]}, the run's {saved['sha256'][:12]})")
+                         f"{digest[:12]}, the run's {saved['sha256'][:12]})")
 
 
 def load_data(cfg: TrainConfig, checkpoint: dict | None = None) -> tuple[str, Vocab, list[int], list[int]]:

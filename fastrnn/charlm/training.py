@@ -118,7 +118,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, checkpoint: dict | None, device, rank: int, world: int) -> None:
         self.cfg, self.device, self.rank, self.world, self.out = cfg, device, rank, world, Path(cfg.out)
         text, self.vocab, self.train_ids, self.heldout_ids = load_data(cfg, checkpoint)
-        self.text_line, self.text_saved = describe(text, cfg.text), text_record(text, cfg.text)
+        self.text_saved = text_record(text, cfg.text)
+        self.text_line = describe(text, cfg.text, self.text_saved["sha256"])
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, len(self.vocab), cfg.hidden, cfg.layers, cfg.dropout,
                                  cfg.cell).to(device)
