@@ -4,7 +4,9 @@
 kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``); ``auto`` (the
 default): ``triton`` for CUDA tensors, ``torch`` otherwise, where a module's plain fp32/fp64 call on
 the CPU (no resets, not compiled) runs torch's own module instead (``torch_module_runs``): the same
-results as the twins within the tests' tolerances, at torch's speed on the CPU.
+results as the twins within the tests' tolerances, at torch's speed on the CPU. A cell's op is given
+the backend as named (``recorded_backend``), ``auto`` included, and picks its loop for the tensors
+it runs on (``backend_on``): a traced or exported graph runs on whatever device it is given.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 from typing import Callable
 
 import torch
@@ -71,17 +74,31 @@ def requested_backend() -> str:
 
 def get_backend(device: torch.device) -> str:
     """The backend a tensor on ``device`` runs on, from ``FASTRNN_BACKEND``."""
-    backend, kind = requested_backend(), device_type(device)
-    if kind == "meta":  # shapes only: the twins' fake implementations
+    backend = requested_backend()
+    if device_type(device) == "meta":  # shapes only: the twins' fake implementations
         return "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("FASTRNN_BACKEND=triton but triton is not installed")
+    return backend_on(backend, device)
+
+
+def recorded_backend(device: torch.device) -> str:
+    """The backend a cell's op is called with, which a traced or exported graph keeps: ``get_backend``'s,
+    but ``auto`` as it is, which the op picks for the tensors it runs on (``backend_on``): a graph
+    traced on a GPU runs on the CPU's twins, one exported on the CPU on the GPU's kernels."""
+    return "auto" if requested_backend() == "auto" else get_backend(device)
+
+
+def backend_on(backend: str, device: torch.device) -> str:
+    """The loop an op called with ``backend`` runs on tensors on ``device``: for ``auto``, the kernels
+    on CUDA where triton imports, else the twins; ``triton`` where its kernels can run (CUDA, or the
+    interpreter); any other, the twins."""
+    kind = device_type(device)
     if backend == "auto":
         return "triton" if kind == "cuda" and triton_available() else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("FASTRNN_BACKEND=triton but triton is not installed")
-        if kind != "cuda" and environ("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(f"FASTRNN_BACKEND=triton on {kind} tensors needs "
-                               "TRITON_INTERPRET=1 (set before importing fastrnn), or CUDA tensors")
+    if backend == "triton" and kind != "cuda" and environ("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(f"the triton backend (FASTRNN_BACKEND=triton, or a graph traced with it) on {kind} "
+                           "tensors needs TRITON_INTERPRET=1 (set before importing fastrnn), or CUDA tensors")
     return backend
 
 
@@ -120,5 +137,13 @@ def loop(backend: str, kernels: str, name: str, twin: Callable) -> Callable:
     else ``twin``, its PyTorch twin (imported on first use: triton is optional); with autocast off,
     as the op decides its precision itself."""
     if backend == "triton":
-        return own_precision(getattr(importlib.import_module(f"fastrnn.kernels.{kernels}"), name))
+        with _IMPORTING:  # (threads' first calls: one imports the kernels while the others wait)
+            launchers = importlib.import_module(f"fastrnn.kernels.{kernels}")
+        return own_precision(getattr(launchers, name))
     return own_precision(twin)
+
+
+# Held while a loop imports its kernels: threads whose first calls run different cells at once would
+# each import the package ``fastrnn.kernels``, half-initialised by the other ("partially initialized
+# module", a deadlock on its import lock).
+_IMPORTING = threading.Lock()

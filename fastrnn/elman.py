@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from .backend import get_backend, loop
+from .backend import backend_on, loop, recorded_backend
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, loop_flops, own_precision, register_flop_formula, save_for_derivatives, with_defaults
 from .sequence import (add_at, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
@@ -131,8 +131,8 @@ def elman_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.
                   reverse: bool, lengths: Optional[torch.Tensor], backend: str,
                   resets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, H)``, ``h_n (B, H)``."""
-    return loop(backend, "elman", "elman_fwd", elman_fwd_torch)(x_proj, h0, w_hh, nonlinearity, reverse, lengths,
-                                                               resets)
+    fwd = loop(backend_on(backend, x_proj.device), "elman", "elman_fwd", elman_fwd_torch)
+    return fwd(x_proj, h0, w_hh, nonlinearity, reverse, lengths, resets)
 
 
 elman_fwd_op = torch.library.custom_op("fastrnn::elman_fwd", elman_forward, mutates_args=())
@@ -152,8 +152,8 @@ def elman_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: 
                    resets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The backward op: -> ``d_pre (T, B, H)``, the gradient of the pre-activations (``dy`` or ``dh_n``
     None: y, or h_n, had no gradient)."""
-    return loop(backend, "elman", "elman_bwd", elman_bwd_torch)(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths,
-                                                               resets)
+    bwd = loop(backend_on(backend, y.device), "elman", "elman_bwd", elman_bwd_torch)
+    return bwd(dy, dh_n, y, w_hh, nonlinearity, reverse, lengths, resets)
 
 
 elman_bwd_op = torch.library.custom_op("fastrnn::elman_bwd", elman_backward, mutates_args=())
@@ -310,7 +310,7 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
         return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths, resets)
-    backend = get_backend(x_proj.device)
+    backend = recorded_backend(x_proj.device)
     return ELMAN(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
 
 

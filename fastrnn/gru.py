@@ -19,7 +19,7 @@ import torch
 
 from torch.nn import functional as F
 
-from .backend import get_backend, loop, memo
+from .backend import backend_on, loop, recorded_backend
 from .module import FusedRNNBase, bias_sum
 from .op import (Differentiable, loop_flops, own_precision, register_flop_formula, runs_directly,
                  save_for_derivatives, saved_for_backward, transforms_active, transposed, with_defaults)
@@ -258,8 +258,8 @@ def gru_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], w_hh: torch.Te
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward op: -> ``y (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, H)``; ``lengths`` on
     x_proj's device. Without ``save`` (a call no backward follows) ``gates`` is empty, ``(0, B, 4H)``."""
-    y, gates, state = loop(backend, "gru", "gru_fwd", gru_fwd_torch)(x_proj, h0, w_hh, b_hn, reverse, lengths,
-                                                                     resets, save)
+    y, gates, state = loop(backend_on(backend, x_proj.device), "gru", "gru_fwd", gru_fwd_torch)(
+        x_proj, h0, w_hh, b_hn, reverse, lengths, resets, save)
     return y, gates, final_state(state, y, reverse, lengths)
 
 
@@ -287,7 +287,7 @@ def gru_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], y: to
     runs on the PyTorch twin."""
     args = (dy, dh_n, y, gates, h0, w_hh, reverse, lengths, resets)
     if gates_src is None:
-        return loop(backend, "gru", "gru_bwd", gru_bwd_torch)(*args)
+        return loop(backend_on(backend, y.device), "gru", "gru_bwd", gru_bwd_torch)(*args)
     return loop("torch", "gru", "gru_bwd", gru_bwd_torch)(*args, gates_src=gates_src)
 
 
@@ -503,7 +503,7 @@ def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Te
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
         return gru_reference(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
-    backend = get_backend(x_proj.device)
+    backend = recorded_backend(x_proj.device)
     y, _, h_n = GRU_OP(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets)
     return y, h_n
 
@@ -544,14 +544,29 @@ def _gates_r_and_z(H: int, like: torch.Tensor) -> torch.Tensor:
     both biases. Eager on plain tensors, one tensor per hidden size and device, made once (two
     operations less a call); compiled, under a torch.func transform, or where a mode or a tensor
     subclass watches (fake tensors, a transform's wrappers: what they make must not be kept for real
-    calls), made each call."""
+    calls), made each call, and while a CUDA graph is captured (whose tensors hold nothing until it
+    is replayed) not kept."""
     if torch.compiler.is_compiling() or transforms_active() or not runs_directly((like,)):
         return _r_and_z(H, like.device)
-    return _r_and_z_kept(H, like.device)
+    mask = _R_AND_Z.get((H, like.device))
+    if mask is None:
+        mask = _r_and_z_kept(H, like.device)
+    return mask
 
 
 def _r_and_z(H: int, device: torch.device) -> torch.Tensor:
     return torch.arange(3 * H, device=device) < 2 * H
 
 
-_r_and_z_kept = memo(_r_and_z)
+def _r_and_z_kept(H: int, device: torch.device) -> torch.Tensor:
+    """``_r_and_z``, made to be kept: outside inference mode (an inference tensor, made by a first
+    call under ``torch.inference_mode``, cannot be saved for the backward of a later call) and kept
+    unless a CUDA graph is being captured."""
+    with torch.inference_mode(False):
+        mask = _r_and_z(H, device)
+    if not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _R_AND_Z[(H, device)] = mask
+    return mask
+
+
+_R_AND_Z: dict = {}  # (H, device) -> the kept (3H,) mask: a few hidden sizes in a program

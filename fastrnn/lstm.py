@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from torch import nn
 
-from .backend import get_backend, loop
+from .backend import backend_on, loop, recorded_backend
 from .module import FusedRNNBase, bias_sum
 from .op import (Differentiable, loop_flops, own_precision, register_flop_formula, save_for_derivatives,
                  saved_for_backward, transposed, with_defaults)
@@ -271,8 +271,8 @@ def lstm_forward(x_proj: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[
     """The forward op: -> ``y (T, B, P)``, ``c (T, B, H)``, ``gates (T, B, 4H)``, ``h_n (B, P)``,
     ``c_n (B, H)``; ``lengths`` on x_proj's device. Without ``save`` (a call no backward follows) ``c``
     and ``gates`` are empty, ``(0, B, H)`` and ``(0, B, 4H)``."""
-    y, c, gates, h_n, c_state = loop(backend, "lstm", "lstm_fwd", lstm_fwd_torch)(x_proj, h0, c0, w_hh, w_hr,
-                                                                                  reverse, lengths, resets, save)
+    y, c, gates, h_n, c_state = loop(backend_on(backend, x_proj.device), "lstm", "lstm_fwd", lstm_fwd_torch)(
+        x_proj, h0, c0, w_hh, w_hr, reverse, lengths, resets, save)
     return y, c, gates, h_n, final_state(c_state, c, reverse, lengths)
 
 
@@ -303,7 +303,7 @@ def lstm_backward(dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], dc_n
     (only a second derivative has them); those run on the PyTorch twin."""
     args = (dy, dh_n, dc_n, y, c, gates, h0, c0, w_hh, w_hr, reverse, lengths, resets)
     if dc_src is None and dz_src is None:
-        return loop(backend, "lstm", "lstm_bwd", lstm_bwd_torch)(*args)
+        return loop(backend_on(backend, gates.device), "lstm", "lstm_bwd", lstm_bwd_torch)(*args)
     return loop("torch", "lstm", "lstm_bwd", lstm_bwd_torch)(*args, dc_src=dc_src, dz_src=dz_src)
 
 
@@ -516,7 +516,7 @@ def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Ten
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
         return lstm_reference(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, resets)
-    backend = get_backend(x_proj.device)
+    backend = recorded_backend(x_proj.device)
     y, _, _, h_n, c_n = LSTM_OP(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets)
     return y, h_n, c_n
 

@@ -32,6 +32,7 @@ import logging
 import math
 import operator
 import os
+import threading
 
 import torch
 
@@ -61,7 +62,18 @@ def run_sequence(build, ladder, T: int, device, phases=({},), *, found, operands
     call and kept (``PLANS``); the built launch is kept too (``kept_launch``), per key (``found``: the
     key and its kept launch, or None, from ``find_kept``): a warm call puts its tensors
     (``operands(config)``: those ``build(config)`` passes, None where absent) into it and launches,
-    and asks ``ladder`` nothing."""
+    and asks ``ladder`` nothing. Under the interpreter, one call at a time: Triton's interpreter patches
+    ``triton.language`` for each launch, which another thread's launch would find patched."""
+    if INTERPRETED:
+        with _INTERPRETER:
+            return _run_sequence(build, ladder, T, device, phases, found, operands)
+    return _run_sequence(build, ladder, T, device, phases, found, operands)
+
+
+_INTERPRETER = threading.Lock()  # held by a launch under the interpreter
+
+
+def _run_sequence(build, ladder, T: int, device, phases, found, operands) -> None:
     plan, (kernel, grid, args, kwargs) = kept_launch(build, ladder, device, phases, found, operands)
     if plan.config.variant == "resident":
         kernel[grid](*args, **kwargs)
