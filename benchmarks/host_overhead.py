@@ -83,7 +83,8 @@ def baseline(rev: str):
                              capture_output=True, check=True).stdout
     folder = Path(tempfile.mkdtemp(prefix="fastrnn-baseline-"))
     atexit.register(shutil.rmtree, folder, True)
-    tarfile.open(fileobj=io.BytesIO(archive)).extractall(folder)
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # (Python 3.12 warns without)
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(folder, **safe)
     (folder / "kernels").rename(folder / "fastrnn" / "kernels")
     (folder / "fastrnn").rename(folder / name)
     for source in (folder / name).rglob("*.py"):

@@ -81,9 +81,17 @@ class Differentiable:
         one, or traced or exported into a graph kept to run again (``torch.jit.trace``, ``torch.export``,
         ``make_fx`` and every other dispatch mode), which may run with grad. (A compiled graph is
         guarded on grad mode and ``requires_grad``.)"""
-        if differentiated(args) or _tracing() or torch.compiler.is_exporting():
+        if differentiated(args) or _tracing() or exporting():
             return {}
         return self.inference if torch.compiler.is_compiling() or not _dispatch_modes() else {}
+
+
+def exporting() -> bool:
+    """``torch.compiler.is_exporting()``, read from the flag it returns: torch 2.11's Dynamo answers
+    the call itself with True in every compiled graph, which then kept what an inference call needs
+    not (torch 2.13 reads the flag)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
 
 
 def outside_graph() -> bool:

@@ -298,9 +298,10 @@ CACHE_ENV = {"TRITON_DEFAULT_FP_FUSION": "1",  # as compile_check sets it: part 
 
 def step_env(step: Step, smoke: bool, cache: Path) -> dict:
     """The environment of a step: the Triton cache (``CACHE_ENV`` the same in every step and in
-    ``--precompile``, so that they share it), unbuffered output; with ``smoke`` the interpreter and
-    the fused path on CPU tensors."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(cache), **CACHE_ENV}
+    ``--precompile``, so that they share it), unbuffered output, ``PYTHON`` this interpreter; with
+    ``smoke`` the interpreter and the fused path on CPU tensors."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(cache), **CACHE_ENV,
+           "PYTHON": sys.executable}  # (the interpreter scripts/sanitize.sh runs its payload with)
     if smoke:
         env.update(TRITON_INTERPRET="1", FASTRNN_BACKEND="triton")
     for key, value in step.env.items():
@@ -440,6 +441,7 @@ def step_versions() -> int:
           f"cuDNN {cudnn}), "
           f"triton {triton.__version__}, fastrnn {fastrnn.__version__} from {Path(fastrnn.__file__).parent}")
     print(f"- {os.cpu_count()} CPU cores; {platform.platform()}")
+    print(f"- building: {build_tools()}")
     cache = os.environ.get("TRITON_CACHE_DIR", "")
     try:
         mine = warm_cache.fingerprint()
@@ -448,6 +450,25 @@ def step_versions() -> int:
     except Exception as e:  # noqa: BLE001 - a Triton without the NVIDIA backend
         print(f"- Triton cache {cache}: no fingerprint ({type(e).__name__}: {e})")
     return 0
+
+
+def build_tools() -> str:
+    """What the install and Triton's first launch build with: setuptools (the editable install needs 70.1
+    or newer, or an older one with ``wheel``), Python's headers and a C compiler (Triton compiles its
+    launcher in C at its first launch)."""
+    import importlib.util
+    import sysconfig
+
+    try:
+        from importlib.metadata import version
+
+        setuptools = version("setuptools")
+    except Exception:  # noqa: BLE001 - not installed
+        setuptools = "absent"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    compilers = [c for c in ("cc", "gcc", "clang") if which(c)]
+    return (f"setuptools {setuptools}, wheel {'present' if importlib.util.find_spec('wheel') else 'absent'}, "
+            f"{headers} {'present' if headers.exists() else 'ABSENT'}, C compiler {', '.join(compilers) or 'NONE'}")
 
 
 def which(program: str) -> bool:

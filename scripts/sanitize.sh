@@ -4,7 +4,7 @@
 # a CUDA GPU. memcheck (with PyTorch's caching allocator off, so an overrun past a tensor is caught),
 # racecheck and synccheck run at once, one process each:
 #   bash scripts/sanitize.sh [ARGS]   -> each tool's summary line; non-zero exit on any error
-# (ARGS go to the payload.)
+# (ARGS go to the payload; PYTHON names the interpreter, python3 if unset.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=$(mktemp -d)
@@ -12,7 +12,7 @@ tools=(memcheck racecheck synccheck)
 for tool in "${tools[@]}"; do
   uncached=()  # torch may read the variable's mere presence: set it for memcheck alone
   [ "$tool" = memcheck ] && uncached=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-  env "${uncached[@]}" compute-sanitizer --tool "$tool" python scripts/sanitize_payload.py "$@" >"$logs/$tool" 2>&1 &
+  env "${uncached[@]}" compute-sanitizer --tool "$tool" "${PYTHON:-python3}" scripts/sanitize_payload.py "$@" >"$logs/$tool" 2>&1 &
 done
 wait
 status=0

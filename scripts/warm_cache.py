@@ -187,7 +187,8 @@ def unpack_pieces(cache_dir) -> int:
         return 0
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in pieces)), mode="r:gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
-        tar.extractall(cache_dir, members=members)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # (Python 3.12 warns without)
+        tar.extractall(cache_dir, members=members, **safe)
     for piece in pieces:
         piece.unlink()
     return sum(m.isfile() for m in members)

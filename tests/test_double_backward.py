@@ -14,6 +14,11 @@ from fastrnn.elman import elman_fwd_op
 
 F64 = torch.float64
 BOTH = pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+# torch before 2.13 (2.11: the GPU machine's) differentiates wrong a torch.func transform compiled around
+# a graph break with aot_eager: jacrev of torch's own nn.RNN through functional_call is off by 0.98 there
+# (exact in eager and on 2.13), so these comparisons say nothing about fastrnn on such a torch
+TORCH_COMPILES_TRANSFORMS = pytest.mark.xfail(tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13),
+                                              reason="torch < 2.13 compiles torch.func transforms wrong", strict=False)
 FLAGS = list(itertools.product(["tanh", "relu"], [False, True], [False, True], [False, True]))
 
 
@@ -252,6 +257,7 @@ TRANSFORMS = {  # a derivative of y(w) each way torch.func and forward-mode AD t
 
 @pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@TORCH_COMPILES_TRANSFORMS
 def test_func_transforms_compiled_as_in_eager(backend, cell):
     """Inside ``torch.compile``, torch.func transforms and forward-mode AD give torch's module's
     results, as in eager mode: Dynamo traces neither the cells' Functions nor torch's modules through
@@ -275,6 +281,7 @@ def test_func_transforms_compiled_as_in_eager(backend, cell):
 
 @pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@TORCH_COMPILES_TRANSFORMS
 def test_vjp_in_the_initial_state_compiled_as_in_eager(backend, cell):
     """``torch.func.vjp`` in h0, its pullback called inside ``torch.compile``: Dynamo compiles the
     backward's frames one by one, and a frame it compiles takes the custom op into its graph (before,
@@ -319,6 +326,7 @@ def test_a_subclass_compiled_under_forward_mode_runs_its_forward_once():
 
 
 @BOTH
+@TORCH_COMPILES_TRANSFORMS
 def test_the_op_under_func_transforms_compiled_as_in_eager(backend):
     """The functional op inside ``torch.compile``: each transform of its reference's result (before,
     jvp's tangent was wrong)."""
