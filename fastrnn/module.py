@@ -13,6 +13,8 @@ RNN and GRU, ``(h, c)`` for LSTM; ``_public_state`` turns it into what the torch
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -77,7 +79,17 @@ class FusedRNNBase(nn.RNNBase):
         if (data.is_cpu and not self._lowered_by_cpu_autocast(data is not input)
                 and torch.is_autocast_enabled("cpu")):
             return self._outside_cpu_autocast(input, hx, resets)
+        if resets is None and data is input and torch.jit.is_tracing():
+            return self._traced(input, hx)
         return self._fused(input, hx, resets)
+
+    def _traced(self, input: Tensor, hx):
+        """``_fused`` under ``torch.jit.trace``, without its TracerWarnings: the checks compare sizes in
+        Python, as true of any input as of the traced one (the graph runs any T and B), where torch's
+        module warns of nothing. (Packed input and resets keep theirs: their lengths are kept.)"""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return self._fused(input, hx, None)
 
     def _outside_cpu_autocast(self, input, hx, resets):
         """As torch's module where the CPU's autocast leaves it alone: with autocast off, fp32 weights

@@ -5,6 +5,7 @@ behave."""
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -140,3 +141,21 @@ def test_the_triton_backend_where_its_kernels_cannot_run_is_refused_by_name(monk
     y, h_n = elman_fwd_op(x_proj, None, w_hh, "tanh", False, None, "auto")  # auto: the twin on the CPU
     y_ref, h_ref = elman_fwd_op(x_proj, None, w_hh, "tanh", False, None, "torch")
     assert torch.equal(y, y_ref) and torch.equal(h_n, h_ref)
+
+
+@BOTH
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_tracing_warns_of_nothing_and_the_graph_runs_any_length_and_batch(backend, cell):
+    """``torch.jit.trace`` of a module, as torch's traces without a TracerWarning: the checks' Python
+    comparisons of sizes hold for any input, and the graph runs other lengths and batches as torch's
+    module computes them."""
+    torch.manual_seed(0)
+    ref = CELLS[cell].torch_module(I, H, num_layers=2, bidirectional=True, batch_first=True)
+    ours = CELLS[cell].module(I, H, num_layers=2, bidirectional=True, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(ours, (torch.randn(B, T, I),))
+    for shape in [(3, 6, I), (1, 1, I)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(traced(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
