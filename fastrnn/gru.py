@@ -385,7 +385,7 @@ def _backward_of_backward(ctx, X, e0):
     if src is not None:
         d_src, d_slopes = _source_gradients(D, R, Z, N, src, gates)
         d_act = d_act + d_slopes
-    d_w = d_hh.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)  # (3H, H)
+    d_w = torch.tensordot(d_hh, shifted(H_, later=walk.reverse, cut=walk.cut), ([0, 1], [0, 1]))  # (3H, H): legacy vmap
     d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
     return (H_ if dy is not None else None, d_dh_n, d_y, d_act, d_h0 if h0 is not None else None, d_w, None, None, None,
             None, d_src)

@@ -402,8 +402,9 @@ def _backward_of_backward(ctx, E, e0):
     dc = walk.carried_back(dm * a if dc_src is None else dm * a + dc_src, dc_n, f)  # the first backward's dc
     E_, C, M, H_, P = _adjoint(E, e0, k, a, f, w_hh, w_hr, walk)
     d_act, d_c, d_c0 = _second_order(E_, C, M, P, dc, dm, c, gates, c_prev, walk)
-    d_w_hh = d_gates.flatten(0, 1).T @ shifted(H_, later=walk.reverse, cut=walk.cut).flatten(0, 1)
-    d_w_hr = dh.flatten(0, 1).T @ M.flatten(0, 1) if w_hr is not None else None
+    steps = ([0, 1], [0, 1])  # (sums over (T, B); legacy vmap, is_grads_batched's, batches no flatten)
+    d_w_hh = torch.tensordot(d_gates, shifted(H_, later=walk.reverse, cut=walk.cut), steps)
+    d_w_hr = torch.tensordot(dh, M, steps) if w_hr is not None else None
     d_dh_n = at_step(H_, walk.last) if dh_n is not None else None  # (None given: none to return)
     d_dc_n = at_step(C, walk.last) if dc_n is not None else None
     d_dc_src, d_dz_src = C if dc_src is not None else None, E_ if ctx.has_dz_src else None
@@ -431,7 +432,7 @@ def _adjoint(E, e0, k, a, f, w_hh, w_hr, walk, S=None):
     for t in walk.order:
         E_t = walk.masked(E[t] + walk.linked(H_prev, t) @ w_hh.T, t)  # (B, 4H)
         P_t = walk.linked(C_prev, t) + walk.at(walk.first, t, e0)
-        C_t = walk.masked((E_t[:, :3 * H] * k[t, :, :3 * H]).unflatten(-1, (3, H)).sum(1) + P_t * f[t], t)
+        C_t = walk.masked((E_t[:, :3 * H] * k[t, :, :3 * H]).reshape(-1, 3, H).sum(1) + P_t * f[t], t)
         M_t = walk.masked(E_t[:, 3 * H:] * k[t, :, 3 * H:] + C_t * a[t], t)
         H_t = M_t @ w_hr.T if w_hr is not None else M_t
         H_t = H_t + S[t] if S is not None else H_t

@@ -384,6 +384,37 @@ def test_gradcheck_with_batched_gradients(backend, cell, proj_size):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("cell,proj_size", [("rnn", 0), ("lstm", 0), ("lstm", 2), ("gru", 0)])
+def test_second_derivatives_of_batched_vectors_are_torchs(backend, cell, proj_size):
+    """A second derivative by torch's legacy vmap: Hessian-vector products of several vectors at once
+    (``autograd.grad(..., is_grads_batched=True)`` on a first gradient made with ``create_graph``;
+    ``gradgradcheck``'s check_batched_grad, as PyTorch's own module tests run it), in the input and
+    every weight, as torch's module's (before, the LSTM's and GRU's second derivatives flattened
+    batched tensors, which that vmap cannot, and the LSTM's sources ran on its twin batched)."""
+    torch.manual_seed(0)
+    kwargs = dict(proj_size=proj_size) if proj_size else {}
+    ours = fastrnn.CELLS[cell].module(3, 4, dtype=F64, **kwargs)
+    theirs = fastrnn.CELLS[cell].torch_module(3, 4, dtype=F64, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 3, dtype=F64, requires_grad=True)
+    products = []
+    for module in (ours, theirs):
+        wrt = (x, *module.parameters())
+        y, state = module(x)
+        first = torch.autograd.grad((y * y.detach().cos()).sum(), wrt, create_graph=True)
+        torch.manual_seed(1)
+        vectors = [torch.randn(4, *g.shape, dtype=F64) for g in first]
+        products.append(torch.autograd.grad(first, wrt, vectors, is_grads_batched=True, allow_unused=True))
+    for got, want in zip(*products):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    if backend == "torch":
+        x = torch.randn(2, 1, 3, dtype=F64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda x, *w: torch.func.functional_call(
+            ours, dict(zip(dict(ours.named_parameters()), w)), (x,))[0], (x, *ours.parameters()),
+            check_batched_grad=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("how", ["parametrize", "plain tensor"])
 def test_reparametrised_weights_are_read(backend, cell, how):
