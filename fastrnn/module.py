@@ -70,7 +70,7 @@ class FusedRNNBase(nn.RNNBase):
                 self._prepare(input, hx)  # the eager checks, so a bad state fails the export too
             return onnx_forward(self, input, hx)
         data = input.data if isinstance(input, PackedSequence) else input
-        if torch_module_runs(data, resets):  # a plain CPU call: torch's own module is as fast as it gets
+        if torch_module_runs(data, resets) or self._only_torchs_module_takes(data, resets):
             if isinstance(input, PackedSequence):
                 _check_batch_sizes(input.data, input.batch_sizes)  # a clear error where torch's would not be
             from .cells import cell_of  # (the registry imports the modules)
@@ -90,6 +90,18 @@ class FusedRNNBase(nn.RNNBase):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return self._fused(input, hx, None)
+
+    def _only_torchs_module_takes(self, data, resets) -> bool:
+        """Whether only torch's module computes this call (beside a plain CPU call, where it is as fast
+        as it gets): an input that is no tensor but takes part through ``__torch_function__`` (torch's
+        module hands its op to it), or weights that are ExpandedWeights (per-sample gradients,
+        ``call_for_per_sample_grads``: torch decomposes its module's op for them). Not with resets."""
+        if isinstance(data, Tensor) and type(self._parameter("weight_ih_l0")).__name__ != "ExpandedWeight":
+            return False
+        if resets is not None:
+            raise NotImplementedError(f"{self._name}: resets with an input that is no tensor or with "
+                                      "ExpandedWeights (per-sample gradients): only torch's module takes these")
+        return True
 
     def _outside_cpu_autocast(self, input, hx, resets):
         """As torch's module where the CPU's autocast leaves it alone: with autocast off, fp32 weights

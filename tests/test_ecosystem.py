@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastrnn
@@ -356,3 +357,65 @@ def test_distributed_data_parallel_wrap(tmp_path):
         assert all(p.grad is not None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+@BOTH
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_per_sample_gradients_by_expanded_weights_are_torchs(backend, cell):
+    """``call_for_per_sample_grads`` (ExpandedWeights, PyTorch's module tests' per-sample gradients):
+    torch decomposes its module's op for them, so the call runs torch's module, on every backend,
+    and each parameter's ``grad_sample`` is torch's."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    torch.manual_seed(0)
+    theirs = fastrnn.CELLS[cell].torch_module(2, 3, batch_first=True, dtype=torch.float64)
+    ours = fastrnn.CELLS[cell].module(2, 3, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 5, 2, dtype=torch.float64)
+    for module in (ours, theirs):
+        call_for_per_sample_grads(module, batch_size=4, batch_first=True)(x)[0].pow(2).sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad_sample, q.grad_sample, rtol=1e-12, atol=1e-12, msg=name)
+    for p in ours.parameters():
+        p.grad_sample = None  # (ExpandedWeights refuses to add to those of an earlier call)
+    with pytest.raises(NotImplementedError, match="resets with .* ExpandedWeights"):
+        call_for_per_sample_grads(ours, batch_size=4, batch_first=True)(x, resets=torch.zeros(4, 5, dtype=bool))
+
+
+class Boxed:
+    """No tensor, yet takes part in torch's functions through ``__torch_function__``, as PyTorch's
+    test_overrides' ``Wrapper`` (whose RNN test this mirrors): unboxed, called, boxed again."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __getattr__(self, name):
+        value = getattr(self.t, name)
+        if callable(value) and not isinstance(value, torch.device):
+            method = getattr(torch.Tensor, name)
+            return lambda *args, **kwargs: self.__torch_function__(method, (Boxed,), (self, *args), kwargs)
+        return _box(value)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        unbox = lambda a: a.t if isinstance(a, Boxed) else a  # noqa: E731
+        return _box(func(*pytree.tree_map(unbox, args), **pytree.tree_map(unbox, kwargs or {})))
+
+
+def _box(value):
+    return pytree.tree_map(lambda v: Boxed(v) if isinstance(v, torch.Tensor) else v, value)
+
+
+@BOTH
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_an_input_that_takes_part_through_torch_function_as_torchs(backend, cell):
+    """An input that is no tensor but has ``__torch_function__`` (torch's module hands its op to it):
+    torch's module's results, in the input's own kind."""
+    torch.manual_seed(0)
+    theirs = fastrnn.CELLS[cell].torch_module(2, 3, 2)
+    ours = fastrnn.CELLS[cell].module(2, 3, 2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 5, 2)
+    got, want = ours(Boxed(x))[0], theirs(Boxed(x))[0]
+    assert isinstance(got, Boxed)
+    torch.testing.assert_close(got.t, want.t, rtol=0, atol=0)
