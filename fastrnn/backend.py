@@ -5,7 +5,7 @@ kernels of ``fastrnn.kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``
 default): ``triton`` for CUDA tensors, ``torch`` otherwise, where a module's plain fp32/fp64 call on
 the CPU (no resets, not compiled) runs torch's own module instead (``torch_module_runs``): the same
 results as the twins within the tests' tolerances, at torch's speed on the CPU. A cell's op is given
-the backend as named (``recorded_backend``), ``auto`` included, and picks its loop for the tensors
+the backend as named (``requested_backend``), ``auto`` included, and picks its loop for the tensors
 it runs on (``backend_on``): a traced or exported graph runs on whatever device it is given.
 """
 
@@ -74,31 +74,27 @@ def requested_backend() -> str:
 
 def get_backend(device: torch.device) -> str:
     """The backend a tensor on ``device`` runs on, from ``FASTRNN_BACKEND``."""
-    backend = requested_backend()
     if device_type(device) == "meta":  # shapes only: the twins' fake implementations
         return "torch"
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("FASTRNN_BACKEND=triton but triton is not installed")
-    return backend_on(backend, device)
-
-
-def recorded_backend(device: torch.device) -> str:
-    """The backend a cell's op is called with, which a traced or exported graph keeps: ``get_backend``'s,
-    but ``auto`` as it is, which the op picks for the tensors it runs on (``backend_on``): a graph
-    traced on a GPU runs on the CPU's twins, one exported on the CPU on the GPU's kernels."""
-    return "auto" if requested_backend() == "auto" else get_backend(device)
+    return backend_on(requested_backend(), device)
 
 
 def backend_on(backend: str, device: torch.device) -> str:
-    """The loop an op called with ``backend`` runs on tensors on ``device``: for ``auto``, the kernels
-    on CUDA where triton imports, else the twins; ``triton`` where its kernels can run (CUDA, or the
-    interpreter); any other, the twins."""
+    """The loop an op called with ``backend`` runs on tensors on ``device``. The ops are given the
+    backend as ``FASTRNN_BACKEND`` names it (``requested_backend``), ``auto`` included, which a traced
+    or exported graph keeps: picked here, for the tensors a call is given, a graph traced on a GPU
+    runs on the CPU's twins and one exported on the CPU on the GPU's kernels. ``auto``: the kernels on
+    CUDA where triton imports, else the twins; ``triton``: the kernels where they can run (CUDA, or
+    the interpreter), else an error; any other, the twins."""
     kind = device_type(device)
     if backend == "auto":
         return "triton" if kind == "cuda" and triton_available() else "torch"
-    if backend == "triton" and kind != "cuda" and environ("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(f"the triton backend (FASTRNN_BACKEND=triton, or a graph traced with it) on {kind} "
-                           "tensors needs TRITON_INTERPRET=1 (set before importing fastrnn), or CUDA tensors")
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("FASTRNN_BACKEND=triton but triton is not installed")
+        if kind != "cuda" and environ("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"the triton backend (FASTRNN_BACKEND=triton, or a graph traced with it) on {kind} "
+                               "tensors needs TRITON_INTERPRET=1 (set before importing fastrnn), or CUDA tensors")
     return backend
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from .backend import backend_on, loop, recorded_backend
+from .backend import backend_on, loop, requested_backend
 from .module import FusedRNNBase, bias_sum
 from .op import Differentiable, loop_flops, own_precision, register_flop_formula, save_for_derivatives, with_defaults
 from .sequence import (add_at, add_final, as_dtype, at_step, check_operands, checked_steps, cut_after, cut_steps,
@@ -310,7 +310,7 @@ def recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Tensor
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
         return recurrence_reference(x_proj, h0, w_hh, nonlinearity, reverse, lengths, resets)
-    backend = recorded_backend(x_proj.device)
+    backend = requested_backend()  # (as named: the op picks its loop for the tensors it is given)
     return ELMAN(x_proj, h0, w_hh, nonlinearity, reverse, lengths, backend, resets)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from torch.nn import functional as F
 
-from .backend import backend_on, loop, recorded_backend
+from .backend import backend_on, loop, requested_backend
 from .module import FusedRNNBase, bias_sum
 from .op import (Differentiable, loop_flops, own_precision, register_flop_formula, runs_directly,
                  save_for_derivatives, saved_for_backward, transforms_active, transposed, with_defaults)
@@ -503,7 +503,7 @@ def gru_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, w_hh: torch.Te
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
         return gru_reference(x_proj, h0, w_hh, b_hn, reverse, lengths, resets)
-    backend = recorded_backend(x_proj.device)
+    backend = requested_backend()  # (as named: the op picks its loop for the tensors it is given)
     y, _, h_n = GRU_OP(x_proj, h0, w_hh, b_hn, reverse, lengths, backend, resets)
     return y, h_n
 

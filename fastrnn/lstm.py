@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from torch import nn
 
-from .backend import backend_on, loop, recorded_backend
+from .backend import backend_on, loop, requested_backend
 from .module import FusedRNNBase, bias_sum
 from .op import (Differentiable, loop_flops, own_precision, register_flop_formula, save_for_derivatives,
                  saved_for_backward, transposed, with_defaults)
@@ -517,7 +517,7 @@ def lstm_recurrence(x_proj: torch.Tensor, h0: torch.Tensor | None, c0: torch.Ten
     lengths, resets = checked_steps(lengths, resets, T, B, x_proj.device)
     if T == 0 or B == 0:
         return lstm_reference(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, resets)
-    backend = recorded_backend(x_proj.device)
+    backend = requested_backend()  # (as named: the op picks its loop for the tensors it is given)
     y, _, _, h_n, c_n = LSTM_OP(x_proj, h0, c0, w_hh, w_hr, reverse, lengths, backend, resets)
     return y, h_n, c_n
 

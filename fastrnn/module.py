@@ -79,7 +79,7 @@ class FusedRNNBase(nn.RNNBase):
         if (data.is_cpu and not self._lowered_by_cpu_autocast(data is not input)
                 and torch.is_autocast_enabled("cpu")):
             return self._outside_cpu_autocast(input, hx, resets)
-        if resets is None and data is input and torch.jit.is_tracing():
+        if resets is None and data is input and torch._C._get_tracing_state():  # (torch.jit.trace records)
             return self._traced(input, hx)
         return self._fused(input, hx, resets)
 
