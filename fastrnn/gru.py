@@ -544,10 +544,13 @@ def _gates_r_and_z(H: int, like: torch.Tensor) -> torch.Tensor:
     both biases. Eager on plain tensors, one tensor per hidden size and device, made once (two
     operations less a call); compiled, under a torch.func transform, or where a mode or a tensor
     subclass watches (fake tensors, a transform's wrappers: what they make must not be kept for real
-    calls), made each call, and while a CUDA graph is captured (whose tensors hold nothing until it
-    is replayed) not kept."""
+    calls), made each call from ``like`` (a traced or exported graph then keeps no device: it runs on
+    any), and while a CUDA graph is captured (whose tensors hold nothing until it is replayed) not
+    kept."""
     if torch.compiler.is_compiling() or transforms_active() or not runs_directly((like,)):
-        return _r_and_z(H, like.device)
+        mask = torch.ones_like(like, dtype=torch.bool)  # (like's device, which a graph does not keep)
+        mask[2 * H:] = False
+        return mask
     mask = _R_AND_Z.get((H, like.device))
     if mask is None:
         mask = _r_and_z_kept(H, like.device)

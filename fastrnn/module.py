@@ -96,7 +96,7 @@ class FusedRNNBase(nn.RNNBase):
         as it gets): an input that is no tensor but takes part through ``__torch_function__`` (torch's
         module hands its op to it), or weights that are ExpandedWeights (per-sample gradients,
         ``call_for_per_sample_grads``: torch decomposes its module's op for them). Not with resets."""
-        if isinstance(data, Tensor) and type(self._parameter("weight_ih_l0")).__name__ != "ExpandedWeight":
+        if isinstance(data, Tensor) and type(self._parameters.get("weight_ih_l0")).__name__ != "ExpandedWeight":
             return False
         if resets is not None:
             raise NotImplementedError(f"{self._name}: resets with an input that is no tensor or with "

@@ -407,6 +407,13 @@ def test_second_derivatives_of_batched_vectors_are_torchs(backend, cell, proj_si
         products.append(torch.autograd.grad(first, wrt, vectors, is_grads_batched=True, allow_unused=True))
     for got, want in zip(*products):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    products = []  # a first gradient in x alone, of a loss on y: its backward's sources batched, no upstream
+    for module in (ours, theirs):
+        (first,) = torch.autograd.grad(module(x)[0].sum(), x, create_graph=True)
+        torch.manual_seed(2)
+        products.append(torch.autograd.grad(first, x, torch.randn(4, *first.shape, dtype=F64),
+                                            is_grads_batched=True))
+    torch.testing.assert_close(*products, rtol=1e-9, atol=1e-12)
     if backend == "torch":
         x = torch.randn(2, 1, 3, dtype=F64, requires_grad=True)
         assert torch.autograd.gradgradcheck(lambda x, *w: torch.func.functional_call(
