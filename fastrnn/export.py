@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from .op import exporting
+
 
 def in_onnx_export() -> bool:
     """``torch.onnx.is_in_onnx_export()`` without its two imports on every eager call."""
@@ -52,7 +54,7 @@ def onnx_forward(rnn: nn.RNNBase, input: Tensor | PackedSequence, hx):
     from .cells import cell_of  # (the registry imports the modules, which import this file)
 
     torch_forward = cell_of(rnn).torch_module.forward  # torch's own, even after a swap
-    use_rnn_nodes = (rnn.mode.startswith("RNN_") and torch.compiler.is_exporting()
+    use_rnn_nodes = (rnn.mode.startswith("RNN_") and exporting()
                      and hasattr(torch.onnx, "ops") and not isinstance(input, PackedSequence))
     if not use_rnn_nodes:
         return torch_forward(rnn, input, hx)

@@ -548,27 +548,27 @@ def _gates_r_and_z(H: int, like: torch.Tensor) -> torch.Tensor:
     any), and while a CUDA graph is captured (whose tensors hold nothing until it is replayed) not
     kept."""
     if torch.compiler.is_compiling() or transforms_active() or not runs_directly((like,)):
-        mask = torch.ones_like(like, dtype=torch.bool)  # (like's device, which a graph does not keep)
-        mask[2 * H:] = False
-        return mask
+        return _r_and_z(H, like)
     mask = _R_AND_Z.get((H, like.device))
     if mask is None:
-        mask = _r_and_z_kept(H, like.device)
+        mask = _r_and_z_kept(H, like)
     return mask
 
 
-def _r_and_z(H: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(3 * H, device=device) < 2 * H
+def _r_and_z(H: int, like: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(like, dtype=torch.bool)  # (like's device, which a graph does not keep)
+    mask[2 * H:] = False
+    return mask
 
 
-def _r_and_z_kept(H: int, device: torch.device) -> torch.Tensor:
+def _r_and_z_kept(H: int, like: torch.Tensor) -> torch.Tensor:
     """``_r_and_z``, made to be kept: outside inference mode (an inference tensor, made by a first
     call under ``torch.inference_mode``, cannot be saved for the backward of a later call) and kept
     unless a CUDA graph is being captured."""
     with torch.inference_mode(False):
-        mask = _r_and_z(H, device)
+        mask = _r_and_z(H, like)
     if not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _R_AND_Z[(H, device)] = mask
+        _R_AND_Z[(H, like.device)] = mask
     return mask
 
 
